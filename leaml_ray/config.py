@@ -1,0 +1,209 @@
+"""The one typed configuration of a leaml-ray run: presets (YAML) + dotted command-line overrides."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+DEFAULT_PRESET = "tiny-cpu"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line for the user."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    dir: str = Field("runs/tiny-cpu", description="run directory: local path or s3:// / gs:// URI")
+    seed: int = Field(0, ge=0, description="seed of the split, the synthetic world and training")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class DataSection(Section):
+    source: Literal["synthetic", "kvasir_vqa", "sportu", "jsonl", "parquet"] = "synthetic"
+    path: str | None = Field(None, description="file, folder or URI of the source (not used by synthetic)")
+    frames_dir: str | None = Field(None, description="sportu: folder of frame folders, one per clip id")
+    frames_per_clip: int = Field(1, ge=1, le=16, description="sportu: frames tiled into one image")
+    label_ratio: float = Field(0.05, gt=0.0, le=1.0, description="fraction of train images that keep labels")
+    test_ratio: float = Field(0.2, ge=0.0, lt=1.0, description="held-out images when the source has no test split")
+    max_pixels: int = Field(1024 * 1024, ge=28 * 28, description="larger images are resized down (recorded)")
+    domain: Literal["general", "wide", "target"] = Field("target", description="synthetic: which domain")
+    num_images: int = Field(400, ge=1, description="synthetic: number of images")
+    image_size: int = Field(56, ge=28, le=448, multiple_of=28, description="synthetic: image side in pixels")
+
+
+class ModelSection(Section):
+    model: str = Field(description="HF id, local folder, or zoo:<role> for the tiny offline zoo")
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_pixels: int = Field(256 * 28 * 28, ge=28 * 28, description="processor max_pixels")
+
+
+class TeacherSection(ModelSection):
+    model: str = "zoo:teacher"
+    mode: Literal["offline", "serve"] = "offline"
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    concurrency: int = Field(1, ge=1, description="engine replicas")
+    batch_size: int = Field(16, ge=1)
+    max_model_len: int = Field(512, ge=64)
+    max_new_tokens: int = Field(48, ge=1)
+    caption_labeled: bool = Field(True, description="also caption labeled images")
+
+
+class TrainableModelSection(ModelSection):
+    finetune: Literal["lora", "full"] = "full"
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(1e-3, gt=0)
+
+
+class GeneratorSection(TrainableModelSection):
+    model: str = "zoo:generator"
+    caption_distill: bool = True
+    caption_weight: float = Field(1.0, ge=0, description="lambda of L_cap")
+    score: Literal["gradient", "taylor", "random", "all"] = "gradient"
+    neuron_ratio: float = Field(0.1, gt=0.0, le=1.0, description="top fraction of MLP neurons per layer")
+    score_batches: int = Field(4, ge=1)
+
+
+class PseudoQASection(Section):
+    samples_per_image: int = Field(4, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(32, ge=1)
+    consistency_filter: Literal["off", "teacher", "target"] = "off"
+    closed_vocabulary: Literal["auto", "on", "off"] = "auto"
+
+
+class TargetSection(TrainableModelSection):
+    model: str = "zoo:target"
+    labeled_upsample: int = Field(4, ge=1, description="labeled pairs repeated this often next to pseudo QA")
+
+
+class TrainSection(Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    zero_stage: Literal[2, 3] = 2
+    batch_size: int = Field(16, ge=1, description="per worker")
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_failures: int = Field(2, ge=-1, description="-1: retry forever")
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+EvalMethod = Literal[
+    "zero_shot", "lora", "full", "leaml", "leaml_no_caption", "leaml_all_neurons", "leaml_random_neurons"
+]
+
+
+class EvalSection(Section):
+    methods: list[EvalMethod] = ["leaml", "lora", "full", "zero_shot"]
+    max_new_tokens: int = Field(16, ge=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class ClusterSection(Section):
+    address: str | None = Field(None, description="Ray address; default: RAY_ADDRESS or a new local instance")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local instance")
+    temp_dir: str | None = Field(None, description="Ray temp dir of a local instance")
+    dashboard: bool = False
+    dashboard_host: str = "127.0.0.1"
+
+
+class Config(Section):
+    run: RunSection = RunSection()
+    data: DataSection = DataSection()
+    teacher: TeacherSection = TeacherSection()
+    generator: GeneratorSection = GeneratorSection()
+    pseudo_qa: PseudoQASection = PseudoQASection()
+    target: TargetSection = TargetSection()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    cluster: ClusterSection = ClusterSection()
+
+    def subset(self, keys: tuple[str, ...]) -> dict[str, Any]:
+        """The values of dotted keys (sections or fields), for hashing a stage's dependencies."""
+        dumped = self.model_dump(mode="json")
+        out = {}
+        for key in keys:
+            node: Any = dumped
+            for part in key.split("."):
+                node = node[part]
+            out[key] = node
+        return out
+
+
+def stable_hash(obj: Any) -> str:
+    """A short content hash of a JSON-able object (key order does not matter)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_yaml(source: str) -> dict:
+    path = Path(source)
+    if not path.exists():
+        preset = PRESET_DIR / f"{source}.yaml"
+        if not preset.exists():
+            names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+            raise ConfigError(f"config {source!r} is neither a file nor a preset (presets: {names})")
+        path = preset
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: the top level must be a mapping of sections")
+    return data
+
+
+def _apply_override(data: dict, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            model: Any = Config
+            for part in e["loc"][:-1]:
+                model = model.model_fields[str(part)].annotation
+            allowed = ", ".join(model.model_fields)
+            lines.append(f"{key}: unknown key (allowed: {allowed})")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return "config error: " + "; ".join(lines)
+
+
+def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build the run config: built-in defaults < preset or YAML file < key=value overrides."""
+    data = _read_yaml(config or DEFAULT_PRESET)
+    for item in overrides:
+        _apply_override(data, item)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e)) from None

@@ -1,0 +1,67 @@
+"""The label split: by image, seeded, stratified by category, every category labeled at least once."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ImageInfo:
+    """What the split needs to know about one image."""
+
+    categories: set[str] = field(default_factory=set)
+    hint: str | None = None  # "train" | "test" | "unlabeled" from the source
+    has_qa: bool = False
+
+
+def unit_hash(seed: int, salt: str, key: str) -> float:
+    """A deterministic number in [0, 1) per (seed, salt, key)."""
+    return int(hashlib.sha256(f"{seed}:{salt}:{key}".encode()).hexdigest()[:15], 16) / 16**15
+
+
+def _strata(ids: set[str], images: dict[str, ImageInfo]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for i in ids:
+        out.setdefault("|".join(sorted(images[i].categories)), []).append(i)
+    return out
+
+
+def stratified_pick(strata: dict[str, list[str]], ratio: float, seed: int, salt: str) -> set[str]:
+    """round(ratio * total) ids (at least one), allotted to strata by largest remainder, lowest hashes first."""
+    total = sum(len(v) for v in strata.values())
+    if total == 0 or ratio <= 0:
+        return set()
+    target = min(total, max(1, round(ratio * total)))
+    quota = {s: ratio * len(v) for s, v in strata.items()}
+    counts = {s: math.floor(q) for s, q in quota.items()}
+    by_remainder = sorted(strata, key=lambda s: (-(quota[s] - counts[s]), unit_hash(seed, salt, s)))
+    for s in by_remainder[: target - sum(counts.values())]:
+        counts[s] += 1
+    picked = set()
+    for s, ids in strata.items():
+        picked.update(sorted(ids, key=lambda i: unit_hash(seed, salt, i))[: counts[s]])
+    return picked
+
+
+def assign_splits(images: dict[str, ImageInfo], label_ratio: float, test_ratio: float, seed: int) -> dict[str, str]:
+    """image_id -> "labeled" | "unlabeled" | "test".
+
+    The test split is the source's own where it has one, else a seeded stratified hold-out of `test_ratio`.
+    `label_ratio` of the remaining images with QA keep their labels; every category present in training keeps
+    at least one labeled image. Images without QA (image-only rows) are always unlabeled.
+    """
+    with_qa = {i for i, info in images.items() if info.has_qa and info.hint != "unlabeled"}
+    source_test = {i for i in with_qa if images[i].hint == "test"}
+    if source_test:
+        test = source_test
+    else:
+        test = stratified_pick(_strata(with_qa, images), test_ratio, seed, "test")
+    train = with_qa - test
+    labeled = stratified_pick(_strata(train, images), label_ratio, seed, "label")
+    for category in sorted(set().union(set(), *(images[i].categories for i in train))):
+        if not any(category in images[i].categories for i in labeled):
+            with_category = (i for i in train if category in images[i].categories)
+            labeled.add(min(with_category, key=lambda i: unit_hash(seed, "label", i)))
+    return {i: "test" if i in test else "labeled" if i in labeled else "unlabeled" for i in images}

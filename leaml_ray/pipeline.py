@@ -1,0 +1,175 @@
+"""The stage runner: stages in order, each skipped when manifest.json says its outputs are current.
+
+A stage writes its outputs into a private work folder; only when it returns are they moved into the run
+directory and recorded in the manifest. A crash mid-stage therefore leaves the previous outputs (or none)
+and a manifest that says the stage did not finish, and the next run redoes exactly that stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from leaml_ray import storage
+from leaml_ray.config import Config, stable_hash
+
+log = logging.getLogger("leaml_ray")
+MANIFEST = "manifest.json"
+
+
+class StageError(RuntimeError):
+    """A stage cannot run (missing inputs, unknown name); one line for the user."""
+
+
+@dataclass
+class StageContext:
+    """What a running stage sees: the config, where to read inputs and where to write outputs."""
+
+    cfg: Config
+    run_dir: str
+    work_dir: str
+
+    def input(self, rel: str) -> str:
+        """Path of a finished earlier stage's output."""
+        return storage.join(self.run_dir, rel)
+
+    def output(self, rel: str) -> str:
+        """Where this stage writes one of its declared outputs (moved into run_dir on success)."""
+        return storage.join(self.work_dir, rel)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline step and its contract: run-dir inputs, outputs and the config keys it depends on."""
+
+    name: str
+    run: Callable[[StageContext], dict[str, Any]]
+    outputs: tuple[str, ...]
+    inputs: tuple[str, ...] = ()
+    config_keys: tuple[str, ...] = ()
+    external_inputs: Callable[[Config], list[str]] = field(default=lambda cfg: [])
+
+
+@dataclass
+class StageResult:
+    name: str
+    action: str  # "ran" | "skipped"
+    seconds: float
+    counts: dict[str, Any]
+
+
+def load_manifest(run_dir: str) -> dict:
+    path = storage.join(run_dir, MANIFEST)
+    return storage.read_json(path) if storage.exists(path) else {"version": 1, "stages": {}}
+
+
+def _save_manifest(run_dir: str, manifest: dict) -> None:
+    storage.write_json_atomic(storage.join(run_dir, MANIFEST), manifest)
+
+
+def _stage_key(stage: Stage, cfg: Config, run_dir: str, producers: dict[str, str]) -> dict:
+    inputs = {rel: storage.fingerprint(storage.join(run_dir, rel)) for rel in stage.inputs}
+    for rel, fp in inputs.items():
+        if fp is None:
+            hint = f"; run stage {producers[rel]} first" if rel in producers else ""
+            raise StageError(f"stage {stage.name} needs {storage.join(run_dir, rel)}, which does not exist{hint}")
+    for ext in stage.external_inputs(cfg):
+        fp = storage.fingerprint(ext)
+        if fp is None:
+            raise StageError(f"stage {stage.name}: input {ext} does not exist")
+        inputs[ext] = fp
+    return {"config_hash": stable_hash(cfg.subset(stage.config_keys)), "input_hashes": inputs}
+
+
+def _is_current(entry: dict | None, key: dict, stage: Stage, run_dir: str) -> bool:
+    if not entry or entry.get("status") != "done":
+        return False
+    if entry.get("config_hash") != key["config_hash"] or entry.get("input_hashes") != key["input_hashes"]:
+        return False
+    outputs = {rel: storage.fingerprint(storage.join(run_dir, rel)) for rel in stage.outputs}
+    return outputs == entry.get("output_hashes")
+
+
+def run_pipeline(
+    cfg: Config, stages: list[Stage], only: list[str] | None = None, before_first_run: Callable[[], None] = lambda: None
+) -> list[StageResult]:
+    """Run the given stages in order (or the named subset), skipping those whose outputs are current.
+
+    `before_first_run` (e.g. connecting to Ray) is called only when some stage has work to do.
+    """
+    names = [s.name for s in stages]
+    unknown = [n for n in only or [] if n not in names]
+    if unknown:
+        raise StageError(f"unknown stage(s) {', '.join(unknown)}; available: {', '.join(names)}")
+    producers = {out: s.name for s in stages for out in s.outputs}
+    run_dir = cfg.run.dir
+    manifest = load_manifest(run_dir)
+    manifest["config"] = cfg.model_dump(mode="json")
+    storage.delete(storage.join(run_dir, "_work"))  # left by a killed run
+    results = []
+    for stage in stages:
+        if only and stage.name not in only:
+            continue
+        key = _stage_key(stage, cfg, run_dir, producers)
+        entry = manifest["stages"].get(stage.name)
+        if _is_current(entry, key, stage, run_dir):
+            log.info("stage %s: outputs are current, skipped", stage.name)
+            entry["last_action"] = "skipped"
+            results.append(StageResult(stage.name, "skipped", 0.0, entry.get("counts", {})))
+            _save_manifest(run_dir, manifest)
+            continue
+        if all(r.action == "skipped" for r in results):
+            before_first_run()
+        results.append(_run_stage(stage, cfg, run_dir, manifest, key))
+    storage.delete(storage.join(run_dir, "_work"))
+    return results
+
+
+def _run_stage(stage: Stage, cfg: Config, run_dir: str, manifest: dict, key: dict) -> StageResult:
+    work_dir = storage.join(run_dir, "_work", f"{stage.name}-{uuid.uuid4().hex[:8]}")
+    entry = {**key, "status": "running", "started": time.time(), "last_action": "ran"}
+    manifest["stages"][stage.name] = entry
+    _save_manifest(run_dir, manifest)
+    log.info("stage %s: started", stage.name)
+    t0 = time.perf_counter()
+    try:
+        counts = stage.run(StageContext(cfg=cfg, run_dir=run_dir, work_dir=work_dir)) or {}
+        for rel in stage.outputs:
+            src = storage.join(work_dir, rel)
+            if not storage.exists(src):
+                raise StageError(f"stage {stage.name} did not write its declared output {rel}")
+            storage.replace(src, storage.join(run_dir, rel))
+    except BaseException as e:
+        entry.update(status="failed", error=f"{type(e).__name__}: {e}"[:2000], seconds=time.perf_counter() - t0)
+        _save_manifest(run_dir, manifest)
+        raise
+    finally:
+        storage.delete(work_dir)
+    seconds = time.perf_counter() - t0
+    entry.update(
+        status="done",
+        finished=time.time(),
+        seconds=round(seconds, 3),
+        counts=counts,
+        output_hashes={rel: storage.fingerprint(storage.join(run_dir, rel)) for rel in stage.outputs},
+    )
+    entry.pop("error", None)
+    _save_manifest(run_dir, manifest)
+    log.info("stage %s: done in %.1f s %s", stage.name, seconds, _brief(counts))
+    return StageResult(stage.name, "ran", seconds, counts)
+
+
+def _brief(counts: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in counts.items() if isinstance(v, (int, float, str)))
+
+
+def summary(results: list[StageResult]) -> str:
+    """A small table of what each stage did, for the end of a run."""
+    rows = [f"{'stage':<12} {'action':<8} {'seconds':>8}  counts"]
+    for r in results:
+        rows.append(f"{r.name:<12} {r.action:<8} {r.seconds:>8.1f}  {_brief(r.counts)}")
+    return "\n".join(rows)

@@ -1,0 +1,5 @@
+"""The pipeline's stages in run order (DESIGN.md section 2). Later stages register here as they land."""
+
+from leaml_ray.stages.prepare import PREPARE
+
+ALL_STAGES = [PREPARE]

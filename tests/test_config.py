@@ -1,0 +1,118 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from leaml_ray.config import PRESET_DIR, Config, ConfigError, load_config, stable_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_is_the_tiny_cpu_preset():
+    cfg = load_config()
+    assert cfg.data.source == "synthetic"
+    assert cfg.teacher.model == "zoo:teacher"
+    assert cfg.run.dir == "runs/tiny-cpu"
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+def test_every_preset_validates(preset):
+    assert isinstance(load_config(preset), Config)
+
+
+def test_production_presets_describe_the_paper_setup():
+    cfg = load_config("kvasir-vqa-1pct")
+    assert cfg.teacher.model == "Qwen/Qwen2.5-VL-72B-Instruct" and cfg.teacher.tensor_parallel_size == 8
+    assert cfg.data.label_ratio == 0.01 and cfg.train.use_gpu and cfg.train.zero_stage == 3
+    assert load_config("sportu-1pct").data.source == "sportu"
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(
+        None,
+        [
+            "data.label_ratio=0.05",
+            "train.zero_stage=3",
+            "eval.methods=[zero_shot, lora]",
+            "generator.caption_distill=false",
+            "data.path=s3://bucket/x",
+        ],
+    )
+    assert cfg.data.label_ratio == 0.05
+    assert cfg.train.zero_stage == 3
+    assert cfg.eval.methods == ["zero_shot", "lora"]
+    assert cfg.generator.caption_distill is False
+    assert cfg.data.path == "s3://bucket/x"
+
+
+def test_yaml_file_layers_over_defaults(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  label_ratio: 0.5\n")
+    cfg = load_config(str(f), ["run.seed=3"])
+    assert cfg.data.label_ratio == 0.5 and cfg.run.seed == 3 and cfg.data.source == "synthetic"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["data.labl_ratio=0.1"], "data.labl_ratio: unknown key (allowed: source, path"),
+        (["dat.label_ratio=0.1"], "dat: unknown key (allowed: run, data, teacher"),
+        (["data.label_ratio=2"], "data.label_ratio: Input should be less than or equal to 1"),
+        (["data.label_ratio=0"], "data.label_ratio: Input should be greater than 0"),
+        (["train.zero_stage=1"], "train.zero_stage: Input should be 2 or 3"),
+        (["data.num_images=many"], "data.num_images: Input should be a valid integer"),
+        (["data.image_size=50"], "data.image_size: Input should be a multiple of 28"),
+        (["eval.methods=[magic]"], "eval.methods.0: Input should be"),
+        (["label_ratio"], "expected section.key=value"),
+        (["data.source.x=1"], "source is a value, not a section"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_preset_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="neither a file nor a preset .*tiny-cpu"):
+        load_config("no-such-preset")
+    f = tmp_path / "list.yaml"
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(str(f))
+    f.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(f))
+
+
+def test_config_hash_follows_only_the_named_keys():
+    a = load_config(None, ["data.label_ratio=0.1"])
+    b = load_config(None, ["data.label_ratio=0.2"])
+    assert stable_hash(a.subset(("data",))) != stable_hash(b.subset(("data",)))
+    assert stable_hash(a.subset(("teacher", "run.seed"))) == stable_hash(b.subset(("teacher", "run.seed")))
+
+
+def test_cli_config_error_exits_2_with_one_line_and_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "adapt.py"), "data.label_ratio=7", f"run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["adapt.py: config error: data.label_ratio: Input should be less than or equal to 1 (got 7)"]
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_cli_unknown_stage_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "adapt.py"), "--stages", "prepare,nope", f"run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "adapt.py: unknown stage(s) nope; available: prepare"

@@ -1,0 +1,129 @@
+"""The stage runner: skip when current, resume after a crash, rerun on changes (toy stages, no Ray)."""
+
+import json
+
+import pytest
+
+from leaml_ray import storage
+from leaml_ray.pipeline import Stage, StageError, load_manifest, run_pipeline
+from tests.conftest import make_config
+
+
+class Calls:
+    def __init__(self):
+        self.names = []
+        self.fail_in = None
+
+
+def toy_stages(calls: Calls) -> list[Stage]:
+    def first(ctx):
+        calls.names.append("first")
+        storage.write_bytes_atomic(ctx.output("a/data.txt"), f"seed={ctx.cfg.run.seed}".encode())
+        return {"rows": 3}
+
+    def second(ctx):
+        calls.names.append("second")
+        text = storage.read_bytes(ctx.input("a/data.txt")).decode()
+        storage.write_bytes_atomic(ctx.output("b.txt"), b"partial")
+        if calls.fail_in == "second":
+            raise RuntimeError("boom")
+        storage.write_bytes_atomic(ctx.output("b.txt"), (text + "|ratio=" + str(ctx.cfg.data.label_ratio)).encode())
+        return {}
+
+    return [
+        Stage("first", first, outputs=("a",), config_keys=("run.seed",)),
+        Stage("second", second, outputs=("b.txt",), inputs=("a",), config_keys=("data.label_ratio",)),
+    ]
+
+
+def test_rerun_of_a_finished_run_does_no_work(tmp_path):
+    calls, cfg = Calls(), make_config(tmp_path)
+    results = run_pipeline(cfg, toy_stages(calls))
+    assert [r.action for r in results] == ["ran", "ran"] and calls.names == ["first", "second"]
+    results = run_pipeline(cfg, toy_stages(calls))
+    assert [r.action for r in results] == ["skipped", "skipped"] and calls.names == ["first", "second"]
+    manifest = load_manifest(cfg.run.dir)
+    assert manifest["stages"]["first"]["status"] == "done" and manifest["stages"]["first"]["counts"] == {"rows": 3}
+    assert manifest["stages"]["second"]["last_action"] == "skipped"
+    assert not (tmp_path / "run" / "_work").exists()
+
+
+def test_crash_keeps_disk_clean_and_rerun_resumes_at_the_failed_stage(tmp_path):
+    calls, cfg = Calls(), make_config(tmp_path)
+    calls.fail_in = "second"
+    with pytest.raises(RuntimeError, match="boom"):
+        run_pipeline(cfg, toy_stages(calls))
+    entry = load_manifest(cfg.run.dir)["stages"]["second"]
+    assert entry["status"] == "failed" and "boom" in entry["error"]
+    assert not (tmp_path / "run" / "b.txt").exists()  # the partial output never reached the run dir
+    calls.fail_in, calls.names = None, []
+    results = run_pipeline(cfg, toy_stages(calls))
+    assert [r.action for r in results] == ["skipped", "ran"] and calls.names == ["second"]
+    assert (tmp_path / "run" / "b.txt").read_text() == "seed=0|ratio=0.05"
+
+
+def test_killed_run_left_running_status_and_work_dir_then_resumes(tmp_path):
+    calls, cfg = Calls(), make_config(tmp_path)
+    run_pipeline(cfg, toy_stages(calls))
+    manifest = load_manifest(cfg.run.dir)
+    manifest["stages"]["second"]["status"] = "running"  # as if the driver was killed mid-stage
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "run" / "_work" / "second-dead").mkdir(parents=True)
+    calls.names = []
+    results = run_pipeline(cfg, toy_stages(calls))
+    assert [r.action for r in results] == ["skipped", "ran"]
+    assert not (tmp_path / "run" / "_work").exists()
+
+
+def test_config_change_reruns_the_dependent_stage_only(tmp_path):
+    calls = Calls()
+    run_pipeline(make_config(tmp_path), toy_stages(calls))
+    calls.names = []
+    run_pipeline(make_config(tmp_path, "data.label_ratio=0.5", "teacher.max_new_tokens=3"), toy_stages(calls))
+    assert calls.names == ["second"]
+    calls.names = []
+    run_pipeline(make_config(tmp_path, "data.label_ratio=0.5", "run.seed=4"), toy_stages(calls))
+    assert calls.names == ["first", "second"]  # new upstream output -> downstream input hash changed
+    assert (tmp_path / "run" / "b.txt").read_text() == "seed=4|ratio=0.5"
+
+
+def test_deleted_output_is_rebuilt(tmp_path):
+    calls, cfg = Calls(), make_config(tmp_path)
+    run_pipeline(cfg, toy_stages(calls))
+    (tmp_path / "run" / "b.txt").unlink()
+    calls.names = []
+    run_pipeline(cfg, toy_stages(calls))
+    assert calls.names == ["second"]
+
+
+def test_stage_subset_and_missing_input(tmp_path):
+    calls, cfg = Calls(), make_config(tmp_path)
+    with pytest.raises(StageError, match=r"stage second needs .*a, which does not exist; run stage first first"):
+        run_pipeline(cfg, toy_stages(calls), only=["second"])
+    run_pipeline(cfg, toy_stages(calls), only=["first"])
+    assert calls.names == ["first"]
+    with pytest.raises(StageError, match="unknown stage"):
+        run_pipeline(cfg, toy_stages(calls), only=["third"])
+
+
+def test_stage_that_does_not_write_its_output_fails(tmp_path):
+    cfg = make_config(tmp_path)
+    stage = Stage("lazy", lambda ctx: {}, outputs=("x.parquet",))
+    with pytest.raises(StageError, match="did not write its declared output x.parquet"):
+        run_pipeline(cfg, [stage])
+    assert load_manifest(cfg.run.dir)["stages"]["lazy"]["status"] == "failed"
+
+
+def test_run_dir_as_uri(tmp_path):
+    calls = Calls()
+    cfg = make_config(tmp_path, f"run.dir=file://{tmp_path}/uri-run")
+    run_pipeline(cfg, toy_stages(calls))
+    assert (tmp_path / "uri-run" / "b.txt").exists() and (tmp_path / "uri-run" / "manifest.json").exists()
+    assert [r.action for r in run_pipeline(cfg, toy_stages(calls))] == ["skipped", "skipped"]
+
+
+def test_before_first_run_only_when_work_is_needed(tmp_path):
+    calls, cfg, hooks = Calls(), make_config(tmp_path), []
+    run_pipeline(cfg, toy_stages(calls), before_first_run=lambda: hooks.append(1))
+    run_pipeline(cfg, toy_stages(calls), before_first_run=lambda: hooks.append(1))
+    assert hooks == [1]
