@@ -207,3 +207,28 @@ def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_explain(e)) from None
+
+
+def reference() -> str:
+    """The config reference as a Markdown table (README's "Configuration" section is this output)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for section, f in Config.model_fields.items():
+        for name, field in f.annotation.model_fields.items():
+            kind = str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            bounds = " ".join(
+                str(m)
+                .replace("Ge(ge=", ">=")
+                .replace("Gt(gt=", ">")
+                .replace("Le(le=", "<=")
+                .replace("Lt(lt=", "<")
+                .replace("MultipleOf(multiple_of=", "multiple of ")
+                .rstrip(")")
+                for m in field.metadata
+            )
+            kind = f"{kind} {bounds}".strip().replace("|", "\\|")
+            rows.append(f"| `{section}.{name}` | {kind} | `{field.default}` | {field.description or ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference())

@@ -207,7 +207,7 @@ def _jsonl_file_rows(batch: dict) -> pa.Table:
     for data, path in zip(batch["bytes"], batch["path"], strict=True):
         base = posixpath.dirname(path)
         for n, line in enumerate(bytes(data).split(b"\n"), start=1):
-            ref = f"{path}:{n}"
+            ref = f"{path}:{n:08d}"
             if not line.strip():
                 continue
             try:
@@ -306,7 +306,7 @@ def sportu_rows(records: Any, frames_dir: str, ref_base: str) -> list[dict]:
         raise SourceError(f"{ref_base}: expected a JSON list of SPORTU records")
     rows = []
     for n, rec in enumerate(records):
-        ref = f"{ref_base}:{n}"
+        ref = f"{ref_base}:{n:08d}"
         if not isinstance(rec, dict) or not isinstance(rec.get("id"), str) or not isinstance(rec.get("options"), dict):
             rows.append(raw_row(ref, reject="bad_record", detail="needs id, question, options, answer"))
             continue
@@ -317,7 +317,6 @@ def sportu_rows(records: Any, frames_dir: str, ref_base: str) -> list[dict]:
                 ref,
                 image_id=rec["id"],
                 image_path=storage.join(frames_dir, rec["id"]),
-                qa_id=rec["id"],
                 category=str(rec.get("difficulty level") or "default"),
                 **_qa_fields(rec.get("question"), rec.get("answer"), choices),
             )

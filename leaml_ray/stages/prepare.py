@@ -12,10 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from array import array
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import ray.data
@@ -103,109 +106,181 @@ def check_rows(batch: pa.Table, max_pixels: int, frames_per_clip: int) -> pa.Tab
     return pa.Table.from_pylist(out, schema=CHECKED_SCHEMA)
 
 
+def key_hash(text: str) -> int:
+    """A 63-bit hash of a key string: the driver and the workers match rows by it."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
 def _norm_question(q: str) -> str:
     return " ".join(q.lower().split())
 
 
-def decide(index: pa.Table, cfg: Config) -> tuple[dict, list[dict]]:
-    """Per-row and per-image decisions from the key columns, and the reject records.
+HINTS = {None: 0, "train": 0, "unlabeled": 1, "test": 2}
+HINT_NAMES = (None, "unlabeled", "test")
+SPLITS = ("labeled", "unlabeled", "test")
 
-    Rows are visited in source_ref order, so which duplicate survives does not depend on Ray's scheduling.
+
+def read_index(staging: str) -> tuple[dict[str, np.ndarray], list[dict], dict[int, dict], list[str]]:
+    """Stream the staging key columns into compact int64 arrays (about 60 bytes per good row).
+
+    Returns the arrays of good rows, the records of rows rejected by the check step, one resize record per
+    image, and the category names (the arrays hold their codes).
     """
-    rows = sorted(index.to_pylist(), key=lambda r: r["source_ref"])
-    rejects: list[dict] = []
-    first_sha: dict[str, str] = {}
-    seen_qa: set[tuple[str, str]] = set()
-    seen_ids: set[str] = set()
-    info: dict[str, ImageInfo] = {}
-    primary: dict[str, str] = {}
-    kept: dict[str, str] = {}  # source_ref -> qa_id ("" for image-only rows)
-    qa_per_image: Counter = Counter()
+    cols = {k: array("q") for k in ("ref", "img", "question", "qa_id", "category", "hint", "sha")}
+    rejects, resized, categories = [], {}, {}
+    fs, root = storage.resolve(staging)
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root)) if i.path.endswith(".parquet"))
+    for f in files:
+        for batch in pq.ParquetFile(f, filesystem=fs).iter_batches(batch_size=4096, columns=INDEX_COLUMNS):
+            for row in batch.to_pylist():
+                if row["reject"]:
+                    rejects.append(_reject_record(row, row["reject"], row["detail"]))
+                    continue
+                img = key_hash(row["image_id"])
+                if row["note"] and img not in resized:
+                    resized[img] = {**_reject_record(row, "over_max_pixels", row["note"]), "action": "resized"}
+                cols["ref"].append(key_hash(row["source_ref"]))
+                cols["img"].append(img)
+                cols["question"].append(key_hash(_norm_question(row["question"])) if row["question"] else 0)
+                cols["qa_id"].append(key_hash(row["qa_id"]) if row["qa_id"] else 0)
+                cols["category"].append(categories.setdefault(row["category"], len(categories)))
+                cols["hint"].append(HINTS[row["split_hint"]])
+                cols["sha"].append(key_hash(row["image_sha"]))
+    return {k: np.frombuffer(v, dtype=np.int64) for k, v in cols.items()}, rejects, resized, list(categories)
 
-    def reject(row: dict, reason: str, detail: str | None = None) -> None:
-        rejects.append(
-            {
-                "source_ref": row["source_ref"],
-                "image_id": row["image_id"],
-                "reason": reason,
-                "action": "skipped",
-                "detail": detail,
-            }
-        )
 
-    for row in rows:
-        if row["reject"]:
-            reject(row, row["reject"], row["detail"])
+def _reject_record(row: dict, reason: str, detail: str | None) -> dict:
+    return {
+        "source_ref": row["source_ref"],
+        "image_id": row["image_id"],
+        "reason": reason,
+        "action": "skipped",
+        "detail": detail,
+    }
+
+
+def _repeats(keys: list[np.ndarray], candidates: np.ndarray) -> np.ndarray:
+    """Positions (among candidates, ordered by the last key) whose leading keys repeat an earlier row's."""
+    if len(candidates) == 0:
+        return candidates
+    order = candidates[np.lexsort([k[candidates] for k in reversed(keys)])]
+    same = np.ones(len(order) - 1, bool)
+    for k in keys[:-1]:
+        same &= k[order][1:] == k[order][:-1]
+    return order[1:][same]
+
+
+def decide(rows: dict[str, np.ndarray], categories: list[str], cfg: Config) -> tuple[dict, dict[int, str]]:
+    """Decisions on the good rows: which survive, the qa numbering, and the split of every image.
+
+    Ties are broken by the hash of source_ref, never by Ray's scheduling, so reruns decide the same.
+    Returns (decisions for the finalize workers, {row position: reject reason}).
+    """
+    ref, img, q, qid = rows["ref"], rows["img"], rows["question"], rows["qa_id"]
+    everything = np.arange(len(ref))
+    dropped: dict[int, str] = {}
+    # an image id whose rows carry different pictures: the picture with most rows keeps the id
+    pairs, counts = np.unique(np.stack([img, rows["sha"]], axis=1), axis=0, return_counts=True)
+    best = pairs[np.lexsort([pairs[:, 1], -counts, pairs[:, 0]])]
+    winner = best[np.r_[True, best[1:, 0] != best[:-1, 0]]]  # one (img, sha) per image
+    owner = winner[np.searchsorted(winner[:, 0], img), 1]
+    dropped.update(dict.fromkeys(np.nonzero(owner != rows["sha"])[0].tolist(), "duplicate_image_id"))
+    alive = np.setdiff1d(everything, list(dropped))
+    is_qa = q != 0
+    dropped.update(dict.fromkeys(_repeats([img, q, ref], alive[is_qa[alive]]).tolist(), "duplicate_qa"))
+    alive = np.setdiff1d(everything, list(dropped))
+    dropped.update(
+        dict.fromkeys(_repeats([qid, ref], alive[(qid[alive] != 0) & is_qa[alive]]).tolist(), "duplicate_id")
+    )
+    alive = np.setdiff1d(everything, list(dropped))
+
+    # per image: categories, source hint, whether it has QA
+    info: dict[int, ImageInfo] = {}
+    for i, c, h, has_q in zip(
+        img[alive].tolist(),
+        rows["category"][alive].tolist(),
+        rows["hint"][alive].tolist(),
+        is_qa[alive].tolist(),
+        strict=True,
+    ):
+        image = info.setdefault(i, ImageInfo())
+        image.hint = max(image.hint, HINT_NAMES[h], key=HINT_NAMES.index)  # test > unlabeled > none
+        if has_q:
+            image.has_qa = True
+            image.categories.add(categories[c])
+    splits = assign_splits(
+        {str(i): v for i, v in info.items()}, cfg.data.label_ratio, cfg.data.test_ratio, cfg.run.seed
+    )
+
+    # kept rows sorted by (image, ref): the qa number is the rank within its image, the first row is primary
+    kept = alive[np.lexsort([ref[alive], img[alive]])]
+    k_img, k_ref, k_qa = img[kept], ref[kept], is_qa[kept]
+    starts = np.r_[True, k_img[1:] != k_img[:-1]]
+    group = np.cumsum(starts) - 1
+    seen = np.cumsum(k_qa)
+    qa_rank = seen - seen[starts][group] + k_qa[starts][group]  # QA rows so far within the image, inclusive
+    images_sorted = k_img[starts]
+    split_code = np.array([SPLITS.index(splits[str(i)]) for i in images_sorted.tolist()], dtype=np.int8)
+    by_ref = np.argsort(k_ref)
+    decisions = {
+        "ref": k_ref[by_ref],
+        "qa_number": np.where(k_qa, qa_rank - 1, -1)[by_ref],  # -1: an image-only row
+        "img": images_sorted,
+        "split": split_code,
+        "primary": k_ref[starts],
+        "qa_by_split": dict(Counter(SPLITS[split_code[g]] for g in group[k_qa].tolist())),
+    }
+    return decisions, {int(ref[p]): reason for p, reason in dropped.items()}
+
+
+_DECISIONS: dict[str, dict] = {}  # per worker process: decisions fetched once, reused by later tasks
+
+
+def finalize(batch: pa.Table, decisions: list, kind: str) -> pa.Table:
+    """Rows of one output kind (qa, hidden answers, or images) from a staging batch and the decisions."""
+    key = decisions[0].hex()
+    if key not in _DECISIONS:
+        _DECISIONS.clear()
+        _DECISIONS[key] = ray.get(decisions[0])
+    d = _DECISIONS[key]
+    out = []
+    for row in batch.to_pylist():
+        ref = key_hash(row["source_ref"])
+        pos = np.searchsorted(d["ref"], ref)
+        if pos == len(d["ref"]) or d["ref"][pos] != ref:
+            continue  # rejected
+        g = np.searchsorted(d["img"], key_hash(row["image_id"]))
+        split = SPLITS[d["split"][g]]
+        if kind == "images":
+            if d["primary"][g] == ref:
+                out.append({**row, "split": split})
             continue
-        iid = row["image_id"]
-        if first_sha.setdefault(iid, row["image_sha"]) != row["image_sha"]:
-            reject(row, "duplicate_image_id", "another image already has this id")
+        number = int(d["qa_number"][pos])
+        if number < 0 or (kind == "hidden" and split != "unlabeled"):
             continue
-        if row["note"] and iid not in primary:
-            rejects.append(
-                {
-                    "source_ref": row["source_ref"],
-                    "image_id": iid,
-                    "reason": "over_max_pixels",
-                    "action": "resized",
-                    "detail": row["note"],
-                }
-            )
-        image = info.setdefault(iid, ImageInfo(hint=row["split_hint"]))
-        primary.setdefault(iid, row["source_ref"])
-        if row["question"] is None:
-            kept[row["source_ref"]] = ""
-            continue
-        qkey = (iid, _norm_question(row["question"]))
-        if qkey in seen_qa:
-            reject(row, "duplicate_qa", "same question on the same image")
-            continue
-        qa_id = row["qa_id"] or f"{iid}#{qa_per_image[iid]}"
-        if qa_id in seen_ids:
-            reject(row, "duplicate_id", f"qa id {qa_id!r} repeated")
-            continue
-        seen_qa.add(qkey)
-        seen_ids.add(qa_id)
-        qa_per_image[iid] += 1
-        kept[row["source_ref"]] = qa_id
-        image.has_qa = True
-        image.categories.add(row["category"])
-        if row["split_hint"] == "test":
-            image.hint = "test"
-    splits = assign_splits(info, cfg.data.label_ratio, cfg.data.test_ratio, cfg.run.seed)
-    qa_by_split: Counter = Counter()
-    for iid, n in qa_per_image.items():
-        qa_by_split[splits[iid]] += n
-    return {"splits": splits, "primary": primary, "kept": kept, "qa_by_split": dict(qa_by_split)}, rejects
+        qa = {**row, "qa_id": row["qa_id"] or f"{row['image_id']}#{number}", "split": split}
+        if kind == "qa" and split == "unlabeled":
+            qa.update(question=None, answer=None, choices=None)  # answers of unlabeled images stay hidden
+        out.append(qa)
+    schema = IMAGES_SCHEMA if kind == "images" else QA_SCHEMA
+    return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in out], schema=schema)
 
 
-class Finalize:
-    """One streaming pass over staging that writes one output kind (qa, hidden answers, or images)."""
-
-    def __init__(self, decisions: list, kind: str):
-        self.d = ray.get(decisions[0])
-        self.kind = kind
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        splits, kept, primary = self.d["splits"], self.d["kept"], self.d["primary"]
-        out = []
-        for row in batch.to_pylist():
-            ref = row["source_ref"]
-            if ref not in kept:
-                continue
-            split = splits[row["image_id"]]
-            if self.kind == "images":
-                if primary[row["image_id"]] == ref:
-                    out.append({**row, "split": split})
-                continue
-            if not kept[ref] or (self.kind == "hidden" and split != "unlabeled"):
-                continue
-            qa = {**row, "qa_id": kept[ref], "split": split}
-            if self.kind == "qa" and split == "unlabeled":
-                qa.update(question=None, answer=None, choices=None)  # answers of unlabeled images stay hidden
-            out.append(qa)
-        schema = IMAGES_SCHEMA if self.kind == "images" else QA_SCHEMA
-        return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in out], schema=schema)
+def _dropped_records(staging: str, dropped: dict[int, str]) -> list[dict]:
+    """Reject records (with the row's own text) for rows that decide() dropped: a second pass over keys."""
+    if not dropped:
+        return []
+    fs, root = storage.resolve(staging)
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(root)):
+        if not info.path.endswith(".parquet"):
+            continue
+        for batch in pq.ParquetFile(info.path, filesystem=fs).iter_batches(columns=["source_ref", "image_id"]):
+            for row in batch.to_pylist():
+                reason = dropped.get(key_hash(row["source_ref"]))
+                if reason:
+                    out.append(_reject_record(row, reason, None))
+    return out
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:
@@ -225,16 +300,16 @@ def prepare_stage(ctx: StageContext) -> dict[str, Any]:
     )
     checked.write_parquet(staging)
 
-    fs, spath = storage.resolve(staging)
-    index = pq.read_table(spath, filesystem=fs, columns=INDEX_COLUMNS) if storage.exists(staging) else None
-    if index is None or index.num_rows == 0:
+    if not storage.exists(staging):
         raise sources.SourceError(f"data source {data.source} ({data.path or 'synthetic'}) has no rows")
-    decisions, rejects = decide(index, cfg)
-    reasons = Counter(r["reason"] for r in rejects if r["action"] == "skipped")
-    if not decisions["kept"]:
-        raise sources.SourceError(
-            f"data source {data.source} ({data.path}) has no usable rows; rejects: {dict(reasons)}"
-        )
+    rows, rejects, resized, categories = read_index(staging)
+    if len(rows["ref"]) == 0:
+        reasons = dict(Counter(r["reason"] for r in rejects))
+        raise sources.SourceError(f"data source {data.source} ({data.path}) has no usable rows; rejects: {reasons}")
+    decisions, dropped = decide(rows, categories, cfg)
+    rows_read = len(rows["ref"]) + len(rejects)
+    rejects += _dropped_records(staging, dropped)
+    reasons = Counter(r["reason"] for r in rejects)
 
     ref = ray.put(decisions)
     out = ctx.output("prepared")
@@ -245,30 +320,29 @@ def prepare_stage(ctx: StageContext) -> dict[str, Any]:
         ("images", "images.parquet", IMAGES_SCHEMA),
     ):
         path = storage.join(out, target)
-        ds = ray.data.read_parquet(staging, columns=None if kind == "images" else text_columns).map_batches(
-            Finalize,
-            fn_constructor_kwargs={"decisions": [ref], "kind": kind},
-            batch_format="pyarrow",
-            batch_size=256,
-            compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=0.25,
+        ds = ray.data.read_parquet(staging)
+        if kind != "images":
+            ds = ds.select_columns(text_columns)
+        ds = ds.map_batches(
+            finalize, fn_kwargs={"decisions": [ref], "kind": kind}, batch_format="pyarrow", batch_size=256
         )
         ds.write_parquet(path, min_rows_per_file=None if kind == "images" else 20_000)
         if not storage.exists(path):  # no rows of this kind: still leave a readable, empty table
             fs, p = storage.resolve(storage.join(path, "empty.parquet"))
             fs.create_dir(p.rsplit("/", 1)[0])
             pq.write_table(schema.empty_table(), p, filesystem=fs)
-    _write_jsonl(storage.join(out, "rejects.jsonl"), rejects)
+    _write_jsonl(
+        storage.join(out, "rejects.jsonl"), sorted(rejects, key=lambda r: r["source_ref"]) + list(resized.values())
+    )
 
-    split_images = Counter(decisions["splits"].values())
     counts = {
-        "rows_read": index.num_rows,
-        "images": sum(split_images.values()),
-        "images_by_split": dict(split_images),
+        "rows_read": rows_read,
+        "images": len(decisions["img"]),
+        "images_by_split": {SPLITS[c]: int(n) for c, n in enumerate(np.bincount(decisions["split"], minlength=3))},
         "qa_by_split": decisions["qa_by_split"],
-        "rejected": sum(reasons.values()),
+        "rejected": len(rejects),
         "rejects_by_reason": dict(reasons),
-        "resized": sum(1 for r in rejects if r["action"] == "resized"),
+        "resized": len(resized),
     }
     storage.write_json_atomic(storage.join(out, "summary.json"), counts)
     if reasons:
