@@ -27,8 +27,13 @@ def child(n: int) -> None:
     from leaml_ray.stages.prepare import PREPARE
 
     tmp = tempfile.mkdtemp(prefix="bench-prepare-")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="lr-bench-"),
-             log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        _temp_dir=tempfile.mkdtemp(prefix="lr-bench-"),
+        log_to_driver=False,
+    )
     cfg = load_config(None, [f"run.dir={tmp}/run", f"data.num_images={n}"])
     t0 = time.perf_counter()
     result = run_pipeline(cfg, [PREPARE])[0]
@@ -44,8 +49,10 @@ def main() -> None:
         proc = subprocess.run([sys.executable, __file__, "--child", str(n)], capture_output=True, text=True, check=True)
         runs[n] = json.loads(proc.stdout.strip().splitlines()[-1])
         r = runs[n]
-        print(f"{n:>6} images: {r['seconds']:.1f} s, {r['images'] / r['seconds']:.0f} images/s, "
-              f"driver peak RSS {r['peak_rss_mib']:.0f} MiB")
+        print(
+            f"{n:>6} images: {r['seconds']:.1f} s, {r['images'] / r['seconds']:.0f} images/s, "
+            f"driver peak RSS {r['peak_rss_mib']:.0f} MiB"
+        )
     out = {
         "images_per_s_1k": runs[1000]["images"] / runs[1000]["seconds"],
         "images_per_s_10k": runs[10000]["images"] / runs[10000]["seconds"],

@@ -33,3 +33,11 @@ def ray_local():
 def make_config(tmp_path, *overrides: str) -> Config:
     """The embedded default pointed at a test's run dir, with overrides."""
     return load_config(None, [f"run.dir={tmp_path / 'run'}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random-init tiny Qwen2.5-VL folder (seconds to build), shared by the session."""
+    from leaml_ray.models.tiny import build_random
+
+    return str(build_random(tmp_path_factory.mktemp("tiny") / "base", size="base", seed=0))

@@ -199,8 +199,9 @@ def test_generic_jsonl_forms_and_every_kind_of_bad_input(tmp_path):
     assert {"what is it?", "what colour?"} <= questions and "<image>" not in " ".join(questions)
 
     # a rerun is skipped until the source file changes
-    cfg = make_config(tmp_path, "data.source=jsonl", f"data.path={path}", "data.label_ratio=0.5",
-                      "data.max_pixels=10000")
+    cfg = make_config(
+        tmp_path, "data.source=jsonl", f"data.path={path}", "data.label_ratio=0.5", "data.max_pixels=10000"
+    )
     assert run_pipeline(cfg, [PREPARE])[0].action == "skipped"
     path.write_bytes(path.read_bytes() + json.dumps({"image": "f.png", "question": "new?", "answer": "y"}).encode())
     assert run_pipeline(cfg, [PREPARE])[0].action == "ran"
@@ -208,15 +209,24 @@ def test_generic_jsonl_forms_and_every_kind_of_bad_input(tmp_path):
 
 def test_generic_parquet_with_inline_images(tmp_path):
     rows = [
-        {"image": {"bytes": datasets.image_bytes(f"p{k}"), "path": None}, "question": f"q{k}?", "answer": "yes",
-         "category": "c" + str(k % 2)}
+        {
+            "image": {"bytes": datasets.image_bytes(f"p{k}"), "path": None},
+            "question": f"q{k}?",
+            "answer": "yes",
+            "category": "c" + str(k % 2),
+        }
         for k in range(12)
     ]
     rows.append({"image": {"bytes": b"garbage", "path": None}, "question": "q?", "answer": "no", "category": "c0"})
     (tmp_path / "src").mkdir()
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "src" / "train.parquet")
-    prepared, result = prepare(tmp_path, "data.source=parquet", f"data.path={tmp_path / 'src'}",
-                               "data.label_ratio=0.25", "data.test_ratio=0.25")
+    prepared, result = prepare(
+        tmp_path,
+        "data.source=parquet",
+        f"data.path={tmp_path / 'src'}",
+        "data.label_ratio=0.25",
+        "data.test_ratio=0.25",
+    )
     assert result.counts["rejects_by_reason"] == {"undecodable_image": 1}
     assert result.counts["images_by_split"] == {"test": 3, "labeled": 2, "unlabeled": 7}
 
@@ -239,9 +249,19 @@ def test_cli_contract_prepare_jsonl(tmp_path):
     path = _write_generic(tmp_path / "generic")
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "adapt.py"), "--stages", "prepare", f"run.dir={run_dir}",
-         "data.source=jsonl", f"data.path={path}", "data.label_ratio=0.01"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "adapt.py"),
+            "--stages",
+            "prepare",
+            f"run.dir={run_dir}",
+            "data.source=jsonl",
+            f"data.path={path}",
+            "data.label_ratio=0.01",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     splits = set(pq.read_table(run_dir / "prepared" / "qa.parquet")["split"].to_pylist())

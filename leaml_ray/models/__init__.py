@@ -1,0 +1,1 @@
+"""Everything that touches a model: the registry, chat formatting, the tiny offline zoo."""

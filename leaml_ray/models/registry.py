@@ -1,0 +1,60 @@
+"""The model registry: one spec per role, resolved to a local folder and loaded with transformers classes only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from leaml_ray.config import Config, ModelSection
+
+CAPTION_PROMPT = "Describe this image."
+QA_GEN_PROMPT = "Ask a question about this image and answer it."
+ROLES = ("teacher", "generator", "target")
+# Qwen2.5-VL layout: the language model's attention/MLP projections (the vision tower is left alone)
+LM_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+NEURON_MODULES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # rows, rows, columns hold one neuron
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to load and prompt the model of one role."""
+
+    role: str
+    name_or_path: str
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    max_pixels: int = 256 * 28 * 28
+    lora_target_modules: str = LM_PROJECTIONS
+    neuron_modules: tuple[str, ...] = NEURON_MODULES
+    caption_prompt: str = CAPTION_PROMPT
+    qa_gen_prompt: str = QA_GEN_PROMPT
+
+    @property
+    def is_zoo(self) -> bool:
+        return self.name_or_path.startswith("zoo:")
+
+
+def spec_for(cfg: Config, role: str) -> ModelSpec:
+    """The spec of a role from the run config."""
+    section: ModelSection = getattr(cfg, role)
+    return ModelSpec(role, section.model, section.trust_remote_code, section.dtype, section.max_pixels)
+
+
+def torch_dtype(name: str) -> torch.dtype | str:
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def load_model(spec: ModelSpec, path: str) -> torch.nn.Module:
+    """The model of a spec from a local folder (or a hub id, only when the user's config names one)."""
+    return AutoModelForImageTextToText.from_pretrained(
+        path, dtype=torch_dtype(spec.dtype), trust_remote_code=spec.trust_remote_code
+    )
+
+
+def load_processor(spec: ModelSpec, path: str):
+    """The processor (tokenizer + image processor + chat template) of a spec."""
+    return AutoProcessor.from_pretrained(
+        path, trust_remote_code=spec.trust_remote_code, max_pixels=spec.max_pixels, use_fast=False
+    )

@@ -1,0 +1,145 @@
+"""Tiny Qwen2.5-VL models built offline: a BPE tokenizer trained on the synthetic world, the real HF classes.
+
+The same classes as the production models (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor), a few
+hundred thousand parameters, saved as ordinary HF folders that transformers and vLLM both load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+)
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+from leaml_ray.data import synthetic
+from leaml_ray.models.registry import CAPTION_PROMPT, QA_GEN_PROMPT
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+# Qwen's chat format without the default system prompt (short sequences for tiny models).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# (text hidden, layers, heads, kv heads, ffn, vision hidden, vision depth); head dim 32 (vLLM CPU supports it)
+SIZES = {
+    "base": (128, 2, 4, 2, 256, 64, 2),
+    "teacher": (128, 4, 4, 2, 384, 96, 2),
+}
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 224 * 224
+
+
+def corpus() -> list[str]:
+    """Every word the synthetic world and the prompts use, in the sentences they appear in."""
+    texts = [CAPTION_PROMPT, QA_GEN_PROMPT, "user\n", "assistant\n", "system\n", "Answer with the option's letter."]
+    for domain in synthetic.DOMAINS:
+        for i in range(200):
+            scene = synthetic.make_scene(domain, 0, i)
+            texts.append(synthetic.caption(scene))
+            texts += [f"Question: {q}\nAnswer: {a}" for _, q, a in synthetic.questions(scene, 0, i)]
+    texts += [f"{n}" for n in range(10)] + ["A. B. C. D. yes no"]
+    return texts
+
+
+def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with the Qwen special tokens and chat template (any text stays encodable)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=1024
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLProcessor:
+    """The Qwen2.5-VL processor with PIL image processing and tiny pixel limits."""
+    pixels = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        video_processor=Qwen2VLVideoProcessor(**pixels),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_config(tokenizer: PreTrainedTokenizerFast, size: str) -> Qwen2_5_VLConfig:
+    hidden, layers, heads, kv_heads, ffn, v_hidden, v_depth = SIZES[size]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = hidden // heads
+    return Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden,
+            "intermediate_size": ffn,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "max_position_embeddings": 1024,
+            # mrope sections (temporal, height, width) must sum to head_dim / 2
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16],
+            },
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": v_depth,
+            "hidden_size": v_hidden,
+            "intermediate_size": 2 * v_hidden,
+            "num_heads": v_hidden // 32,
+            "out_hidden_size": hidden,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 56,
+            "fullatt_block_indexes": [v_depth - 1],
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def build_random(folder: str | Path, size: str = "base", seed: int = 0) -> Path:
+    """A random-init tiny model + processor saved as an HF folder (seconds; for unit tests and as init)."""
+    folder = Path(folder)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, size))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    build_processor(tokenizer).save_pretrained(folder)
+    return folder
