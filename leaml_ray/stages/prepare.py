@@ -287,6 +287,29 @@ def _write_jsonl(path: str, records: list[dict]) -> None:
     storage.write_bytes_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
 
 
+@ray.remote(num_cpus=0.5)
+def plan(staging: str, cfg: Config, rejects_path: str) -> tuple[dict | None, dict]:
+    """The reduce step: read the staging keys, decide, write rejects.jsonl; returns (decisions, counts)."""
+    rows, rejects, resized, categories = read_index(staging)
+    rows_read = len(rows["ref"]) + len(rejects)
+    decisions = None
+    if len(rows["ref"]):
+        decisions, dropped = decide(rows, categories, cfg)
+        rejects += _dropped_records(staging, dropped)
+    _write_jsonl(rejects_path, sorted(rejects, key=lambda r: r["source_ref"]) + list(resized.values()))
+    split_images = np.bincount(decisions["split"], minlength=3) if decisions else np.zeros(3, int)
+    counts = {
+        "rows_read": rows_read,
+        "images": int(split_images.sum()),
+        "images_by_split": {SPLITS[c]: int(n) for c, n in enumerate(split_images)},
+        "qa_by_split": decisions["qa_by_split"] if decisions else {},
+        "rejected": len(rejects),
+        "rejects_by_reason": dict(Counter(r["reason"] for r in rejects)),
+        "resized": len(resized),
+    }
+    return decisions, counts
+
+
 def prepare_stage(ctx: StageContext) -> dict[str, Any]:
     """Run the prepare stage (see the module docstring)."""
     cfg, data = ctx.cfg, ctx.cfg.data
@@ -302,17 +325,14 @@ def prepare_stage(ctx: StageContext) -> dict[str, Any]:
 
     if not storage.exists(staging):
         raise sources.SourceError(f"data source {data.source} ({data.path or 'synthetic'}) has no rows")
-    rows, rejects, resized, categories = read_index(staging)
-    if len(rows["ref"]) == 0:
-        reasons = dict(Counter(r["reason"] for r in rejects))
-        raise sources.SourceError(f"data source {data.source} ({data.path}) has no usable rows; rejects: {reasons}")
-    decisions, dropped = decide(rows, categories, cfg)
-    rows_read = len(rows["ref"]) + len(rejects)
-    rejects += _dropped_records(staging, dropped)
-    reasons = Counter(r["reason"] for r in rejects)
-
-    ref = ray.put(decisions)
     out = ctx.output("prepared")
+    # the reduce step runs in a task, so the driver's memory stays flat in the number of rows
+    ref, counts_ref = plan.options(num_returns=2).remote(staging, cfg, storage.join(out, "rejects.jsonl"))
+    counts = ray.get(counts_ref)
+    if counts["images"] == 0:
+        reasons = counts["rejects_by_reason"]
+        raise sources.SourceError(f"data source {data.source} ({data.path}) has no usable rows; rejects: {reasons}")
+
     text_columns = [c for c in CHECKED_SCHEMA.names if c != "image"]
     for kind, target, schema in (
         ("qa", "qa.parquet", QA_SCHEMA),
@@ -331,26 +351,10 @@ def prepare_stage(ctx: StageContext) -> dict[str, Any]:
             fs, p = storage.resolve(storage.join(path, "empty.parquet"))
             fs.create_dir(p.rsplit("/", 1)[0])
             pq.write_table(schema.empty_table(), p, filesystem=fs)
-    _write_jsonl(
-        storage.join(out, "rejects.jsonl"), sorted(rejects, key=lambda r: r["source_ref"]) + list(resized.values())
-    )
-
-    counts = {
-        "rows_read": rows_read,
-        "images": len(decisions["img"]),
-        "images_by_split": {SPLITS[c]: int(n) for c, n in enumerate(np.bincount(decisions["split"], minlength=3))},
-        "qa_by_split": decisions["qa_by_split"],
-        "rejected": len(rejects),
-        "rejects_by_reason": dict(reasons),
-        "resized": len(resized),
-    }
     storage.write_json_atomic(storage.join(out, "summary.json"), counts)
-    if reasons:
-        log.warning(
-            "prepare: %d rows rejected (%s); see prepared/rejects.jsonl",
-            counts["rejected"],
-            ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())),
-        )
+    if counts["rejected"]:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(counts["rejects_by_reason"].items()))
+        log.warning("prepare: %d rows rejected (%s); see prepared/rejects.jsonl", counts["rejected"], reasons)
     storage.delete(staging)
     return counts
 
