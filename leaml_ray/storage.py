@@ -97,3 +97,13 @@ def fingerprint(path: str) -> str | None:
     for i in sorted(infos, key=lambda i: i.path):
         h.update(f"{i.path[len(p) :]}|{i.size}|{i.mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+def upload_dir(local_dir: str, dst: str) -> None:
+    """Copy a local folder to dst (path or URI) via a temporary sibling, replacing what was there."""
+    fs, d = resolve(dst)
+    tmp = f"{d}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.create_dir(tmp, recursive=True)
+    pafs.copy_files(local_dir, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    scheme = dst.split("://", 1)[0] + "://" if "://" in dst else ""
+    replace(f"{scheme}{tmp}" if scheme else tmp, dst)

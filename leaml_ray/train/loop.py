@@ -1,0 +1,276 @@
+"""The one train loop: Ray Train TorchTrainer + DeepSpeed ZeRO, used by zoo pretraining, the QA generator and the
+target finetuning.
+
+Rows come from a Ray Data shard as {"image": bytes, "instruction": str, "response": str, ...}; each worker encodes
+them with the model's processor. An `Objective` decides the parameter groups and what one micro step computes:
+the generator stage subclasses it to add the caption loss and its gradient masks, without copying this loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from leaml_ray import storage
+from leaml_ray.models import chat
+from leaml_ray.models.registry import LM_PROJECTIONS, ModelSpec, load_model, load_processor
+
+log = logging.getLogger("leaml_ray")
+CACHE = Path(os.environ.get("LEAML_CACHE", Path.home() / ".cache" / "leaml-ray"))
+LOG_NAME = "train_log.jsonl"
+
+
+@dataclass
+class TrainJob:
+    """Everything a training run needs besides its data (plain values: it travels to every worker)."""
+
+    model_path: str  # HF folder to start from
+    output: str  # where the trained HF folder goes (local path or URI)
+    num_rows: int  # rows in the dataset, for the step count and LR schedule
+    finetune: str = "full"  # "full" | "lora"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_target_modules: str = LM_PROJECTIONS
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    epochs: float = 1.0
+    batch_size: int = 16  # per worker
+    grad_accum: int = 1
+    zero_stage: int = 2
+    checkpoint_every: int = 50  # optimizer steps
+    seed: int = 0
+    use_gpu: bool = False
+    threads_per_worker: int = 1
+    fault: dict[str, Any] = field(default_factory=dict)  # {"step": k, "marker": path}: die once at step k (tests)
+
+    def optimizer_steps(self, world: int) -> int:
+        micro = self.micro_per_epoch(world)
+        return max(1, math.floor(micro * self.epochs / self.grad_accum))
+
+    def micro_per_epoch(self, world: int) -> int:
+        return max(1, (self.num_rows // world) // self.batch_size)
+
+
+class Objective:
+    """What one micro step computes; subclasses add losses or gradient masks."""
+
+    def param_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+
+    def setup(self, engine: Any, job: TrainJob) -> None:
+        """Called once the DeepSpeed engine exists (e.g. to score neurons)."""
+
+    def step(self, engine: Any, batch: dict[str, Any]) -> dict[str, float]:
+        """Forward and backward one micro batch; returns metrics to log."""
+        out = engine(**batch["model_inputs"])
+        engine.backward(out.loss)
+        return {"loss": out.loss.item()}
+
+
+def deepspeed_config(job: TrainJob) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": job.zero_stage}
+    if job.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": job.batch_size,
+        "gradient_accumulation_steps": job.grad_accum,
+        "gradient_clipping": 1.0,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's CPU Adam needs a compiled op
+        "bf16": {"enabled": job.use_gpu},
+        "steps_per_print": 10**9,
+    }
+
+
+def _prepare_environment(job: TrainJob) -> None:
+    if not job.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        torch.set_num_threads(job.threads_per_worker)
+    # DeepSpeed JIT-compiles its CPU comm op once per machine; keep it across runs
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(CACHE / "torch_extensions"))
+
+
+def _build_model(job: TrainJob, spec: ModelSpec) -> torch.nn.Module:
+    model = load_model(spec, job.model_path)
+    if job.finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=job.lora_r, lora_alpha=job.lora_alpha, target_modules=job.lora_target_modules, lora_dropout=0.0
+        )
+        model = get_peft_model(model, lora)
+    return model
+
+
+def _batches(shard: Any, processor: Any, job: TrainJob, epoch: int):
+    """Encoded micro batches of one epoch of this worker's shard."""
+    pad = processor.tokenizer.pad_token_id
+    for rows in shard.iter_batches(
+        batch_size=job.batch_size,
+        batch_format="numpy",
+        drop_last=True,
+        local_shuffle_buffer_size=4 * job.batch_size,
+        local_shuffle_seed=job.seed + epoch,
+    ):
+        examples = [
+            chat.encode(processor, chat.open_image(img), ins, resp)
+            for img, ins, resp in zip(rows["image"], rows["instruction"], rows["response"], strict=True)
+        ]
+        extra = {k: v for k, v in rows.items() if k not in ("image", "instruction", "response")}
+        yield {"model_inputs": chat.collate(examples, pad), **extra}
+
+
+def _save_hf(engine: Any, job: TrainJob, spec: ModelSpec, processor: Any, rank: int) -> None:
+    """Gather the full weights (ZeRO-3 shards them) and save an HF folder; LoRA: the adapter and merged weights."""
+    import deepspeed
+
+    module = engine.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None, enabled=job.zero_stage == 3):
+        state = (
+            {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
+            if rank == 0
+            else None
+        )
+    if rank != 0:
+        return
+    model = _build_model(job, spec)
+    model.load_state_dict(state)
+    with tempfile.TemporaryDirectory() as tmp:
+        if job.finetune == "lora":
+            model.save_pretrained(os.path.join(tmp, "adapter"))
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        storage.upload_dir(tmp, job.output)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker function (see the module docstring)."""
+    job = TrainJob(**config["job"])
+    objective: Objective = config["objective"]
+    _prepare_environment(job)
+    import deepspeed
+    from transformers import get_cosine_schedule_with_warmup
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(job.seed)
+    spec = ModelSpec("train", job.model_path, dtype="bfloat16" if job.use_gpu else "float32")
+    processor = load_processor(spec, job.model_path)
+    model = _build_model(job, spec)
+    total = job.optimizer_steps(world)
+    optimizer = torch.optim.AdamW(objective.param_groups(model, job.weight_decay), lr=job.lr, betas=(0.9, 0.98))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(job.warmup_ratio * total), total)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(job)
+    )
+    objective.setup(engine, job)
+
+    step, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            _, client = engine.load_checkpoint(d, tag="ds")
+            step = client["step"]
+            history = [json.loads(line) for line in Path(d, LOG_NAME).read_text().splitlines()]
+        print(f"[rank {rank}] resumed at optimizer step {step}/{total}", flush=True)
+
+    start = step
+    shard = ray.train.get_dataset_shard("train")
+    micro_per_epoch = job.micro_per_epoch(world)
+    micro = step * job.grad_accum  # micro batches already consumed
+    t0, metrics = time.perf_counter(), {}
+    while step < total:
+        epoch, skip = divmod(micro, micro_per_epoch)
+        seen = 0
+        for k, batch in enumerate(_batches(shard, processor, job, epoch)):
+            seen += 1
+            if k < skip:
+                continue  # consumed before the restart
+            if k >= micro_per_epoch or step >= total:
+                break
+            metrics = objective.step(engine, batch)
+            engine.step()
+            micro += 1
+            if micro % job.grad_accum:
+                continue
+            step += 1
+            if job.fault.get("step") == step and not os.path.exists(job.fault["marker"]):
+                Path(job.fault["marker"]).touch()
+                raise RuntimeError(f"injected fault at step {step}")
+            rate = (step - start) * job.grad_accum * job.batch_size * world / (time.perf_counter() - t0)
+            record = {
+                "step": step,
+                "epoch": epoch,
+                "lr": scheduler.get_last_lr()[0],
+                "samples_per_s": rate,
+                "resumed_from": start,
+                **metrics,
+            }
+            history.append(record)
+            if step % job.checkpoint_every == 0 or step == total:
+                _report(engine, record, history, step, rank)
+            elif rank == 0 and step % 10 == 0:
+                print(json.dumps(record), flush=True)
+        if seen == 0:
+            raise ValueError(f"rank {rank}: no full batch of {job.batch_size} rows in its data shard")
+    _save_hf(engine, job, spec, processor, rank)
+
+
+def _report(engine: Any, record: dict, history: list[dict], step: int, rank: int) -> None:
+    """Checkpoint every rank's shard (DeepSpeed) plus the step log, and report them to Ray Train."""
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag="ds", client_state={"step": step})
+        if rank == 0:
+            Path(d, LOG_NAME).write_text("".join(json.dumps(h) + "\n" for h in history))
+        ray.train.report(record, checkpoint=Checkpoint.from_directory(d))
+
+
+def run_training(
+    job: TrainJob,
+    dataset: ray.data.Dataset,
+    name: str,
+    storage_path: str,
+    num_workers: int,
+    cpus_per_worker: float,
+    max_failures: int,
+    objective: Objective | None = None,
+) -> dict:
+    """Run one training job to completion; returns its final metrics and the step log.
+
+    A rerun with the same `name` and `storage_path` resumes from the latest checkpoint (Ray Train restores its
+    state from storage), so a killed driver loses at most `checkpoint_every` steps.
+    """
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": asdict(job), "objective": objective or Objective()},
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=job.use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+        ),
+        torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        history = [json.loads(line) for line in Path(d, LOG_NAME).read_text().splitlines()]
+    return {"metrics": result.metrics, "history": history, "checkpoint": result.checkpoint.path}
