@@ -356,7 +356,7 @@ def _synthetic_rows(batch: dict, domain: str, seed: int, size: int) -> pa.Table:
 def read_synthetic(data: DataSection, seed: int) -> ray.data.Dataset:
     return ray.data.range(data.num_images).map_batches(
         _synthetic_rows,
-        batch_size=64,
+        batch_size=128,
         batch_format="numpy",
         fn_kwargs={"domain": data.domain, "seed": seed, "size": data.image_size},
     )

@@ -2,7 +2,7 @@
 
 Three domains share one renderer:
 - `general`: plain pale backgrounds, 4 colours, one size. What the tiny bases are pretrained on.
-- `wide`: everything the world has (textures, 7 colours, two sizes) described in captions only. What the tiny
+- `wide`: everything the world has (textures, 7 colours, three sizes) described in captions only. What the tiny
   teacher is pretrained on: like a 72B model it has seen more of the world, but never target-domain QA.
 - `target`: textured backgrounds, colours the general domain lacks, small/large sizes, and question categories
   (size, background) the general domain never asks. The domain the pipeline adapts to.
@@ -37,7 +37,7 @@ SIZES = {"small": 0.22, "medium": 0.32, "large": 0.42}  # fraction of the image 
 DOMAINS = {
     # colours, background patterns, sizes, QA categories
     "general": (BASE_COLORS, ("plain",), ("medium",), ("shape", "color", "count")),
-    "wide": (tuple(COLORS), PATTERNS, ("small", "large"), ("shape", "color", "count", "size", "background")),
+    "wide": (tuple(COLORS), PATTERNS, tuple(SIZES), ("shape", "color", "count", "size", "background")),
     "target": (
         TARGET_COLORS,
         ("striped", "checkered", "dotted"),

@@ -42,7 +42,7 @@ CHAT_TEMPLATE = (
 # (text hidden, layers, heads, kv heads, ffn, vision hidden, vision depth); head dim 32 (vLLM CPU supports it)
 SIZES = {
     "base": (128, 2, 4, 2, 256, 64, 2),
-    "teacher": (128, 4, 4, 2, 384, 96, 2),
+    "teacher": (128, 3, 4, 2, 320, 64, 2),
 }
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 224 * 224
 

@@ -318,7 +318,7 @@ def prepare_stage(ctx: StageContext) -> dict[str, Any]:
     checked = raw.map_batches(
         check_rows,
         batch_format="pyarrow",
-        batch_size=32,
+        batch_size=128,  # rows; fewer, larger blocks keep the driver's bookkeeping small
         fn_kwargs={"max_pixels": data.max_pixels, "frames_per_clip": data.frames_per_clip},
     )
     checked.write_parquet(staging)
