@@ -22,8 +22,9 @@ from leaml_ray.models import quality, zoo  # noqa: E402
 
 
 def main(n: int = 200) -> None:
-    ray.init(address="local", include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="lr-zoo-"),
-             log_to_driver=False)
+    ray.init(
+        address="local", include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="lr-zoo-"), log_to_driver=False
+    )
     t0 = time.perf_counter()
     cached = (zoo.zoo_dir() / "base" / "config.json").exists()
     paths = zoo.ensure_zoo()

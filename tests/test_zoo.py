@@ -31,10 +31,14 @@ def test_unknown_zoo_name_is_a_clear_error():
 @pytest.mark.slow
 def test_zoo_builds_through_the_train_loop_once_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo, "CACHE", tmp_path)
-    monkeypatch.setattr(zoo, "RECIPES", {
-        "teacher": zoo.Recipe(size="teacher", domain="wide", samples=128, images=64, caption_share=1.0),
-        "base": zoo.Recipe(size="base", domain="general", samples=128, images=64, caption_share=0.4),
-    })
+    monkeypatch.setattr(
+        zoo,
+        "RECIPES",
+        {
+            "teacher": zoo.Recipe(size="teacher", domain="wide", samples=128, images=64, caption_share=1.0),
+            "base": zoo.Recipe(size="base", domain="general", samples=128, images=64, caption_share=0.4),
+        },
+    )
     paths = zoo.ensure_zoo()
     assert paths["generator"] == paths["target"] != paths["teacher"]
     assert str(zoo.zoo_dir()).startswith(str(tmp_path))

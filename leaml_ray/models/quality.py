@@ -17,8 +17,12 @@ def generate(model_dir: str, items: list[tuple], max_new_tokens: int, batch_size
     out = []
     for k in range(0, len(items), batch_size):
         chunk = items[k : k + batch_size]
-        enc = processor(text=[chat.prompt(processor, ins) for _, ins in chunk], images=[im for im, _ in chunk],
-                        return_tensors="pt", padding=True)
+        enc = processor(
+            text=[chat.prompt(processor, ins) for _, ins in chunk],
+            images=[im for im, _ in chunk],
+            return_tensors="pt",
+            padding=True,
+        )
         with torch.no_grad():
             ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
         out += processor.tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -85,15 +85,37 @@ def pretrain(name: str, recipe: Recipe, out: Path, num_workers: int = 2) -> dict
     with tempfile.TemporaryDirectory() as tmp:
         init = build_random(Path(tmp) / "init", recipe.size, seed=PRETRAIN_SEED)
         # rendered once and kept in the object store: epochs then cost no image work
-        data = ray.data.range(recipe.images).map_batches(
-            pretrain_rows, batch_size=256, batch_format="numpy", num_cpus=0.25,
-            fn_kwargs={"recipe": recipe, "seed": PRETRAIN_SEED},
-        ).materialize()
-        job = TrainJob(model_path=str(init), output=str(out), num_rows=recipe.images,
-                       epochs=recipe.samples / recipe.images, lr=recipe.lr,
-                       batch_size=recipe.batch_size, warmup_ratio=0.07, checkpoint_every=10**6, seed=PRETRAIN_SEED)
-        return run_training(job, data, f"zoo-{name}", str(Path(tmp) / "ckpt"), num_workers=num_workers,
-                            cpus_per_worker=0.5, max_failures=1)  # fractional: data tasks need CPUs too
+        data = (
+            ray.data.range(recipe.images)
+            .map_batches(
+                pretrain_rows,
+                batch_size=256,
+                batch_format="numpy",
+                num_cpus=0.25,
+                fn_kwargs={"recipe": recipe, "seed": PRETRAIN_SEED},
+            )
+            .materialize()
+        )
+        job = TrainJob(
+            model_path=str(init),
+            output=str(out),
+            num_rows=recipe.images,
+            epochs=recipe.samples / recipe.images,
+            lr=recipe.lr,
+            batch_size=recipe.batch_size,
+            warmup_ratio=0.07,
+            checkpoint_every=10**6,
+            seed=PRETRAIN_SEED,
+        )
+        return run_training(
+            job,
+            data,
+            f"zoo-{name}",
+            str(Path(tmp) / "ckpt"),
+            num_workers=num_workers,
+            cpus_per_worker=0.5,
+            max_failures=1,
+        )  # fractional: data tasks need CPUs too
 
 
 def ensure_zoo() -> dict[str, str]:
@@ -117,4 +139,3 @@ def resolve(name_or_path: str) -> str:
             raise ValueError(f"unknown zoo model {name_or_path!r}; available: zoo:{', zoo:'.join(ROLE_FOLDERS)}")
         return ensure_zoo()[role]
     return os.path.expanduser(name_or_path)
-

@@ -2,7 +2,8 @@
 
 Data flow (images never pass through the driver):
   1. read_source -> check_rows (Ray Data, parallel): decode/resize images, reject bad rows -> staging parquet
-  2. decide (driver, small key columns only): duplicates, conflicting ids, the seeded stratified label split
+  2. plan (one Ray task over the key columns; the driver holds none of them): duplicates, conflicting ids,
+     the seeded stratified label split, rejects.jsonl
   3. finalize (Ray Data, three streaming passes over staging): qa.parquet, images.parquet and the hidden
      answers of unlabeled images, which training code never reads.
 """
@@ -60,7 +61,6 @@ INDEX_COLUMNS = [
     "image_id",
     "qa_id",
     "question",
-    "answer",
     "category",
     "split_hint",
     "reject",
