@@ -116,8 +116,8 @@ def _build_model(job: TrainJob, spec: ModelSpec) -> torch.nn.Module:
     return model
 
 
-def _batches(shard: Any, processor: Any, job: TrainJob, epoch: int):
-    """Encoded micro batches of one epoch of this worker's shard."""
+def _batches(shard: Any, processor: Any, job: TrainJob, epoch: int, skip: int = 0):
+    """Encoded micro batches of one epoch of this worker's shard; the first `skip` are consumed unencoded."""
     pad = processor.tokenizer.pad_token_id
     for rows in shard.iter_batches(
         batch_size=job.batch_size,
@@ -126,6 +126,10 @@ def _batches(shard: Any, processor: Any, job: TrainJob, epoch: int):
         local_shuffle_buffer_size=4 * job.batch_size,
         local_shuffle_seed=job.seed + epoch,
     ):
+        if skip:
+            skip -= 1
+            yield None
+            continue
         examples = [
             chat.encode(processor, chat.open_image(img), ins, resp)
             for img, ins, resp in zip(rows["image"], rows["instruction"], rows["response"], strict=True)
@@ -197,9 +201,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while step < total:
         epoch, skip = divmod(micro, micro_per_epoch)
         seen = 0
-        for k, batch in enumerate(_batches(shard, processor, job, epoch)):
+        for k, batch in enumerate(_batches(shard, processor, job, epoch, skip)):
             seen += 1
-            if k < skip:
+            if batch is None:
                 continue  # consumed before the restart
             if k >= micro_per_epoch or step >= total:
                 break
