@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from leaml_ray.data.sources import LETTERS
+
 IGNORE = -100
-LETTERS = "ABCDEFGHIJ"
 
 
 def open_image(data: bytes) -> Image.Image:
