@@ -106,4 +106,4 @@ def upload_dir(local_dir: str, dst: str) -> None:
     fs.create_dir(tmp, recursive=True)
     pafs.copy_files(local_dir, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     scheme = dst.split("://", 1)[0] + "://" if "://" in dst else ""
-    replace(f"{scheme}{tmp}" if scheme else tmp, dst)
+    replace(scheme + tmp, dst)

@@ -11,12 +11,13 @@ Questions are position-indexed ("... on the left?"): the tiny models learn those
 
 from __future__ import annotations
 
-import io
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from leaml_ray.data.images import encode_png as png_bytes  # noqa: F401  (re-exported for callers)
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {
@@ -147,12 +148,6 @@ def questions(scene: Scene, seed: int, index: int) -> list[tuple[str, str, str]]
 
 def image_id(domain: str, seed: int, index: int) -> str:
     return f"syn-{domain}-{seed}-{index:07d}"
-
-
-def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def sample(domain: str, seed: int, index: int, size: int) -> tuple[Scene, Image.Image]:

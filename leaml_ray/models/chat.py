@@ -60,17 +60,12 @@ def collate(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, t
     def pad(key: str, value: int) -> torch.Tensor:
         return torch.stack([torch.nn.functional.pad(e[key], (0, width - len(e[key])), value=value) for e in examples])
 
+    input_ids = pad("input_ids", pad_id)
+    lengths = torch.tensor([len(e["input_ids"]) for e in examples])
     batch = {
-        "input_ids": pad("input_ids", pad_id),
+        "input_ids": input_ids,
         "labels": pad("labels", IGNORE),
-        "attention_mask": torch.stack(
-            [
-                torch.nn.functional.pad(
-                    torch.ones(len(e["input_ids"]), dtype=torch.long), (0, width - len(e["input_ids"]))
-                )
-                for e in examples
-            ]
-        ),
+        "attention_mask": (torch.arange(width) < lengths[:, None]).long(),
         "pixel_values": torch.cat([e["pixel_values"] for e in examples]),
         "image_grid_thw": torch.cat([e["image_grid_thw"] for e in examples]),
     }

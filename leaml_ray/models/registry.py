@@ -11,7 +11,6 @@ from leaml_ray.config import Config, ModelSection
 
 CAPTION_PROMPT = "Describe this image."
 QA_GEN_PROMPT = "Ask a question about this image and answer it."
-ROLES = ("teacher", "generator", "target")
 # Qwen2.5-VL layout: the language model's attention/MLP projections (the vision tower is left alone)
 LM_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 NEURON_MODULES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # rows, rows, columns hold one neuron
@@ -43,6 +42,7 @@ def spec_for(cfg: Config, role: str) -> ModelSpec:
 
 
 def torch_dtype(name: str) -> torch.dtype | str:
+    """The torch dtype a config names ("auto" stays a string for from_pretrained)."""
     return "auto" if name == "auto" else getattr(torch, name)
 
 

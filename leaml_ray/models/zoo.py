@@ -113,9 +113,9 @@ def pretrain(name: str, recipe: Recipe, out: Path, num_workers: int = 2) -> dict
             f"zoo-{name}",
             str(Path(tmp) / "ckpt"),
             num_workers=num_workers,
-            cpus_per_worker=0.5,
+            cpus_per_worker=0.5,  # fractional: the data tasks need CPUs too
             max_failures=1,
-        )  # fractional: data tasks need CPUs too
+        )
 
 
 def ensure_zoo() -> dict[str, str]:

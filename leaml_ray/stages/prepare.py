@@ -120,6 +120,15 @@ HINT_NAMES = (None, "unlabeled", "test")
 SPLITS = ("labeled", "unlabeled", "test")
 
 
+def _staging_rows(staging: str, columns: list[str]):
+    """Rows (as dicts) of the staging parquet files, a batch at a time, only the given columns."""
+    fs, root = storage.resolve(staging)
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root)) if i.path.endswith(".parquet"))
+    for f in files:
+        for batch in pq.ParquetFile(f, filesystem=fs).iter_batches(batch_size=4096, columns=columns):
+            yield from batch.to_pylist()
+
+
 def read_index(staging: str) -> tuple[dict[str, np.ndarray], list[dict], dict[int, dict], list[str]]:
     """Stream the staging key columns into compact int64 arrays (about 60 bytes per good row).
 
@@ -128,24 +137,20 @@ def read_index(staging: str) -> tuple[dict[str, np.ndarray], list[dict], dict[in
     """
     cols = {k: array("q") for k in ("ref", "img", "question", "qa_id", "category", "hint", "sha")}
     rejects, resized, categories = [], {}, {}
-    fs, root = storage.resolve(staging)
-    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root)) if i.path.endswith(".parquet"))
-    for f in files:
-        for batch in pq.ParquetFile(f, filesystem=fs).iter_batches(batch_size=4096, columns=INDEX_COLUMNS):
-            for row in batch.to_pylist():
-                if row["reject"]:
-                    rejects.append(_reject_record(row, row["reject"], row["detail"]))
-                    continue
-                img = key_hash(row["image_id"])
-                if row["note"] and img not in resized:
-                    resized[img] = {**_reject_record(row, "over_max_pixels", row["note"]), "action": "resized"}
-                cols["ref"].append(key_hash(row["source_ref"]))
-                cols["img"].append(img)
-                cols["question"].append(key_hash(_norm_question(row["question"])) if row["question"] else 0)
-                cols["qa_id"].append(key_hash(row["qa_id"]) if row["qa_id"] else 0)
-                cols["category"].append(categories.setdefault(row["category"], len(categories)))
-                cols["hint"].append(HINTS[row["split_hint"]])
-                cols["sha"].append(key_hash(row["image_sha"]))
+    for row in _staging_rows(staging, INDEX_COLUMNS):
+        if row["reject"]:
+            rejects.append(_reject_record(row, row["reject"], row["detail"]))
+            continue
+        img = key_hash(row["image_id"])
+        if row["note"] and img not in resized:
+            resized[img] = {**_reject_record(row, "over_max_pixels", row["note"]), "action": "resized"}
+        cols["ref"].append(key_hash(row["source_ref"]))
+        cols["img"].append(img)
+        cols["question"].append(key_hash(_norm_question(row["question"])) if row["question"] else 0)
+        cols["qa_id"].append(key_hash(row["qa_id"]) if row["qa_id"] else 0)
+        cols["category"].append(categories.setdefault(row["category"], len(categories)))
+        cols["hint"].append(HINTS[row["split_hint"]])
+        cols["sha"].append(key_hash(row["image_sha"]))
     return {k: np.frombuffer(v, dtype=np.int64) for k, v in cols.items()}, rejects, resized, list(categories)
 
 
@@ -270,17 +275,8 @@ def _dropped_records(staging: str, dropped: dict[int, str]) -> list[dict]:
     """Reject records (with the row's own text) for rows that decide() dropped: a second pass over keys."""
     if not dropped:
         return []
-    fs, root = storage.resolve(staging)
-    out = []
-    for info in fs.get_file_info(pafs.FileSelector(root)):
-        if not info.path.endswith(".parquet"):
-            continue
-        for batch in pq.ParquetFile(info.path, filesystem=fs).iter_batches(columns=["source_ref", "image_id"]):
-            for row in batch.to_pylist():
-                reason = dropped.get(key_hash(row["source_ref"]))
-                if reason:
-                    out.append(_reject_record(row, reason, None))
-    return out
+    rows = _staging_rows(staging, ["source_ref", "image_id"])
+    return [_reject_record(r, dropped[h], None) for r in rows if (h := key_hash(r["source_ref"])) in dropped]
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:
