@@ -32,6 +32,7 @@ class StageContext:
     cfg: Config
     run_dir: str
     work_dir: str
+    resume_dir: str  # survives a crash; kept only while the stage's config and inputs are unchanged
 
     def input(self, rel: str) -> str:
         """Path of a finished earlier stage's output."""
@@ -131,13 +132,16 @@ def run_pipeline(
 
 def _run_stage(stage: Stage, cfg: Config, run_dir: str, manifest: dict, key: dict) -> StageResult:
     work_dir = storage.join(run_dir, "_work", f"{stage.name}-{uuid.uuid4().hex[:8]}")
+    resume_root = storage.join(run_dir, "_resume", stage.name)
+    resume_dir = storage.join(resume_root, stable_hash(key))
     entry = {**key, "status": "running", "started": time.time(), "last_action": "ran"}
     manifest["stages"][stage.name] = entry
     _save_manifest(run_dir, manifest)
     log.info("stage %s: started", stage.name)
     t0 = time.perf_counter()
     try:
-        counts = stage.run(StageContext(cfg=cfg, run_dir=run_dir, work_dir=work_dir)) or {}
+        ctx = StageContext(cfg=cfg, run_dir=run_dir, work_dir=work_dir, resume_dir=resume_dir)
+        counts = stage.run(ctx) or {}
         for rel in stage.outputs:
             src = storage.join(work_dir, rel)
             if not storage.exists(src):
@@ -149,6 +153,7 @@ def _run_stage(stage: Stage, cfg: Config, run_dir: str, manifest: dict, key: dic
         raise
     finally:
         storage.delete(work_dir)
+    storage.delete(resume_root)  # partial results of this or older attempts are now in the outputs
     seconds = time.perf_counter() - t0
     entry.update(
         status="done",

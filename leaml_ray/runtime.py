@@ -31,9 +31,11 @@ def connect(cluster: ClusterSection) -> None:
         return
     # address="local": never attach to some other user's `ray start` cluster on this machine.
     temp_dir = cluster.temp_dir or tempfile.mkdtemp(prefix="leaml-ray-")
+    # at least 4 logical CPUs: the engine and detokenizer actors hold one each and would starve the
+    # read tasks of a 2-core laptop (the job then hangs without an error)
     ray.init(
         address="local",
-        num_cpus=cluster.num_cpus,
+        num_cpus=cluster.num_cpus or max(4, os.cpu_count() or 1),
         include_dashboard=cluster.dashboard,
         dashboard_host=cluster.dashboard_host,
         _temp_dir=temp_dir,

@@ -1,5 +1,6 @@
 """The pipeline's stages in run order (DESIGN.md section 2). Later stages register here as they land."""
 
+from leaml_ray.stages.caption import CAPTION
 from leaml_ray.stages.prepare import PREPARE
 
-ALL_STAGES = [PREPARE]
+ALL_STAGES = [PREPARE, CAPTION]

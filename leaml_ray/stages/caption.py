@@ -1,0 +1,121 @@
+"""caption: the teacher describes every unlabeled image (and the labeled ones) -> captions.parquet.
+
+Images stream from prepared/images.parquet through Ray Data into the generation engine; only the caption text
+reaches the driver, which appends it to part files as it arrives. A rerun after a crash skips the images those
+parts already hold, so no image is captioned twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray.data
+
+from leaml_ray import dashboard, storage
+from leaml_ray.config import Config, stable_hash
+from leaml_ray.generation import EngineSettings, done_keys, generate, prompt_template, read_parts, skip_done
+from leaml_ray.generation import stream_to_parts
+from leaml_ray.models.registry import ModelSpec, spec_for
+from leaml_ray.models.zoo import resolve
+from leaml_ray.pipeline import Stage, StageContext
+
+log = logging.getLogger("leaml_ray")
+CAPTIONS_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("caption", pa.string()), ("teacher", pa.string()), ("prompt_version", pa.string())]
+)
+
+
+def prompt_version(spec: ModelSpec, path: str) -> str:
+    """Identifies the exact prompt the teacher saw (chat template + instruction)."""
+    return stable_hash({"template": prompt_template(spec, path), "instruction": spec.caption_prompt})[:8]
+
+
+def images_to_caption(images_path: str, cfg: Config) -> ray.data.Dataset:
+    """Rows {image_id, image, instruction} of the images this run captions."""
+    splits = pa.array(["unlabeled", "labeled"] if cfg.teacher.caption_labeled else ["unlabeled"])
+
+    def select(batch: pa.Table) -> pa.Table:
+        batch = batch.filter(pc.is_in(batch["split"], value_set=splits))
+        return batch.select(["image_id", "image"])
+
+    return ray.data.read_parquet(images_path, columns=["image_id", "image", "split"]).map_batches(
+        select, batch_format="pyarrow", num_cpus=0.25
+    )
+
+
+def caption_stage(ctx: StageContext) -> dict[str, Any]:
+    """Run the caption stage (see the module docstring)."""
+    cfg, teacher = ctx.cfg, ctx.cfg.teacher
+    spec = spec_for(cfg, "teacher")
+    path = resolve(teacher.model)
+    version = prompt_version(spec, path)
+    parts = storage.join(ctx.resume_dir, "parts")
+    done = done_keys(parts, "image_id")
+    if done:
+        log.info("caption: %d images captioned by an interrupted attempt are kept", len(done))
+
+    todo = skip_done(images_to_caption(ctx.input("prepared/images.parquet"), cfg), "image_id", done)
+    todo = todo.map_batches(
+        lambda b: b.append_column("instruction", pa.array([spec.caption_prompt] * b.num_rows)),
+        batch_format="pyarrow",
+        num_cpus=0.25,
+    )
+    settings = EngineSettings(
+        batch_size=teacher.batch_size,
+        concurrency=teacher.concurrency,
+        max_model_len=teacher.max_model_len,
+        tensor_parallel_size=teacher.tensor_parallel_size,
+        dtype=teacher.dtype,
+        seed=cfg.run.seed,
+    )
+    if teacher.mode == "serve":
+        from leaml_ray.serving import generate_via_service
+
+        out = generate_via_service(todo, spec, teacher, {"temperature": 0.0, "max_tokens": teacher.max_new_tokens})
+    else:
+        out = generate(todo, spec, path, {"temperature": 0.0, "max_tokens": teacher.max_new_tokens}, settings)
+    out = out.map_batches(
+        lambda b: pa.table(
+            {
+                "image_id": b["image_id"],
+                "caption": pc.utf8_trim_whitespace(b["text"]),
+                "teacher": pa.array([teacher.model] * b.num_rows, pa.string()),
+                "prompt_version": pa.array([version] * b.num_rows, pa.string()),
+            }
+        ),
+        batch_format="pyarrow",
+        num_cpus=0.25,
+    )
+    run = cfg.run.dir
+    stream_to_parts(out, parts, on_part=lambda t: dashboard.count("images_captioned", t.num_rows, run, "caption"))
+
+    # one table, streamed part by part; a key seen twice (never expected) is dropped and counted
+    seen: set[str] = set()
+    duplicates = empty = 0
+    fs, target = storage.resolve(ctx.output("captions.parquet"))
+    fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+    with pq.ParquetWriter(target, CAPTIONS_SCHEMA, filesystem=fs) as writer:
+        for table in read_parts(parts):
+            ids = table["image_id"].to_pylist()
+            keep = [i not in seen for i in ids]
+            duplicates += keep.count(False)
+            seen.update(ids)
+            table = table.filter(pa.array(keep)).cast(CAPTIONS_SCHEMA)
+            empty += pc.sum(pc.equal(pc.utf8_length(table["caption"]), 0)).as_py() or 0
+            writer.write_table(table)
+    if empty:
+        log.warning("caption: the teacher returned %d empty captions (kept; they teach nothing)", empty)
+    return {"captioned": len(seen), "resumed": len(done), "empty": empty, "duplicates_dropped": duplicates}
+
+
+CAPTION = Stage(
+    name="caption",
+    run=caption_stage,
+    inputs=("prepared",),
+    outputs=("captions.parquet",),
+    config_keys=("teacher", "run.seed"),
+)
