@@ -22,7 +22,6 @@ import ray
 import ray.data
 
 from leaml_ray import storage
-
 from leaml_ray.engine import CPU_ENV, engine_kwargs, on_gpu
 from leaml_ray.models import chat
 from leaml_ray.models.registry import ModelSpec, load_processor
@@ -105,12 +104,12 @@ def skip_done(ds: ray.data.Dataset, column: str, done: set[str]) -> ray.data.Dat
     """Drop rows whose `column` is in `done` (results a crashed attempt already wrote)."""
     if not done:
         return ds
-    value_set = ray.put(pa.array(sorted(done), pa.string()))
+    refs = [ray.put(pa.array(sorted(done), pa.string()))]  # in a list: Ray Data does not resolve bare refs
 
-    def keep_new(batch: pa.Table, value_set: pa.Array) -> pa.Table:
-        return batch.filter(pc.invert(pc.is_in(batch[column], value_set=value_set)))
+    def keep_new(batch: pa.Table, refs: list) -> pa.Table:
+        return batch.filter(pc.invert(pc.is_in(batch[column], value_set=ray.get(refs[0]))))
 
-    return ds.map_batches(keep_new, batch_format="pyarrow", fn_kwargs={"value_set": value_set}, num_cpus=0.25)
+    return ds.map_batches(keep_new, batch_format="pyarrow", fn_kwargs={"refs": refs}, num_cpus=0.25)
 
 
 def done_keys(parts_dir: str, column: str) -> set[str]:

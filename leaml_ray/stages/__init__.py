@@ -1,6 +1,7 @@
 """The pipeline's stages in run order (DESIGN.md section 2). Later stages register here as they land."""
 
 from leaml_ray.stages.caption import CAPTION
+from leaml_ray.stages.generator import GENERATOR
 from leaml_ray.stages.prepare import PREPARE
 
-ALL_STAGES = [PREPARE, CAPTION]
+ALL_STAGES = [PREPARE, CAPTION, GENERATOR]

@@ -17,8 +17,15 @@ import ray.data
 
 from leaml_ray import dashboard, storage
 from leaml_ray.config import Config, stable_hash
-from leaml_ray.generation import EngineSettings, done_keys, generate, prompt_template, read_parts, skip_done
-from leaml_ray.generation import stream_to_parts
+from leaml_ray.generation import (
+    EngineSettings,
+    done_keys,
+    generate,
+    prompt_template,
+    read_parts,
+    skip_done,
+    stream_to_parts,
+)
 from leaml_ray.models.registry import ModelSpec, spec_for
 from leaml_ray.models.zoo import resolve
 from leaml_ray.pipeline import Stage, StageContext

@@ -25,12 +25,14 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from leaml_ray import storage
+from leaml_ray.config import Config, TrainableModelSection
 from leaml_ray.models import chat
 from leaml_ray.models.registry import LM_PROJECTIONS, ModelSpec, load_model, load_processor
 
 log = logging.getLogger("leaml_ray")
 CACHE = Path(os.environ.get("LEAML_CACHE", Path.home() / ".cache" / "leaml-ray"))
 LOG_NAME = "train_log.jsonl"
+OBJECTIVE_STATE = "objective.safetensors"
 
 
 @dataclass
@@ -66,13 +68,18 @@ class TrainJob:
 
 
 class Objective:
-    """What one micro step computes; subclasses add losses or gradient masks."""
+    """What one micro step computes; subclasses add losses, gradient masks and state saved with checkpoints."""
+
+    backward_passes = 1  # backward passes per micro batch (each followed by engine.step())
+    state_name = "objective"  # its state is saved as <output>/<state_name>.safetensors
 
     def param_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict]:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
 
-    def setup(self, engine: Any, job: TrainJob) -> None:
-        """Called once the DeepSpeed engine exists (e.g. to score neurons)."""
+    def setup(self, engine: Any, job: TrainJob, processor: Any, score_batches: Any) -> bool:
+        """Called once the DeepSpeed engine exists (`score_batches()` iterates the "score" dataset's shard);
+        returns True when it computed state worth checkpointing."""
+        return False
 
     def step(self, engine: Any, batch: dict[str, Any]) -> dict[str, float]:
         """Forward and backward one micro batch; returns metrics to log."""
@@ -80,14 +87,21 @@ class Objective:
         engine.backward(out.loss)
         return {"loss": out.loss.item()}
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors to keep in checkpoints and next to the trained model (identical on every rank)."""
+        return {}
 
-def deepspeed_config(job: TrainJob) -> dict[str, Any]:
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `state_dict` returned (on resume)."""
+
+
+def deepspeed_config(job: TrainJob, backward_passes: int = 1) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": job.zero_stage}
     if job.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {
         "train_micro_batch_size_per_gpu": job.batch_size,
-        "gradient_accumulation_steps": job.grad_accum,
+        "gradient_accumulation_steps": job.grad_accum * backward_passes,
         "gradient_clipping": 1.0,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's CPU Adam needs a compiled op
@@ -138,7 +152,7 @@ def _batches(shard: Any, processor: Any, job: TrainJob, epoch: int, skip: int = 
         yield {"model_inputs": chat.collate(examples, pad), **extra}
 
 
-def _save_hf(engine: Any, job: TrainJob, spec: ModelSpec, processor: Any, rank: int) -> None:
+def _save_hf(engine: Any, job: TrainJob, spec: ModelSpec, processor: Any, rank: int, objective: Objective) -> None:
     """Gather the full weights (ZeRO-3 shards them) and save an HF folder; LoRA: the adapter and merged weights."""
     import deepspeed
 
@@ -159,7 +173,16 @@ def _save_hf(engine: Any, job: TrainJob, spec: ModelSpec, processor: Any, rank: 
             model = model.merge_and_unload()
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        _save_state(objective, os.path.join(tmp, f"{objective.state_name}.safetensors"))
         storage.upload_dir(tmp, job.output)
+
+
+def _save_state(objective: Objective, path: str) -> None:
+    from safetensors.torch import save_file
+
+    state = objective.state_dict()
+    if state:
+        save_file({k: v.contiguous().cpu() for k, v in state.items()}, path)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -180,21 +203,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(objective.param_groups(model, job.weight_decay), lr=job.lr, betas=(0.9, 0.98))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(job.warmup_ratio * total), total)
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(job)
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(job, objective.backward_passes),
     )
-    objective.setup(engine, job)
 
     step, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
+        from safetensors.torch import load_file
+
         with checkpoint.as_directory() as d:
             _, client = engine.load_checkpoint(d, tag="ds")
             step = client["step"]
             history = [json.loads(line) for line in Path(d, LOG_NAME).read_text().splitlines()]
+            if Path(d, OBJECTIVE_STATE).exists():
+                objective.load_state_dict(load_file(str(Path(d, OBJECTIVE_STATE))))
         print(f"[rank {rank}] resumed at optimizer step {step}/{total}", flush=True)
 
-    start = step
     shard = ray.train.get_dataset_shard("train")
+    score_batches = lambda: _batches(ray.train.get_dataset_shard("score"), processor, job, epoch=0)  # noqa: E731
+    if objective.setup(engine, job, processor, score_batches) and not checkpoint:
+        # e.g. neuron masks: a worker lost from here on resumes with them instead of recomputing them
+        _report(engine, {"step": 0, "setup": True}, history, 0, rank, objective)
+
+    start = step
     micro_per_epoch = job.micro_per_epoch(world)
     micro = step * job.grad_accum  # micro batches already consumed
     t0, metrics = time.perf_counter(), {}
@@ -227,20 +261,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             }
             history.append(record)
             if step % job.checkpoint_every == 0 or step == total:
-                _report(engine, record, history, step, rank)
+                _report(engine, record, history, step, rank, objective)
             elif rank == 0 and step % 10 == 0:
                 print(json.dumps(record), flush=True)
         if seen == 0:
             raise ValueError(f"rank {rank}: no full batch of {job.batch_size} rows in its data shard")
-    _save_hf(engine, job, spec, processor, rank)
+    _save_hf(engine, job, spec, processor, rank, objective)
 
 
-def _report(engine: Any, record: dict, history: list[dict], step: int, rank: int) -> None:
-    """Checkpoint every rank's shard (DeepSpeed) plus the step log, and report them to Ray Train."""
+def _report(engine: Any, record: dict, history: list[dict], step: int, rank: int, objective: Objective) -> None:
+    """Checkpoint every rank's shard (DeepSpeed), the step log and the objective's state; report to Ray Train."""
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag="ds", client_state={"step": step})
         if rank == 0:
             Path(d, LOG_NAME).write_text("".join(json.dumps(h) + "\n" for h in history))
+            _save_state(objective, os.path.join(d, OBJECTIVE_STATE))
         ray.train.report(record, checkpoint=Checkpoint.from_directory(d))
 
 
@@ -253,6 +288,7 @@ def run_training(
     cpus_per_worker: float,
     max_failures: int,
     objective: Objective | None = None,
+    score_dataset: ray.data.Dataset | None = None,
 ) -> dict:
     """Run one training job to completion; returns its final metrics and the step log.
 
@@ -272,9 +308,38 @@ def run_training(
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": dataset},
+        datasets={"train": dataset, **({"score": score_dataset} if score_dataset is not None else {})},
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         history = [json.loads(line) for line in Path(d, LOG_NAME).read_text().splitlines()]
     return {"metrics": result.metrics, "history": history, "checkpoint": result.checkpoint.path}
+
+
+def job_for(cfg: Config, section: TrainableModelSection, model_path: str, output: str, num_rows: int) -> TrainJob:
+    """A TrainJob for one model section (generator or target) and the run's train settings."""
+    t = cfg.train
+    return TrainJob(
+        model_path=model_path,
+        output=output,
+        num_rows=num_rows,
+        finetune=section.finetune,
+        lora_r=section.lora_r,
+        lora_alpha=section.lora_alpha,
+        lr=section.lr,
+        weight_decay=t.weight_decay,
+        warmup_ratio=t.warmup_ratio,
+        epochs=section.epochs,
+        batch_size=t.batch_size,
+        grad_accum=t.grad_accum,
+        zero_stage=t.zero_stage,
+        checkpoint_every=t.checkpoint_every,
+        seed=cfg.run.seed,
+        use_gpu=t.use_gpu,
+    )
+
+
+def train_on(cfg: Config, job: TrainJob, dataset: ray.data.Dataset, name: str, storage_path: str, **kwargs) -> dict:
+    """run_training with the run's scaling and failure settings."""
+    t = cfg.train
+    return run_training(job, dataset, name, storage_path, t.num_workers, t.cpus_per_worker, t.max_failures, **kwargs)

@@ -1,0 +1,108 @@
+"""Training examples from a run directory: text tables joined with their images, as Ray Datasets.
+
+Text (QA pairs, captions) is small and read on the driver; images stay in prepared/images.parquet and are
+attached inside Ray Data tasks, so the driver never holds the unlabeled images. Only the labeled images (a few
+percent of the data by construction) are read on the driver, to pair them with caption rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import ray.data
+
+from leaml_ray import storage
+from leaml_ray.models import chat
+from leaml_ray.models.registry import CAPTION_PROMPT, QA_GEN_PROMPT
+
+EXAMPLE_COLUMNS = ["image", "instruction", "response"]
+
+
+def read_table(path: str, columns: list[str] | None = None, split: str | None = None) -> pa.Table:
+    """A parquet file or folder of the run dir, optionally only one split."""
+    fs, p = storage.resolve(path)
+    return pq.read_table(p, columns=columns, filesystem=fs, filters=[("split", "=", split)] if split else None)
+
+
+def answer_examples(qa: pa.Table) -> pa.Table:
+    """QA rows -> (instruction, response) for answering: the question (with options) -> the answer."""
+    choices = qa["choices"].to_pylist() if "choices" in qa.column_names else [None] * qa.num_rows
+    instructions = [chat.question_text(q, c) for q, c in zip(qa["question"].to_pylist(), choices, strict=True)]
+    return pa.table({"image_id": qa["image_id"], "instruction": instructions, "response": qa["answer"]})
+
+
+def generator_examples(qa: pa.Table) -> pa.Table:
+    """QA rows -> (instruction, response) for the QA generator: ask-and-answer -> "Question: ...\\nAnswer: ..."."""
+    answers = answer_examples(qa)
+    responses = [
+        chat.qa_target(q, a)
+        for q, a in zip(answers["instruction"].to_pylist(), answers["response"].to_pylist(), strict=True)
+    ]
+    return pa.table({"image_id": qa["image_id"], "instruction": [QA_GEN_PROMPT] * qa.num_rows, "response": responses})
+
+
+def caption_examples(captions: pa.Table) -> pa.Table:
+    """Caption rows -> (instruction, response) for caption distillation."""
+    return pa.table(
+        {
+            "image_id": captions["image_id"],
+            "instruction": [CAPTION_PROMPT] * captions.num_rows,
+            "response": captions["caption"],
+        }
+    )
+
+
+def _join_images(images: pa.Table, rows: pa.Table) -> pa.Table:
+    """Each row with its image's bytes (rows whose image is missing are dropped by the inner join)."""
+    joined = rows.join(images.select(["image_id", "image"]), "image_id", join_type="inner")
+    return joined.select(["image_id", "image", *(c for c in joined.column_names if c not in ("image_id", "image"))])
+
+
+def with_images(images_path: str, rows: pa.Table) -> ray.data.Dataset:
+    """Rows keyed by image_id -> a Dataset of the same rows with their image bytes (one row per input row)."""
+    # refs in a list: Ray Data passes them through unresolved
+    refs = [ray.put(rows.combine_chunks()), ray.put(pc.unique(rows["image_id"]))]
+
+    def attach(batch: pa.Table, refs: list) -> pa.Table:
+        rows, ids = ray.get(refs)
+        return _join_images(batch.filter(pc.is_in(batch["image_id"], value_set=ids)), rows)
+
+    return ray.data.read_parquet(images_path, columns=["image_id", "image"]).map_batches(
+        attach, batch_format="pyarrow", fn_kwargs={"refs": refs}, num_cpus=0.25
+    )
+
+
+def labeled_with_images(images_path: str, rows: pa.Table) -> pa.Table:
+    """Small (labeled) rows with their image bytes, on the driver."""
+    return _join_images(read_table(images_path, ["image_id", "image"], split="labeled"), rows)
+
+
+def stable_index(keys: list[str], n: int, seed: int) -> np.ndarray:
+    """A deterministic pseudo-random index in [0, n) per key (pairs each caption with a labeled example)."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "little") % n for k in keys]
+    )
+
+
+def pair_with(ds: ray.data.Dataset, partners: pa.Table, prefix: str, seed: int) -> ray.data.Dataset:
+    """Give each row of `ds` a partner example (its columns prefixed), chosen by a hash of the row's image_id."""
+    refs = [ray.put(partners.combine_chunks())]
+
+    def attach(batch: pa.Table, refs: list) -> pa.Table:
+        partners = ray.get(refs[0])
+        picked = partners.take(pa.array(stable_index(batch["image_id"].to_pylist(), partners.num_rows, seed)))
+        for name in EXAMPLE_COLUMNS:
+            batch = batch.append_column(f"{prefix}{name}", picked[name])
+        return batch
+
+    return ds.map_batches(attach, batch_format="pyarrow", fn_kwargs={"refs": refs}, num_cpus=0.25)
+
+
+def ray_dataset(table: pa.Table, rows_per_block: int = 64) -> ray.data.Dataset:
+    """A driver-side table as a Dataset of several blocks (so every training worker gets a share)."""
+    return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)])

@@ -1,0 +1,218 @@
+"""Selective neuron caption distillation (DESIGN.md section 4): the objective of the QA generator.
+
+A neuron is one intermediate unit of a language-model MLP block: row j of gate_proj and up_proj, column j of
+down_proj (with LoRA: row j of their lora_B, column j of down_proj's lora_A). Before training, every rank
+accumulates |dL_QA/dW| per neuron over a few labeled batches; the scores are all-reduced so all ranks select the
+same top `neuron_ratio` per layer. Each micro batch then runs two backward passes inside one DeepSpeed
+accumulation window: L_QA unrestricted, then lambda * L_cap through gradient hooks that zero every gradient
+except the selected neurons' rows/columns.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from leaml_ray.models import chat
+from leaml_ray.train.loop import Objective, TrainJob
+
+CAPTION_COLUMNS = ("cap_image", "cap_instruction", "cap_response")
+LAYER = re.compile(r"(.*layers\.\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(?:(lora_[AB])\.(?:\w+\.)?)?weight$")
+
+
+def neuron_params(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.Parameter, int]]]:
+    """Trainable params that hold neurons, by layer: (name, param, axis of the neuron index)."""
+    layers: dict[str, list[tuple[str, torch.nn.Parameter, int]]] = {}
+    for name, param in model.named_parameters():
+        m = LAYER.match(name)
+        if not m or not param.requires_grad or "language_model" not in name:
+            continue
+        proj, lora = m.group(2), m.group(3)
+        if lora is None:
+            axis = 1 if proj == "down_proj" else 0
+        elif (proj == "down_proj") == (lora == "lora_A"):
+            axis = 1 if proj == "down_proj" else 0
+        else:
+            continue  # the LoRA factor shared by all neurons (gets no caption gradient)
+        layers.setdefault(m.group(1), []).append((name, param, axis))
+    return layers
+
+
+def _shape(param: torch.nn.Parameter) -> torch.Size:
+    return getattr(param, "ds_shape", param.shape)  # ZeRO-3 keeps the full shape here
+
+
+def select_neurons(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Boolean mask of the top `ratio` neurons of one layer (at least one); ties broken by index."""
+    k = max(1, round(ratio * scores.numel()))
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask[torch.argsort(scores, descending=True, stable=True)[:k]] = True
+    return mask
+
+
+def _neuron_reduce(grad: torch.Tensor, axis: int) -> torch.Tensor:
+    return grad.abs().sum(dim=1 - axis).float().cpu()
+
+
+def _check_same_on_all_ranks(masks: dict[str, torch.Tensor]) -> None:
+    """Every rank must distill into the same neurons (ZeRO partitions them across ranks)."""
+    if not dist.is_initialized():
+        return
+    flat = torch.cat([masks[k].flatten().double() for k in sorted(masks)])
+    digest = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum()])
+    gathered = [torch.zeros_like(digest) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, digest)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError("neuron masks differ between ranks; refusing to train with inconsistent masks")
+
+
+class NeuronDistillation(Objective):
+    """L_QA on the labeled pairs + lambda * L_cap on captions, L_cap reaching only the selected neurons."""
+
+    backward_passes = 2
+    state_name = "neurons"
+
+    def __init__(
+        self,
+        score: str = "gradient",
+        ratio: float = 0.1,
+        caption_weight: float = 1.0,
+        score_batches: int = 4,
+        seed: int = 0,
+        qa_weight: float = 1.0,
+    ):
+        self.score, self.ratio, self.caption_weight = score, ratio, caption_weight
+        self.score_batches, self.seed, self.qa_weight = score_batches, seed, qa_weight
+        self.scores: dict[str, torch.Tensor] = {}
+        self.masks: dict[str, torch.Tensor] = {}
+        self.processor: Any = None
+        self.caption_pass = False
+        self.restored = False  # masks came from a checkpoint (a restarted worker does not re-score)
+
+    def param_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict]:
+        # decoupled weight decay would move unselected rows between caption updates: none on neuron params
+        masked = {id(p) for params in neuron_params(model).values() for _, p, _ in params}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in trainable if id(p) not in masked], "weight_decay": weight_decay},
+            {"params": [p for p in trainable if id(p) in masked], "weight_decay": 0.0},
+        ]
+
+    def setup(self, engine: Any, job: TrainJob, processor: Any, score_batches: Any) -> bool:
+        self.processor = processor
+        layers = neuron_params(engine.module)
+        if not layers:
+            raise ValueError("no MLP neuron parameters found to distill into (gate_proj/up_proj/down_proj)")
+        scored = False
+        if not self.masks:
+            self.scores = self._score(engine, layers, score_batches)
+            self.masks = {layer: select_neurons(s, self.ratio) for layer, s in self.scores.items()}
+            scored = True
+        _check_same_on_all_ranks(self.masks)
+        self._install_hooks(engine.module, layers)
+        return scored
+
+    def _score(self, engine: Any, layers: dict, score_batches: Any) -> dict[str, torch.Tensor]:
+        """Per-neuron importance for L_QA, summed over ranks."""
+        sizes = {layer: _shape(params[0][1])[params[0][2]] for layer, params in layers.items()}
+        if self.score in ("random", "all"):
+            gen = torch.Generator().manual_seed(self.seed)
+            return {
+                layer: torch.rand(n, generator=gen) if self.score == "random" else torch.ones(n)
+                for layer, n in sorted(sizes.items())
+            }
+        import deepspeed
+
+        scores = {layer: torch.zeros(n) for layer, n in sizes.items()}
+        flat = [(layer, p, axis) for layer, params in layers.items() for _, p, axis in params]
+        seen = 0
+        for batch in score_batches():
+            if seen >= self.score_batches:
+                break
+            loss = engine.module(**batch["model_inputs"]).loss  # the bare module: no DeepSpeed backward hooks
+            # autograd.grad leaves .grad and DeepSpeed's reduction hooks untouched: scoring moves no weight
+            grads = torch.autograd.grad(loss, [p for _, p, _ in flat], allow_unused=True)
+            with deepspeed.zero.GatheredParameters([p for _, p, _ in flat], enabled=self.score == "taylor"):
+                for (layer, p, axis), g in zip(flat, grads, strict=True):
+                    if g is not None:
+                        scores[layer] += _neuron_reduce(g * p.detach() if self.score == "taylor" else g, axis)
+            seen += 1
+        if seen == 0:
+            raise ValueError("neuron scoring saw no labeled batch: fewer labeled rows than one batch per worker")
+        if dist.is_initialized():
+            packed = torch.cat([scores[layer] for layer in sorted(scores)])
+            dist.all_reduce(packed)
+            scores = dict(zip(sorted(scores), torch.split(packed, [sizes[k] for k in sorted(scores)]), strict=True))
+        return scores
+
+    def _install_hooks(self, model: torch.nn.Module, layers: dict) -> None:
+        """Gradient hooks that, during the caption pass, keep only the selected neurons' gradients."""
+        axes = {id(p): (layer, axis) for layer, params in layers.items() for _, p, axis in params}
+
+        def hook_for(param: torch.nn.Parameter):
+            where = axes.get(id(param))
+
+            def hook(grad: torch.Tensor) -> torch.Tensor:
+                if not self.caption_pass:
+                    return grad
+                if where is None:
+                    return torch.zeros_like(grad)
+                layer, axis = where
+                mask = self.masks[layer].to(grad.device, grad.dtype)
+                return grad * (mask[:, None] if axis == 0 else mask[None, :])
+
+            return hook
+
+        for param in model.parameters():
+            if param.requires_grad:
+                param.register_hook(hook_for(param))
+
+    def step(self, engine: Any, batch: dict[str, Any]) -> dict[str, float]:
+        qa = engine(**batch["model_inputs"]).loss
+        engine.backward(qa * self.qa_weight)
+        engine.step()  # inside the accumulation window: no optimizer step yet
+        pad = self.processor.tokenizer.pad_token_id
+        captions = chat.collate(
+            [
+                chat.encode(self.processor, chat.open_image(img), ins, resp)
+                for img, ins, resp in zip(*(batch[c] for c in CAPTION_COLUMNS), strict=True)
+            ],
+            pad,
+        )
+        self.caption_pass = True
+        try:
+            cap = engine(**captions).loss
+            engine.backward(cap * self.caption_weight)
+        finally:
+            self.caption_pass = False
+        return {
+            "loss": qa.item() * self.qa_weight + self.caption_weight * cap.item(),
+            "loss_qa": qa.item(),
+            "loss_cap": cap.item(),
+            "masks_restored": float(self.restored),
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"score.{layer}": s for layer, s in self.scores.items()}
+        state.update({f"mask.{layer}": m.to(torch.uint8) for layer, m in self.masks.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.scores = {k[len("score.") :]: v for k, v in state.items() if k.startswith("score.")}
+        self.masks = {k[len("mask.") :]: v.bool() for k, v in state.items() if k.startswith("mask.")}
+        self.restored = bool(self.masks)
+
+
+def mask_summary(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Selected / total neurons per layer, for the stage's counts."""
+    masks = {k[len("mask.") :]: v for k, v in state.items() if k.startswith("mask.")}
+    return {layer: [int(m.sum()), int(m.numel())] for layer, m in sorted(masks.items())}
+
+
+def score_arrays(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Scores per layer as numpy (for plots)."""
+    return {k[len("score.") :]: v.numpy() for k, v in sorted(state.items()) if k.startswith("score.")}

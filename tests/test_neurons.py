@@ -1,0 +1,100 @@
+"""Selective neuron distillation: which params hold neurons, top-k selection, and masked caption updates
+under ZeRO-2/3 with two Ray Train workers."""
+
+import pytest
+import ray.data
+import torch
+from safetensors.torch import load_file
+
+from leaml_ray.data import synthetic
+from leaml_ray.models import chat
+from leaml_ray.models.registry import CAPTION_PROMPT, QA_GEN_PROMPT, ModelSpec, load_model
+from leaml_ray.train.loop import TrainJob, run_training
+from leaml_ray.train.neurons import NeuronDistillation, neuron_params, select_neurons
+
+
+def test_neuron_params_full_and_lora(tiny_model_dir):
+    model = load_model(ModelSpec("g", tiny_model_dir, dtype="float32"), tiny_model_dir)
+    layers = neuron_params(model)
+    n_layers = model.config.text_config.num_hidden_layers
+    assert len(layers) == n_layers
+    for params in layers.values():
+        assert sorted((n.split(".mlp.")[1], axis) for n, _, axis in params) == [
+            ("down_proj.weight", 1),
+            ("gate_proj.weight", 0),
+            ("up_proj.weight", 0),
+        ]
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    for params in neuron_params(lora).values():
+        kinds = sorted((n.split(".mlp.")[1].split(".")[0], n.split(".")[-3], axis) for n, _, axis in params)
+        assert kinds == [("down_proj", "lora_A", 1), ("gate_proj", "lora_B", 0), ("up_proj", "lora_B", 0)]
+
+
+def test_select_neurons_takes_top_ratio_per_layer():
+    scores = torch.tensor([0.1, 5.0, 0.3, 2.0, 2.0, 0.0, 9.0, 1.0, 0.2, 0.4])
+    assert select_neurons(scores, 0.3).nonzero().flatten().tolist() == [1, 3, 6]
+    assert select_neurons(scores, 0.01).sum() == 1  # at least one
+    assert select_neurons(scores, 1.0).all()
+
+
+def _rows(n: int) -> list[dict]:
+    rows = []
+    for k in range(n):
+        scene, image = synthetic.sample("general", 3, k, 56)
+        cap_scene, cap_image = synthetic.sample("target", 3, 10_000 + k, 56)
+        _, q, a = synthetic.questions(scene, 3, k)[0]
+        rows.append(
+            {
+                "image": synthetic.png_bytes(image),
+                "instruction": QA_GEN_PROMPT,
+                "response": chat.qa_target(q, a),
+                "cap_image": synthetic.png_bytes(cap_image),
+                "cap_instruction": CAPTION_PROMPT,
+                "cap_response": synthetic.caption(cap_scene),
+            }
+        )
+    return rows
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    """Parameters by their in-memory names (the files use the checkpoint layout)."""
+    model = load_model(ModelSpec("g", str(folder), dtype="float32"), str(folder))
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_caption_loss_moves_only_selected_neurons(ray_local, tiny_model_dir, tmp_path, zero_stage):
+    rows = _rows(64)
+    job = TrainJob(
+        model_path=tiny_model_dir,
+        output=str(tmp_path / "out"),
+        num_rows=len(rows),
+        batch_size=8,
+        lr=1e-2,
+        weight_decay=0.1,  # must not reach masked params
+        warmup_ratio=0.0,
+        zero_stage=zero_stage,
+        checkpoint_every=1000,
+    )
+    objective = NeuronDistillation(score="gradient", ratio=0.25, qa_weight=0.0)  # caption loss only
+    score = ray.data.from_items([{k: r[k] for k in ("image", "instruction", "response")} for r in rows])
+    result = run_training(
+        job, ray.data.from_items(rows), f"nd{zero_stage}", str(tmp_path / "ckpt"), 2, 0.5, 0, objective, score
+    )
+    assert result["history"][-1]["loss_cap"] > 0
+    before, after = _weights(tiny_model_dir), _weights(tmp_path / "out")
+    neurons = load_file(str(tmp_path / "out" / "neurons.safetensors"))
+    masks = {k[5:]: v.bool() for k, v in neurons.items() if k.startswith("mask.")}
+    assert masks and all(m.sum() == round(0.25 * m.numel()) for m in masks.values())
+    checked = 0
+    for layer, mask in masks.items():
+        for proj, axis in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+            name = f"{layer}.mlp.{proj}.weight"
+            moved = (after[name] != before[name]).any(dim=1 - axis)
+            assert not moved[~mask].any(), f"{name}: an unselected neuron moved"
+            assert moved[mask].any(), f"{name}: no selected neuron moved"
+            checked += 1
+    assert checked == 3 * len(masks)
