@@ -55,7 +55,7 @@ def generate(
     settings: EngineSettings = EngineSettings(),
     keep: tuple[str, ...] = ("image_id",),
 ) -> ray.data.Dataset:
-    """Rows {"image": bytes, "instruction": str, *keep} -> {*keep, "text": str, "tokens": list[int]}."""
+    """Rows {"image": bytes, "instruction": str, *keep[, "sampling_seed"]} -> {*keep, "text", "tokens"}."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     kwargs = engine_kwargs(
@@ -87,10 +87,12 @@ def generate(
         from PIL import Image
 
         image = Image.open(io.BytesIO(row["image"])).convert("RGB")
+        # a per-row seed makes sampled generations reproducible and distinct across samples of one image
+        params = {**sampling, "seed": int(row["sampling_seed"])} if "sampling_seed" in row else sampling
         return {
             "prompt": template.replace(PLACEHOLDER, row["instruction"]),
             "multimodal_data": {"image": image},
-            "sampling_params": sampling,
+            "sampling_params": params,
             **{k: row[k] for k in keep},
         }
 

@@ -15,8 +15,10 @@ PUNCT = str.maketrans({c: " " for c in string.punctuation})
 
 def normalize(text: str | None) -> str:
     """Case, unicode form, punctuation, articles and whitespace folded away."""
-    text = unicodedata.normalize("NFKC", text or "").lower().translate(PUNCT)
-    return " ".join(ARTICLES.sub(" ", text).split())
+    words = unicodedata.normalize("NFKC", text or "").lower().translate(PUNCT).split()
+    if len(words) > 1:  # a lone "a" is an answer (option A), not an article
+        words = ARTICLES.sub(" ", " ".join(words)).split()
+    return " ".join(words)
 
 
 def answer_set(text: str | None) -> frozenset[str]:

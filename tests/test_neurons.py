@@ -86,7 +86,7 @@ def test_caption_loss_moves_only_selected_neurons(ray_local, tiny_model_dir, tmp
     )
     assert result["history"][-1]["loss_cap"] > 0
     before, after = _weights(tiny_model_dir), _weights(tmp_path / "out")
-    neurons = load_file(str(tmp_path / "out" / "neurons.safetensors"))
+    neurons = load_file(str(tmp_path / "out" / "neurons" / "neurons.safetensors"))
     masks = {k[5:]: v.bool() for k, v in neurons.items() if k.startswith("mask.")}
     assert masks and all(m.sum() == round(0.25 * m.numel()) for m in masks.values())
     checked = 0

@@ -3,5 +3,6 @@
 from leaml_ray.stages.caption import CAPTION
 from leaml_ray.stages.generator import GENERATOR
 from leaml_ray.stages.prepare import PREPARE
+from leaml_ray.stages.pseudo_qa import PSEUDO_QA
 
-ALL_STAGES = [PREPARE, CAPTION, GENERATOR]
+ALL_STAGES = [PREPARE, CAPTION, GENERATOR, PSEUDO_QA]

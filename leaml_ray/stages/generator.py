@@ -3,8 +3,8 @@
 Each training row pairs one captioned unlabeled image (cap_*) with a labeled QA example chosen by a hash of the
 image id, so an epoch covers every caption once and cycles the labeled pairs. With `caption_distill: off`
 (the ablation) the same QA sequence trains without the caption pass.
-Outputs `generator/` (HF folder that vLLM loads), `generator/neurons.safetensors` (scores + masks) and
-`generator/neuron_scores.png`.
+Outputs `generator/` (HF folder that vLLM loads), `generator/neurons/neurons.safetensors` (scores + masks; in a
+subfolder because vLLM loads every top-level *.safetensors file as weights) and `generator/neurons/neuron_scores.png`.
 """
 
 from __future__ import annotations
@@ -82,14 +82,14 @@ def generator_stage(ctx: StageContext) -> dict[str, Any]:
         "steps": result["history"][-1]["step"],
         "final_loss": round(result["history"][-1]["loss"], 4),
     }
-    neurons_path = storage.join(out, "neurons.safetensors")
+    neurons_path = storage.join(out, "neurons", "neurons.safetensors")
     if storage.exists(neurons_path):
         from safetensors.torch import load
 
         state = load(storage.read_bytes(neurons_path))
         summary = mask_summary(state)
         masks = {k[len("mask.") :]: v.bool().numpy() for k, v in state.items() if k.startswith("mask.")}
-        storage.write_bytes_atomic(storage.join(out, "neuron_scores.png"), neuron_scores(score_arrays(state), masks))
+        storage.write_bytes_atomic(storage.join(out, "neurons", "neuron_scores.png"), neuron_scores(score_arrays(state), masks))
         counts["neurons_selected"] = sum(s for s, _ in summary.values())
         counts["neurons_total"] = sum(n for _, n in summary.values())
     return counts

@@ -71,7 +71,9 @@ class Objective:
     """What one micro step computes; subclasses add losses, gradient masks and state saved with checkpoints."""
 
     backward_passes = 1  # backward passes per micro batch (each followed by engine.step())
-    state_name = "objective"  # its state is saved as <output>/<state_name>.safetensors
+    # its state is saved as <output>/<state_name>/<state_name>.safetensors: vLLM loads every *.safetensors
+    # file at the top of a model folder as weights
+    state_name = "objective"
 
     def param_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict]:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
@@ -173,7 +175,7 @@ def _save_hf(engine: Any, job: TrainJob, spec: ModelSpec, processor: Any, rank: 
             model = model.merge_and_unload()
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        _save_state(objective, os.path.join(tmp, f"{objective.state_name}.safetensors"))
+        _save_state(objective, os.path.join(tmp, objective.state_name, f"{objective.state_name}.safetensors"))
         storage.upload_dir(tmp, job.output)
 
 
@@ -182,6 +184,7 @@ def _save_state(objective: Objective, path: str) -> None:
 
     state = objective.state_dict()
     if state:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         save_file({k: v.contiguous().cpu() for k, v in state.items()}, path)
 
 

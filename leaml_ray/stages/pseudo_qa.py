@@ -1,0 +1,294 @@
+"""pseudo_qa: the trained QA generator writes `samples_per_image` question/answer pairs per unlabeled image.
+
+Generations stream from the engine into resumable parts (keyed image_id#sample), then one pass over the parts
+parses and filters them (DESIGN.md section 4) into pseudo_qa.parquet, pseudo_qa.jsonl (OpenAI messages with an
+image path, as LLaMA-Factory, ms-swift and TRL load it; the images go to pseudo_qa_images/) and
+pseudo_qa_rejects.parquet with the reason of every rejected generation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray.data
+
+from leaml_ray import dashboard, storage
+from leaml_ray.config import Config
+from leaml_ray.data import examples
+from leaml_ray.generation import EngineSettings, done_keys, generate, read_parts, skip_done, stream_to_parts
+from leaml_ray.metrics import normalize
+from leaml_ray.models.registry import QA_GEN_PROMPT, spec_for
+from leaml_ray.models.zoo import resolve
+from leaml_ray.pipeline import Stage, StageContext
+
+log = logging.getLogger("leaml_ray")
+QA_PATTERN = re.compile(r"^\s*Question:\s*(?P<q>.*?)\s*\n\s*Answer:\s*(?P<a>[^\n]*)", re.DOTALL)
+CONTROL = {"Cc", "Cf", "Cs", "Co", "Cn"}
+PSEUDO_SCHEMA = pa.schema(
+    [("pseudo_id", pa.string()), ("image_id", pa.string()), ("question", pa.string()), ("answer", pa.string())]
+)
+REJECT_SCHEMA = pa.schema(
+    [("pseudo_id", pa.string()), ("image_id", pa.string()), ("text", pa.string()), ("reason", pa.string())]
+)
+
+
+@dataclass(frozen=True)
+class AnswerRules:
+    """What the labeled data says an answer looks like."""
+
+    max_answer_words: int
+    max_question_words: int
+    vocabulary: frozenset[str] | None  # normalised labeled answers, when the task is closed-vocabulary
+
+
+def answer_rules(qa: pa.Table, closed_vocabulary: str) -> AnswerRules:
+    """Limits from the labeled QA (question text includes its options, as the generator learned it)."""
+    pairs = [r.split("\nAnswer:", 1) for r in qa["response"].to_pylist()]
+    questions = [p[0].removeprefix("Question:") for p in pairs]
+    answers = [normalize(p[-1]) for p in pairs]
+    distinct = set(answers)
+    closed = closed_vocabulary == "on" or (
+        closed_vocabulary == "auto" and len(answers) >= 20 and len(distinct) <= 0.25 * len(answers)
+    )
+    return AnswerRules(
+        max_answer_words=max((len(a.split()) for a in answers), default=32),
+        max_question_words=3 * max((len(q.split()) for q in questions), default=32),
+        vocabulary=frozenset(distinct) if closed else None,
+    )
+
+
+def clean_text(text: str) -> str:
+    """NFC, control characters dropped."""
+    text = unicodedata.normalize("NFC", text)
+    return "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in CONTROL)
+
+
+def parse_qa(text: str) -> tuple[str, str] | str:
+    """Generator output -> (question, answer), or the reason it is unusable."""
+    if "\ufffd" in text:
+        return "bad_unicode"
+    m = QA_PATTERN.match(clean_text(text))
+    if not m:
+        return "unparsable"
+    # keep the line structure of multiple-choice questions (question, then one option per line)
+    question = "\n".join(" ".join(line.split()) for line in m["q"].splitlines() if line.strip())
+    answer = " ".join(m["a"].split())
+    if not question:
+        return "empty_question"
+    if not answer:
+        return "empty_answer"
+    return question, answer
+
+
+def check_pair(question: str, answer: str, rules: AnswerRules, seen_questions: set[str]) -> str | None:
+    """The reason a parsed pair is rejected, or None to keep it (adds the question to `seen_questions`)."""
+    nq = normalize(question)
+    if nq == normalize(QA_GEN_PROMPT) or "ask a question about this image" in nq:
+        return "prompt_echo"
+    if len(question.split()) > rules.max_question_words:
+        return "question_too_long"
+    if len(normalize(answer).split()) > rules.max_answer_words:
+        return "answer_too_long"
+    if rules.vocabulary is not None and normalize(answer) not in rules.vocabulary:
+        return "outside_vocabulary"
+    if nq in seen_questions:
+        return "duplicate_question"
+    seen_questions.add(nq)
+    return None
+
+
+def _requests(batch: pa.Table, samples: int, seed: int) -> pa.Table:
+    ids, images = batch["image_id"].to_pylist(), batch["image"]
+    n = len(ids)
+    return pa.table(
+        {
+            "image_id": [i for i in ids for _ in range(samples)],
+            "key": [f"{i}#{k}" for i in ids for k in range(samples)],
+            "image": images.take(pa.array([r for r in range(n) for _ in range(samples)])),
+            "instruction": [QA_GEN_PROMPT] * (n * samples),
+            "sampling_seed": [(hash_seed(i, seed) + k) % 2**31 for i in ids for k in range(samples)],
+        }
+    )
+
+
+def hash_seed(image_id: str, seed: int) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=4).digest(), "little")
+
+
+def unlabeled_images(images_path: str) -> ray.data.Dataset:
+    """Rows {image_id, image} of the unlabeled split."""
+    return ray.data.read_parquet(images_path, columns=["image_id", "image", "split"]).map_batches(
+        lambda b: b.filter(pc.equal(b["split"], "unlabeled")).select(["image_id", "image"]),
+        batch_format="pyarrow",
+        num_cpus=0.25,
+    )
+
+
+def _image_file(image_id: str, data: bytes) -> str:
+    ext = "jpg" if data[:2] == b"\xff\xd8" else "png"
+    return f"pseudo_qa_images/{re.sub(r'[^A-Za-z0-9._-]', '_', image_id)}.{ext}"
+
+
+def pseudo_qa_stage(ctx: StageContext) -> dict[str, Any]:
+    """Run the pseudo_qa stage (see the module docstring)."""
+    cfg, pq_cfg = ctx.cfg, ctx.cfg.pseudo_qa
+    images_path = ctx.input("prepared/images.parquet")
+    labeled = examples.generator_examples(examples.read_table(ctx.input("prepared/qa.parquet"), split="labeled"))
+    rules = answer_rules(labeled, pq_cfg.closed_vocabulary)
+    parts = storage.join(ctx.resume_dir, "parts")
+    done = done_keys(parts, "key")
+    requests = unlabeled_images(images_path).map_batches(
+        _requests,
+        batch_format="pyarrow",
+        fn_kwargs={"samples": pq_cfg.samples_per_image, "seed": cfg.run.seed},
+        num_cpus=0.25,
+    )
+    requests = skip_done(requests, "key", done)
+    spec = spec_for(cfg, "generator")
+    path = ctx.input("generator")
+    sampling = {"temperature": pq_cfg.temperature, "top_p": pq_cfg.top_p, "max_tokens": pq_cfg.max_new_tokens}
+    out = generate(requests, spec, path, sampling, engine_settings(cfg), keep=("image_id", "key"))
+    stream_to_parts(out.drop_columns(["tokens"]), parts)
+
+    kept, rejects = _filter_parts(ctx, parts, rules)
+    if pq_cfg.consistency_filter != "off" and kept.num_rows:
+        kept, inconsistent = consistency_filter(kept, images_path, cfg)
+        rejects = pa.concat_tables([rejects, inconsistent])
+    _write_outputs(ctx, kept, rejects, images_path)
+    by_reason = dict(Counter(rejects["reason"].to_pylist()))
+    for reason, n in by_reason.items():
+        dashboard.count("pseudo_qa_rejected", n, cfg.run.dir, "pseudo_qa", reason)
+    dashboard.count("pseudo_qa_kept", kept.num_rows, cfg.run.dir, "pseudo_qa")
+    return {
+        "generated": kept.num_rows + rejects.num_rows,
+        "kept": kept.num_rows,
+        "rejected": rejects.num_rows,
+        "rejected_by_reason": by_reason,
+        "images_with_pairs": len(set(kept["image_id"].to_pylist())),
+        "closed_vocabulary": rules.vocabulary is not None,
+        "resumed": len(done),
+    }
+
+
+def engine_settings(cfg: Config) -> EngineSettings:
+    """Engine settings for the run's own models (generator, target): one replica per teacher settings."""
+    t = cfg.teacher
+    return EngineSettings(batch_size=t.batch_size, max_model_len=t.max_model_len, dtype="auto", seed=cfg.run.seed)
+
+
+def _filter_parts(ctx: StageContext, parts: str, rules: AnswerRules) -> tuple[pa.Table, pa.Table]:
+    """Parse and filter every generation, in key order so the result does not depend on arrival order."""
+    rows = [r for t in read_parts(parts) for r in t.to_pylist()]
+    rows.sort(key=lambda r: (r["image_id"], int(r["key"].rsplit("#", 1)[1])))
+    kept, rejected = [], []
+    seen: dict[str, set[str]] = {}
+    for r in rows:
+        parsed = parse_qa(r["text"])
+        if isinstance(parsed, str):
+            reason = parsed
+        else:
+            reason = check_pair(*parsed, rules, seen.setdefault(r["image_id"], set()))
+        if reason:
+            rejected.append({"pseudo_id": r["key"], "image_id": r["image_id"], "text": r["text"], "reason": reason})
+        else:
+            kept.append({"pseudo_id": r["key"], "image_id": r["image_id"], "question": parsed[0], "answer": parsed[1]})
+    return pa.Table.from_pylist(kept, PSEUDO_SCHEMA), pa.Table.from_pylist(rejected, REJECT_SCHEMA)
+
+
+def consistency_filter(kept: pa.Table, images_path: str, cfg: Config) -> tuple[pa.Table, pa.Table]:
+    """Keep pairs whose answer the teacher (or the base target) gives too when asked the pseudo question."""
+    role = cfg.pseudo_qa.consistency_filter
+    spec = spec_for(cfg, role)
+    rows = examples.with_images(images_path, kept.rename_columns({"question": "instruction"}))
+    answers = generate(
+        rows,
+        spec,
+        resolve(spec.name_or_path),
+        {"temperature": 0.0, "max_tokens": cfg.eval.max_new_tokens},
+        engine_settings(cfg),
+        keep=("pseudo_id",),
+    )
+    by_id = {r["pseudo_id"]: r["text"] for r in answers.select_columns(["pseudo_id", "text"]).iter_rows()}
+    agree = [
+        normalize(by_id.get(i, "")) == normalize(a)
+        for i, a in zip(kept["pseudo_id"].to_pylist(), kept["answer"].to_pylist(), strict=True)
+    ]
+    mask = pa.array(agree)
+    dropped = kept.filter(pc.invert(mask))
+    rejects = pa.table(
+        {
+            "pseudo_id": dropped["pseudo_id"],
+            "image_id": dropped["image_id"],
+            "text": [
+                f"Question: {q}\nAnswer: {a}"
+                for q, a in zip(dropped["question"].to_pylist(), dropped["answer"].to_pylist(), strict=True)
+            ],
+            "reason": [f"inconsistent_with_{role}"] * dropped.num_rows,
+        },
+        schema=REJECT_SCHEMA,
+    )
+    return kept.filter(mask), rejects
+
+
+def _write_outputs(ctx: StageContext, kept: pa.Table, rejects: pa.Table, images_path: str) -> None:
+    for name, table in (("pseudo_qa.parquet", kept), ("pseudo_qa_rejects.parquet", rejects)):
+        fs, p = storage.resolve(ctx.output(name))
+        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(table, p, filesystem=fs)
+    # images of the kept pairs as files, so the JSONL is usable by other trainers as is
+    ids = pa.table({"image_id": pc.unique(kept["image_id"])}) if kept.num_rows else None
+    files: dict[str, str] = {}
+    if ids is not None:
+        out_root = ctx.work_dir
+
+        def write_images(batch: pa.Table) -> pa.Table:
+            names = []
+            for image_id, data in zip(batch["image_id"].to_pylist(), batch["image"].to_pylist(), strict=True):
+                rel = _image_file(image_id, data)
+                storage.write_bytes_atomic(storage.join(out_root, rel), data)
+                names.append(rel)
+            return pa.table({"image_id": batch["image_id"], "file": names})
+
+        written = examples.with_images(images_path, ids).map_batches(
+            write_images, batch_format="pyarrow", num_cpus=0.25
+        )
+        files = {r["image_id"]: r["file"] for r in written.iter_rows()}
+    else:
+        fs, p = storage.resolve(ctx.output("pseudo_qa_images"))
+        fs.create_dir(p, recursive=True)
+    lines = []
+    for r in kept.to_pylist():
+        lines.append(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "<image>" + r["question"]},
+                        {"role": "assistant", "content": r["answer"]},
+                    ],
+                    "images": [files[r["image_id"]]],
+                    "id": r["pseudo_id"],
+                },
+                ensure_ascii=False,
+            )
+        )
+    storage.write_bytes_atomic(ctx.output("pseudo_qa.jsonl"), ("\n".join(lines) + "\n" if lines else "").encode())
+
+
+PSEUDO_QA = Stage(
+    name="pseudo_qa",
+    run=pseudo_qa_stage,
+    inputs=("prepared", "generator"),
+    outputs=("pseudo_qa.parquet", "pseudo_qa.jsonl", "pseudo_qa_rejects.parquet", "pseudo_qa_images"),
+    config_keys=("pseudo_qa", "run.seed", "teacher.batch_size", "teacher.max_model_len"),
+)
