@@ -65,7 +65,8 @@ class TrainableModelSection(ModelSection):
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     epochs: float = Field(1.0, gt=0)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, description="learning rate of full finetuning")
+    lora_lr: float = Field(5e-3, gt=0, description="learning rate when the model is trained with LoRA")
 
 
 class GeneratorSection(TrainableModelSection):

@@ -40,6 +40,7 @@ def engine_kwargs(
         "limit_mm_per_prompt": {"image": 1},
         "mm_processor_kwargs": {"use_fast": False},
         "enforce_eager": not on_gpu(),
+        "disable_log_stats": True,  # per-step throughput lines would drown the pipeline's own log
     }
 
 

@@ -50,7 +50,7 @@ class Stage:
     name: str
     run: Callable[[StageContext], dict[str, Any]]
     outputs: tuple[str, ...]
-    inputs: tuple[str, ...] = ()
+    inputs: tuple[str, ...] | Callable[[Config], tuple[str, ...]] = ()  # run-dir paths, or a function of the config
     config_keys: tuple[str, ...] = ()
     external_inputs: Callable[[Config], list[str]] = field(default=lambda cfg: [])
 
@@ -73,7 +73,8 @@ def _save_manifest(run_dir: str, manifest: dict) -> None:
 
 
 def _stage_key(stage: Stage, cfg: Config, run_dir: str, producers: dict[str, str]) -> dict:
-    inputs = {rel: storage.fingerprint(storage.join(run_dir, rel)) for rel in stage.inputs}
+    rels = stage.inputs(cfg) if callable(stage.inputs) else stage.inputs
+    inputs = {rel: storage.fingerprint(storage.join(run_dir, rel)) for rel in rels}
     for rel, fp in inputs.items():
         if fp is None:
             hint = f"; run stage {producers[rel]} first" if rel in producers else ""

@@ -107,3 +107,11 @@ def upload_dir(local_dir: str, dst: str) -> None:
     pafs.copy_files(local_dir, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     scheme = dst.split("://", 1)[0] + "://" if "://" in dst else ""
     replace(scheme + tmp, dst)
+
+
+def copy_dir(src: str, dst: str) -> None:
+    """Copy a folder within one filesystem (local or object store)."""
+    fs, s = resolve(src)
+    _, d = resolve(dst)
+    fs.create_dir(d, recursive=True)
+    pafs.copy_files(s, d, source_filesystem=fs, destination_filesystem=fs)

@@ -89,7 +89,9 @@ def generator_stage(ctx: StageContext) -> dict[str, Any]:
         state = load(storage.read_bytes(neurons_path))
         summary = mask_summary(state)
         masks = {k[len("mask.") :]: v.bool().numpy() for k, v in state.items() if k.startswith("mask.")}
-        storage.write_bytes_atomic(storage.join(out, "neurons", "neuron_scores.png"), neuron_scores(score_arrays(state), masks))
+        storage.write_bytes_atomic(
+            storage.join(out, "neurons", "neuron_scores.png"), neuron_scores(score_arrays(state), masks)
+        )
         counts["neurons_selected"] = sum(s for s, _ in summary.values())
         counts["neurons_total"] = sum(n for _, n in summary.values())
     return counts

@@ -319,17 +319,25 @@ def run_training(
     return {"metrics": result.metrics, "history": history, "checkpoint": result.checkpoint.path}
 
 
-def job_for(cfg: Config, section: TrainableModelSection, model_path: str, output: str, num_rows: int) -> TrainJob:
+def job_for(
+    cfg: Config,
+    section: TrainableModelSection,
+    model_path: str,
+    output: str,
+    num_rows: int,
+    finetune: str | None = None,
+) -> TrainJob:
     """A TrainJob for one model section (generator or target) and the run's train settings."""
     t = cfg.train
+    finetune = finetune or section.finetune
     return TrainJob(
         model_path=model_path,
         output=output,
         num_rows=num_rows,
-        finetune=section.finetune,
+        finetune=finetune,
         lora_r=section.lora_r,
         lora_alpha=section.lora_alpha,
-        lr=section.lr,
+        lr=section.lora_lr if finetune == "lora" else section.lr,
         weight_decay=t.weight_decay,
         warmup_ratio=t.warmup_ratio,
         epochs=section.epochs,
