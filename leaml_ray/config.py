@@ -199,9 +199,11 @@ def _explain(err: ValidationError) -> str:
     return "config error: " + "; ".join(lines)
 
 
-def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build the run config: built-in defaults < preset or YAML file < key=value overrides."""
-    data = _read_yaml(config or DEFAULT_PRESET)
+def load_config(
+    config: str | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None
+) -> Config:
+    """Build the run config: built-in defaults < preset or YAML file (or `base`) < key=value overrides."""
+    data = base if base is not None else _read_yaml(config or DEFAULT_PRESET)
     for item in overrides:
         _apply_override(data, item)
     try:

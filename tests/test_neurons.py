@@ -98,3 +98,24 @@ def test_caption_loss_moves_only_selected_neurons(ray_local, tiny_model_dir, tmp
             assert moved[mask].any(), f"{name}: no selected neuron moved"
             checked += 1
     assert checked == 3 * len(masks)
+
+
+@pytest.mark.slow
+def test_worker_lost_after_scoring_resumes_with_the_saved_masks(ray_local, tiny_model_dir, tmp_path):
+    rows = _rows(32)
+    job = TrainJob(
+        model_path=tiny_model_dir,
+        output=str(tmp_path / "out"),
+        num_rows=len(rows),
+        batch_size=4,
+        epochs=1.0,
+        checkpoint_every=1000,  # the only checkpoint before the fault is the one written right after scoring
+        fault={"step": 2, "marker": str(tmp_path / "fault")},
+    )
+    score = ray.data.from_items([{k: r[k] for k in ("image", "instruction", "response")} for r in rows])
+    objective = NeuronDistillation(score="gradient", ratio=0.5)
+    result = run_training(job, ray.data.from_items(rows), "ndf", str(tmp_path / "ckpt"), 2, 0.5, 1, objective, score)
+    assert (tmp_path / "fault").exists()  # the worker did die
+    history = result["history"]
+    assert [r["step"] for r in history] == list(range(1, job.optimizer_steps(2) + 1))
+    assert all(r["masks_restored"] == 1.0 and r["resumed_from"] == 0 for r in history)  # not re-scored

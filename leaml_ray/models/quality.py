@@ -9,7 +9,9 @@ from leaml_ray.models import chat
 from leaml_ray.models.registry import CAPTION_PROMPT, ModelSpec, load_model, load_processor
 
 
-def generate(model_dir: str, items: list[tuple], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+def generate(
+    model_dir: str, items: list[tuple], max_new_tokens: int, batch_size: int = 32, min_new_tokens: int = 0
+) -> list[str]:
     """Greedy answers for (image, instruction) pairs, batched with left padding."""
     spec = ModelSpec("eval", model_dir, dtype="float32")
     model, processor = load_model(spec, model_dir).eval(), load_processor(spec, model_dir)
@@ -24,7 +26,9 @@ def generate(model_dir: str, items: list[tuple], max_new_tokens: int, batch_size
             padding=True,
         )
         with torch.no_grad():
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+            ids = model.generate(
+                **enc, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False
+            )
         out += processor.tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return [o.strip() for o in out]
 

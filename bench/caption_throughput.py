@@ -1,0 +1,103 @@
+"""Captioning throughput: the generation engine (ray.data.llm + vLLM) vs transformers `generate`, same teacher.
+
+One run measures, side by side on fresh synthetic target-domain images with the tiny zoo teacher:
+  - the engine over N images end to end, and over a small warm-up set (mostly engine start-up); steady state is
+    (N - n_small) / (T_N - T_small);
+  - a plain sequential `generate` loop (one image at a time) and a batched one (batch 16), one thread each.
+Last line: {"engine_images_per_s", "naive_images_per_s", "ratio", "batched_images_per_s", "ratio_vs_batched",
+"engine_startup_s", "end_to_end_ratio"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ray  # noqa: E402
+import ray.data  # noqa: E402
+import torch  # noqa: E402
+
+from leaml_ray.data import synthetic  # noqa: E402
+from leaml_ray.generation import EngineSettings, generate  # noqa: E402
+from leaml_ray.models import quality, zoo  # noqa: E402
+from leaml_ray.models.registry import CAPTION_PROMPT, ModelSpec  # noqa: E402
+
+MAX_TOKENS = 32
+
+
+def rows(start: int, n: int) -> list[dict]:
+    out = []
+    for k in range(start, start + n):
+        _, image = synthetic.sample("target", 77, k, 56)
+        out.append({"image_id": f"b{k}", "image": synthetic.png_bytes(image), "instruction": CAPTION_PROMPT})
+    return out
+
+
+def engine_seconds(path: str, items: list[dict]) -> float:
+    spec = ModelSpec("teacher", path)
+    settings = EngineSettings(batch_size=64, max_num_seqs=64, max_model_len=256)
+    t0 = time.perf_counter()
+    # min_tokens = max_tokens: every image costs the same number of tokens on both sides
+    out = generate(
+        ray.data.from_items(items), spec, path, {"temperature": 0.0, "max_tokens": MAX_TOKENS, "min_tokens": MAX_TOKENS}, settings
+    ).take_all()
+    assert len(out) == len(items)
+    return time.perf_counter() - t0
+
+
+def hf_images_per_s(path: str, items: list[dict], batch_size: int) -> float:
+    pairs = [(synthetic_image(r["image"]), r["instruction"]) for r in items]
+    quality.generate(path, pairs[:batch_size], MAX_TOKENS, batch_size=batch_size)  # warm-up
+    t0 = time.perf_counter()
+    quality.generate(path, pairs, MAX_TOKENS, batch_size=batch_size, min_new_tokens=MAX_TOKENS)
+    return len(pairs) / (time.perf_counter() - t0)
+
+
+def synthetic_image(data: bytes):
+    from leaml_ray.models.chat import open_image
+
+    return open_image(data)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--small", type=int, default=32)
+    parser.add_argument("--naive", type=int, default=48, help="images for the sequential loop")
+    args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = "1"  # one thread per side: stable ratios on a shared 2-core box
+    torch.set_num_threads(1)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="lr-bench-"),
+             log_to_driver=False)
+    path = zoo.resolve("zoo:teacher")
+    t_small = engine_seconds(path, rows(0, args.small))
+    t_full = engine_seconds(path, rows(10_000, args.images))
+    ray.shutdown()
+    steady = (args.images - args.small) / max(1e-9, t_full - t_small)
+    startup = max(0.0, t_small - args.small / steady)
+    naive = hf_images_per_s(path, rows(20_000, args.naive), batch_size=1)
+    batched = hf_images_per_s(path, rows(30_000, 256), batch_size=16)
+    result = {
+        "engine_images_per_s": round(steady, 2),
+        "naive_images_per_s": round(naive, 2),
+        "ratio": round(steady / naive, 2),
+        "batched_images_per_s": round(batched, 2),
+        "ratio_vs_batched": round(steady / batched, 2),
+        "engine_startup_s": round(startup, 1),
+        "engine_end_to_end_images_per_s": round(args.images / t_full, 2),
+        "end_to_end_ratio": round(args.images / t_full / naive, 2),
+        "images": args.images,
+    }
+    print(f"engine: {args.small} images in {t_small:.1f} s, {args.images} in {t_full:.1f} s")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Answer scoring: normalisation edge cases, option letters, multi-label sets, macro accuracy."""
+
+import pytest
+
+from leaml_ray.metrics import accuracy, is_correct, normalize, option_letter
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answer", "correct"),
+    [
+        ("Red", "red", True),
+        ("  red. ", "red", True),
+        ("the red one", "red one", True),  # articles
+        ("A", "a", True),  # a lone letter is not an article
+        ("ＲＥＤ", "red", True),  # NFKC
+        ("reddish", "red", False),
+        ("polyp; ulcer", "ulcer; polyp", True),  # "; "-joined answers as sets
+        ("polyp", "ulcer; polyp", False),
+        ("polyp;ulcer;", "polyp; ulcer", True),
+        ("", "red", False),
+        ("", "", False),  # an empty gold answer never counts as matched
+    ],
+)
+def test_is_correct_open(prediction, answer, correct):
+    assert is_correct(prediction, answer) is correct
+
+
+@pytest.mark.parametrize(
+    ("prediction", "letter"),
+    [("B", "B"), ("(b)", "B"), ("B. tennis", "B"), ("b) tennis", "B"), ("tennis", "B"), ("E", None), ("", None)],
+)
+def test_option_letter(prediction, letter):
+    assert option_letter(prediction, ["golf", "tennis", "rugby", "polo"]) == letter
+
+
+def test_multiple_choice_is_scored_by_letter():
+    assert is_correct("B. tennis", "B", ["golf", "tennis"])
+    assert not is_correct("golf", "B", ["golf", "tennis"])
+
+
+def test_accuracy_is_macro_over_categories():
+    rows = [{"category": "a", "correct": True}] * 9 + [{"category": "a", "correct": False}]
+    rows += [{"category": "b", "correct": False}]
+    result = accuracy(rows)
+    assert result["per_category"] == {"a": 0.9, "b": 0.0}
+    assert result["accuracy"] == pytest.approx(0.45)
+    assert result["micro"] == pytest.approx(9 / 11)
+    assert result["n"] == 11
+    assert normalize(None) == ""

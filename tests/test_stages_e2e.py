@@ -1,0 +1,105 @@
+"""The whole pipeline through the real engines (Ray Data + vLLM, Ray Train + DeepSpeed) on random-init tiny
+models: contracts between stages, counts, the report schema, resume of the caption stage, and skip on rerun.
+(Model quality is the zoo's business: bench/ and the demo measure it.)"""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from leaml_ray import storage
+from leaml_ray.pipeline import load_manifest, run_pipeline
+from leaml_ray.stages import ALL_STAGES
+from leaml_ray.stages import caption as caption_module
+from tests.conftest import make_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
+
+
+def _config(tmp_path, model):
+    return make_config(
+        tmp_path,
+        "data.num_images=48",
+        "data.label_ratio=0.25",
+        "data.test_ratio=0.25",
+        f"teacher.model={model}",
+        f"generator.model={model}",
+        f"target.model={model}",
+        "teacher.max_new_tokens=12",
+        "teacher.max_model_len=256",
+        "pseudo_qa.samples_per_image=2",
+        "pseudo_qa.max_new_tokens=12",
+        "generator.epochs=1",
+        "target.epochs=1",
+        "train.batch_size=4",
+        "train.cpus_per_worker=0.5",
+        "eval.max_new_tokens=4",
+        "eval.methods=[leaml,zero_shot]",
+    )
+
+
+def test_pipeline_end_to_end(tmp_path, tiny_model_dir, monkeypatch):
+    cfg = _config(tmp_path, tiny_model_dir)
+    run = cfg.run.dir
+
+    # 1. the caption stage dies after its first part: the rerun keeps those captions and adds the rest
+    real = caption_module.stream_to_parts
+
+    def crash_after_first_part(ds, parts_dir, rows_per_part=256, on_part=None):
+        def boom(table):
+            raise RuntimeError("driver lost")
+
+        return real(ds, parts_dir, rows_per_part=5, on_part=boom)
+
+    monkeypatch.setattr(caption_module, "stream_to_parts", crash_after_first_part)
+    with pytest.raises(RuntimeError, match="driver lost"):
+        run_pipeline(cfg, ALL_STAGES, ["prepare", "caption"])
+    assert load_manifest(run)["stages"]["caption"]["status"] == "failed"
+    monkeypatch.setattr(caption_module, "stream_to_parts", real)
+
+    results = {r.name: r for r in run_pipeline(cfg, ALL_STAGES)}
+    assert [r.action for r in results.values()] == ["skipped"] + ["ran"] * 5
+
+    images = pq.read_table(storage.join(run, "prepared/images.parquet")).to_pylist()
+    to_caption = {i["image_id"] for i in images if i["split"] in ("labeled", "unlabeled")}
+    unlabeled = {i["image_id"] for i in images if i["split"] == "unlabeled"}
+    captions = pq.read_table(storage.join(run, "captions.parquet"))
+    assert sorted(captions["image_id"].to_pylist()) == sorted(to_caption)  # each exactly once
+    assert results["caption"].counts["resumed"] == 5
+    assert set(captions["teacher"].to_pylist()) == {tiny_model_dir}
+    assert not storage.exists(storage.join(run, "_resume"))  # partial results cleaned up after success
+
+    assert storage.exists(storage.join(run, "generator/config.json"))
+    assert storage.exists(storage.join(run, "generator/neurons/neurons.safetensors"))
+    assert results["generator"].counts["neurons_selected"] > 0
+
+    pseudo = results["pseudo_qa"].counts
+    assert pseudo["generated"] == 2 * len(unlabeled)
+    assert pseudo["kept"] + pseudo["rejected"] == pseudo["generated"]
+    assert sum(pseudo["rejected_by_reason"].values()) == pseudo["rejected"]
+    kept = pq.read_table(storage.join(run, "pseudo_qa.parquet"))
+    rejects = pq.read_table(storage.join(run, "pseudo_qa_rejects.parquet"))
+    assert kept.num_rows == pseudo["kept"] and rejects.num_rows == pseudo["rejected"]
+    lines = storage.read_bytes(storage.join(run, "pseudo_qa.jsonl")).decode().splitlines()
+    assert len(lines) == kept.num_rows
+    for line in lines:
+        record = json.loads(line)
+        assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
+        assert storage.exists(storage.join(run, record["images"][0]))
+
+    assert storage.exists(storage.join(run, "target/leaml/model.safetensors"))
+    report = storage.read_json(storage.join(run, "report.json"))
+    assert set(report) >= {"methods", "stages", "pseudo_qa", "config"}
+    test_qa = pq.read_table(storage.join(run, "prepared/qa.parquet"), filters=[("split", "=", "test")])
+    for name in ("leaml", "zero_shot"):
+        m = report["methods"][name]
+        assert 0.0 <= m["accuracy"] <= 1.0 and m["n"] == test_qa.num_rows
+        assert set(m["per_category"]) == set(test_qa["category"].to_pylist())
+    assert {"prepare", "caption", "generator", "pseudo_qa", "finetune"} <= set(report["stages"])
+    assert report["pseudo_qa"]["kept"] == pseudo["kept"]
+    assert report["config"]["run"]["dir"] == run
+    assert storage.exists(storage.join(run, "plots/accuracy.png"))
+    assert "| leaml |" in storage.read_bytes(storage.join(run, "report.md")).decode()
+
+    # 2. a rerun of the finished run recomputes nothing
+    assert {r.action for r in run_pipeline(cfg, ALL_STAGES)} == {"skipped"}
