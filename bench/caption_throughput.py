@@ -46,7 +46,11 @@ def engine_seconds(path: str, items: list[dict]) -> float:
     t0 = time.perf_counter()
     # min_tokens = max_tokens: every image costs the same number of tokens on both sides
     out = generate(
-        ray.data.from_items(items), spec, path, {"temperature": 0.0, "max_tokens": MAX_TOKENS, "min_tokens": MAX_TOKENS}, settings
+        ray.data.from_items(items),
+        spec,
+        path,
+        {"temperature": 0.0, "max_tokens": MAX_TOKENS, "min_tokens": MAX_TOKENS},
+        settings,
     ).take_all()
     assert len(out) == len(items)
     return time.perf_counter() - t0
@@ -74,8 +78,13 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"  # one thread per side: stable ratios on a shared 2-core box
     torch.set_num_threads(1)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="lr-bench-"),
-             log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        _temp_dir=tempfile.mkdtemp(prefix="lr-bench-"),
+        log_to_driver=False,
+    )
     path = zoo.resolve("zoo:teacher")
     t_small = engine_seconds(path, rows(0, args.small))
     t_full = engine_seconds(path, rows(10_000, args.images))

@@ -30,8 +30,16 @@ def peak_mib() -> float:
 
 def caption_seconds(root: str, n: int) -> float:
     # every image unlabeled except the minimum the split needs: the stage captions ~n images
-    cfg = load_config(None, [f"run.dir={root}/n{n}", f"data.num_images={n}", "data.label_ratio=0.02",
-                             "data.test_ratio=0.05", "teacher.caption_labeled=false"])
+    cfg = load_config(
+        None,
+        [
+            f"run.dir={root}/n{n}",
+            f"data.num_images={n}",
+            "data.label_ratio=0.02",
+            "data.test_ratio=0.05",
+            "teacher.caption_labeled=false",
+        ],
+    )
     connect(cfg.cluster)
     t0 = time.perf_counter()
     results = {r.name: r for r in run_pipeline(cfg, [PREPARE, CAPTION])}

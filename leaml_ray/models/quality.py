@@ -26,9 +26,7 @@ def generate(
             padding=True,
         )
         with torch.no_grad():
-            ids = model.generate(
-                **enc, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False
-            )
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False)
         out += processor.tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return [o.strip() for o in out]
 
