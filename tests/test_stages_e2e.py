@@ -67,7 +67,7 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, monkeypatch):
     assert sorted(captions["image_id"].to_pylist()) == sorted(to_caption)  # each exactly once
     assert results["caption"].counts["resumed"] == 5
     assert set(captions["teacher"].to_pylist()) == {tiny_model_dir}
-    assert not storage.exists(storage.join(run, "_resume"))  # partial results cleaned up after success
+    assert not storage.exists(storage.join(run, "_resume", "caption"))  # partial results cleaned up on success
 
     assert storage.exists(storage.join(run, "generator/config.json"))
     assert storage.exists(storage.join(run, "generator/neurons/neurons.safetensors"))

@@ -72,8 +72,10 @@ def with_images(images_path: str, rows: pa.Table) -> ray.data.Dataset:
         rows, ids = ray.get(refs)
         return _join_images(batch.filter(pc.is_in(batch["image_id"], value_set=ids)), rows)
 
-    return ray.data.read_parquet(images_path, columns=["image_id", "image"]).map_batches(
-        attach, batch_format="pyarrow", fn_kwargs={"refs": refs}, num_cpus=0.25
+    return (
+        ray.data.read_parquet(images_path)
+        .select_columns(["image_id", "image"])
+        .map_batches(attach, batch_format="pyarrow", fn_kwargs={"refs": refs}, num_cpus=0.25)
     )
 
 
@@ -106,3 +108,17 @@ def pair_with(ds: ray.data.Dataset, partners: pa.Table, prefix: str, seed: int) 
 def ray_dataset(table: pa.Table, rows_per_block: int = 64) -> ray.data.Dataset:
     """A driver-side table as a Dataset of several blocks (so every training worker gets a share)."""
     return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)])
+
+
+def images_of(images_path: str, splits: list[str]) -> ray.data.Dataset:
+    """Rows {image_id, image} of the images in the given splits."""
+    value_set = pa.array(splits)
+    return (
+        ray.data.read_parquet(images_path)
+        .select_columns(["image_id", "image", "split"])
+        .map_batches(
+            lambda b: b.filter(pc.is_in(b["split"], value_set=value_set)).select(["image_id", "image"]),
+            batch_format="pyarrow",
+            num_cpus=0.25,
+        )
+    )

@@ -13,10 +13,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray.data
 
 from leaml_ray import dashboard, storage
-from leaml_ray.config import Config, stable_hash
+from leaml_ray.config import stable_hash
+from leaml_ray.data import examples
 from leaml_ray.generation import (
     EngineSettings,
     done_keys,
@@ -41,19 +41,6 @@ def prompt_version(spec: ModelSpec, path: str) -> str:
     return stable_hash({"template": prompt_template(spec, path), "instruction": spec.caption_prompt})[:8]
 
 
-def images_to_caption(images_path: str, cfg: Config) -> ray.data.Dataset:
-    """Rows {image_id, image, instruction} of the images this run captions."""
-    splits = pa.array(["unlabeled", "labeled"] if cfg.teacher.caption_labeled else ["unlabeled"])
-
-    def select(batch: pa.Table) -> pa.Table:
-        batch = batch.filter(pc.is_in(batch["split"], value_set=splits))
-        return batch.select(["image_id", "image"])
-
-    return ray.data.read_parquet(images_path, columns=["image_id", "image", "split"]).map_batches(
-        select, batch_format="pyarrow", num_cpus=0.25
-    )
-
-
 def caption_stage(ctx: StageContext) -> dict[str, Any]:
     """Run the caption stage (see the module docstring)."""
     cfg, teacher = ctx.cfg, ctx.cfg.teacher
@@ -65,7 +52,8 @@ def caption_stage(ctx: StageContext) -> dict[str, Any]:
     if done:
         log.info("caption: %d images captioned by an interrupted attempt are kept", len(done))
 
-    todo = skip_done(images_to_caption(ctx.input("prepared/images.parquet"), cfg), "image_id", done)
+    splits = ["unlabeled", "labeled"] if teacher.caption_labeled else ["unlabeled"]
+    todo = skip_done(examples.images_of(ctx.input("prepared/images.parquet"), splits), "image_id", done)
     todo = todo.map_batches(
         lambda b: b.append_column("instruction", pa.array([spec.caption_prompt] * b.num_rows)),
         batch_format="pyarrow",

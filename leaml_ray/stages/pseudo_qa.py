@@ -19,7 +19,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray.data
 
 from leaml_ray import dashboard, storage
 from leaml_ray.config import Config
@@ -126,15 +125,6 @@ def hash_seed(image_id: str, seed: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=4).digest(), "little")
 
 
-def unlabeled_images(images_path: str) -> ray.data.Dataset:
-    """Rows {image_id, image} of the unlabeled split."""
-    return ray.data.read_parquet(images_path, columns=["image_id", "image", "split"]).map_batches(
-        lambda b: b.filter(pc.equal(b["split"], "unlabeled")).select(["image_id", "image"]),
-        batch_format="pyarrow",
-        num_cpus=0.25,
-    )
-
-
 def _image_file(image_id: str, data: bytes) -> str:
     ext = "jpg" if data[:2] == b"\xff\xd8" else "png"
     return f"pseudo_qa_images/{re.sub(r'[^A-Za-z0-9._-]', '_', image_id)}.{ext}"
@@ -148,7 +138,7 @@ def pseudo_qa_stage(ctx: StageContext) -> dict[str, Any]:
     rules = answer_rules(labeled, pq_cfg.closed_vocabulary)
     parts = storage.join(ctx.resume_dir, "parts")
     done = done_keys(parts, "key")
-    requests = unlabeled_images(images_path).map_batches(
+    requests = examples.images_of(images_path, ["unlabeled"]).map_batches(
         _requests,
         batch_format="pyarrow",
         fn_kwargs={"samples": pq_cfg.samples_per_image, "seed": cfg.run.seed},
