@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 # In-process engine (3 s start instead of ~50 s), a small KV cache, no CPU pinning on shared machines.
@@ -42,13 +41,3 @@ def engine_kwargs(
         "enforce_eager": not on_gpu(),
         "disable_log_stats": True,  # per-step throughput lines would drown the pipeline's own log
     }
-
-
-def offline_llm(path: str, **kwargs: Any):
-    """An in-process `vllm.LLM` on a model folder (the CPU environment is set first when there is no GPU)."""
-    if not on_gpu():
-        for key, value in CPU_ENV.items():
-            os.environ.setdefault(key, value)
-    from vllm import LLM
-
-    return LLM(**engine_kwargs(path, **kwargs))

@@ -115,4 +115,7 @@ def test_cli_unknown_stage_is_one_line(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == "adapt.py: unknown stage(s) nope; available: prepare"
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == "adapt.py: unknown stage(s) nope; available: prepare, caption, generator, pseudo_qa, finetune, evaluate"
+    )

@@ -85,24 +85,6 @@ def test_zero2_and_zero3_take_the_same_steps(zero_runs):
 
 
 @pytest.mark.slow
-def test_worker_failure_restarts_from_the_last_checkpoint(tiny_model_dir, tmp_path):
-    marker = tmp_path / "failed-once"
-    run = run_training(
-        job(tiny_model_dir, tmp_path / "out", fault={"step": 6, "marker": str(marker)}),
-        caption_rows(256),
-        "fault",
-        str(tmp_path / "ckpt"),
-        num_workers=2,
-        cpus_per_worker=1,
-        max_failures=1,
-    )
-    assert marker.exists()  # the fault happened once
-    assert [h["step"] for h in run["history"]] == list(range(1, 9))
-    assert [h["resumed_from"] for h in run["history"]] == [0] * 4 + [4] * 4  # restarted from the step-4 checkpoint
-    assert (tmp_path / "out" / "model.safetensors").exists()
-
-
-@pytest.mark.slow
 def test_rerun_after_a_failed_run_resumes_at_the_checkpointed_step(tiny_model_dir, tmp_path):
     marker = tmp_path / "failed-once"
     args = (caption_rows(256), "resume", str(tmp_path / "ckpt"))

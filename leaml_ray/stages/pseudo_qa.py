@@ -156,6 +156,7 @@ def pseudo_qa_stage(ctx: StageContext) -> dict[str, Any]:
         kept, inconsistent = consistency_filter(kept, images_path, cfg)
         rejects = pa.concat_tables([rejects, inconsistent])
     _write_outputs(ctx, kept, rejects, images_path)
+    audit = audit_against_hidden(kept, ctx.input("prepared/hidden/unlabeled_qa.parquet"))
     by_reason = dict(Counter(rejects["reason"].to_pylist()))
     for reason, n in by_reason.items():
         dashboard.count("pseudo_qa_rejected", n, cfg.run.dir, "pseudo_qa", reason)
@@ -168,7 +169,27 @@ def pseudo_qa_stage(ctx: StageContext) -> dict[str, Any]:
         "images_with_pairs": len(set(kept["image_id"].to_pylist())),
         "closed_vocabulary": rules.vocabulary is not None,
         "resumed": len(done),
+        **audit,
     }
+
+
+def audit_against_hidden(kept: pa.Table, hidden_path: str) -> dict[str, Any]:
+    """Diagnostics only (never used to filter): pseudo pairs whose question matches a hidden labeled question of
+    the same image, and how many of those have the hidden answer."""
+    if not storage.exists(hidden_path) or kept.num_rows == 0:
+        return {"audited": 0, "audited_correct": 0}
+    hidden = examples.read_table(hidden_path, ["image_id", "question", "answer"])
+    truth = {
+        (i, normalize(q)): a
+        for i, q, a in zip(*(hidden[c].to_pylist() for c in ("image_id", "question", "answer")), strict=True)
+    }
+    audited = correct = 0
+    for i, q, a in zip(*(kept[c].to_pylist() for c in ("image_id", "question", "answer")), strict=True):
+        gold = truth.get((i, normalize(q)))
+        if gold is not None:
+            audited += 1
+            correct += normalize(a) == normalize(gold)
+    return {"audited": audited, "audited_correct": correct}
 
 
 def engine_settings(cfg: Config) -> EngineSettings:
