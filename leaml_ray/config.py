@@ -83,6 +83,9 @@ class PseudoQASection(Section):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(32, ge=1)
+    answer_decoding: Literal["greedy", "sampled"] = Field(
+        "sampled", description="sampled: one sampled pass; greedy: sample the question, then answer it greedily"
+    )
     consistency_filter: Literal["off", "teacher", "target"] = "off"
     closed_vocabulary: Literal["auto", "on", "off"] = "auto"
 

@@ -55,7 +55,8 @@ def generate(
     settings: EngineSettings = EngineSettings(),
     keep: tuple[str, ...] = ("image_id",),
 ) -> ray.data.Dataset:
-    """Rows {"image": bytes, "instruction": str, *keep[, "sampling_seed"]} -> {*keep, "text", "tokens"}."""
+    """Rows {"image": bytes, "instruction": str, *keep[, "sampling_seed", "response_prefix"]} -> {*keep, "text",
+    "tokens"}."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     kwargs = engine_kwargs(
@@ -90,7 +91,8 @@ def generate(
         # a per-row seed makes sampled generations reproducible and distinct across samples of one image
         params = {**sampling, "seed": int(row["sampling_seed"])} if "sampling_seed" in row else sampling
         return {
-            "prompt": template.replace(PLACEHOLDER, row["instruction"]),
+            # an optional start of the reply the model continues (e.g. "Question: ...\nAnswer:")
+            "prompt": template.replace(PLACEHOLDER, row["instruction"]) + row.get("response_prefix", ""),
             "multimodal_data": {"image": image},
             "sampling_params": params,
             **{k: row[k] for k in keep},

@@ -119,6 +119,25 @@ def _requests(batch: pa.Table, samples: int, seed: int) -> pa.Table:
     )
 
 
+def _answer_requests(batch: pa.Table) -> pa.Table:
+    """Sampled "Question: ...\nAnswer:" prefixes -> requests to continue them (unfinished ones stay as they are,
+    the parser rejects them)."""
+    return pa.table(
+        {
+            "image_id": batch["image_id"],
+            "key": batch["key"],
+            "image": batch["image"],
+            "instruction": [QA_GEN_PROMPT] * batch.num_rows,
+            "response_prefix": batch["text"],
+        }
+    )
+
+
+def _join_reply(batch: pa.Table) -> pa.Table:
+    texts = [p + t for p, t in zip(batch["response_prefix"].to_pylist(), batch["text"].to_pylist(), strict=True)]
+    return pa.table({"image_id": batch["image_id"], "key": batch["key"], "text": texts})
+
+
 def hash_seed(image_id: str, seed: int) -> int:
     import hashlib
 
@@ -148,8 +167,25 @@ def pseudo_qa_stage(ctx: StageContext) -> dict[str, Any]:
     spec = spec_for(cfg, "generator")
     path = ctx.input("generator")
     sampling = {"temperature": pq_cfg.temperature, "top_p": pq_cfg.top_p, "max_tokens": pq_cfg.max_new_tokens}
-    out = generate(requests, spec, path, sampling, engine_settings(cfg), keep=("image_id", "key"))
-    stream_to_parts(out.drop_columns(["tokens"]), parts)
+    settings = engine_settings(cfg)
+    if pq_cfg.answer_decoding == "greedy":
+        # sample the question only, then let the generator answer it with its most likely answer
+        ask = {**sampling, "stop": ["\nAnswer:"], "include_stop_str_in_output": True}
+        asked = generate(requests, spec, path, ask, settings, keep=("image_id", "key"))
+        # question texts come back to the driver (small), so the two engines never run at the same time:
+        # two engine replicas at once starve a small machine
+        questions = pa.Table.from_pylist(list(asked.select_columns(["image_id", "key", "text"]).iter_rows()))
+        answer = {"temperature": 0.0, "max_tokens": pq_cfg.max_new_tokens, "stop": ["\n"]}
+        if questions.num_rows:  # zero when an interrupted attempt already finished every request
+            answer_rows = examples.with_images(images_path, questions).map_batches(
+                _answer_requests, batch_format="pyarrow", num_cpus=0.25
+            )
+            keep = ("image_id", "key", "response_prefix")
+            answered = generate(answer_rows, spec, path, answer, settings, keep=keep)
+            stream_to_parts(answered.map_batches(_join_reply, batch_format="pyarrow", num_cpus=0.25), parts)
+    else:
+        out = generate(requests, spec, path, sampling, settings, keep=("image_id", "key"))
+        stream_to_parts(out.select_columns(["image_id", "key", "text"]), parts)
 
     kept, rejects = _filter_parts(ctx, parts, rules)
     if pq_cfg.consistency_filter != "off" and kept.num_rows:
