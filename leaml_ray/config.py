@@ -50,7 +50,7 @@ class ModelSection(Section):
 
 class TeacherSection(ModelSection):
     model: str = "zoo:teacher"
-    mode: Literal["offline", "serve"] = "offline"
+    mode: Literal["offline"] = Field("offline", description="offline: ray.data.llm engine replicas in the job")
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
     concurrency: int = Field(1, ge=1, description="engine replicas")

@@ -67,12 +67,7 @@ def caption_stage(ctx: StageContext) -> dict[str, Any]:
         dtype=teacher.dtype,
         seed=cfg.run.seed,
     )
-    if teacher.mode == "serve":
-        from leaml_ray.serving import generate_via_service
-
-        out = generate_via_service(todo, spec, teacher, {"temperature": 0.0, "max_tokens": teacher.max_new_tokens})
-    else:
-        out = generate(todo, spec, path, {"temperature": 0.0, "max_tokens": teacher.max_new_tokens}, settings)
+    out = generate(todo, spec, path, {"temperature": 0.0, "max_tokens": teacher.max_new_tokens}, settings)
     out = out.map_batches(
         lambda b: pa.table(
             {

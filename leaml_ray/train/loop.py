@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import resource
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -260,6 +261,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "lr": scheduler.get_last_lr()[0],
                 "samples_per_s": rate,
                 "resumed_from": start,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this worker
                 **metrics,
             }
             history.append(record)

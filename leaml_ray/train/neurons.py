@@ -11,6 +11,7 @@ except the selected neurons' rows/columns.
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import numpy as np
@@ -92,6 +93,7 @@ class NeuronDistillation(Objective):
         self.processor: Any = None
         self.caption_pass = False
         self.restored = False  # masks came from a checkpoint (a restarted worker does not re-score)
+        self.scoring_seconds = 0.0
 
     def param_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict]:
         # decoupled weight decay would move unselected rows between caption updates: none on neuron params
@@ -109,7 +111,9 @@ class NeuronDistillation(Objective):
             raise ValueError("no MLP neuron parameters found to distill into (gate_proj/up_proj/down_proj)")
         scored = False
         if not self.masks:
+            t0 = time.perf_counter()
             self.scores = self._score(engine, layers, score_batches)
+            self.scoring_seconds = time.perf_counter() - t0
             self.masks = {layer: select_neurons(s, self.ratio) for layer, s in self.scores.items()}
             scored = True
         _check_same_on_all_ranks(self.masks)
@@ -194,6 +198,7 @@ class NeuronDistillation(Objective):
             "loss_qa": qa.item(),
             "loss_cap": cap.item(),
             "masks_restored": float(self.restored),
+            "scoring_seconds": self.scoring_seconds,
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
