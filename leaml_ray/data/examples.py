@@ -84,11 +84,14 @@ def labeled_with_images(images_path: str, rows: pa.Table) -> pa.Table:
     return _join_images(read_table(images_path, ["image_id", "image"], split="labeled"), rows)
 
 
+def stable_int(key: str, seed: int) -> int:
+    """A deterministic pseudo-random 64-bit integer for a key (the same on every machine and run)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "little")
+
+
 def stable_index(keys: list[str], n: int, seed: int) -> np.ndarray:
     """A deterministic pseudo-random index in [0, n) per key (pairs each caption with a labeled example)."""
-    return np.array(
-        [int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "little") % n for k in keys]
-    )
+    return np.array([stable_int(k, seed) % n for k in keys])
 
 
 def pair_with(ds: ray.data.Dataset, partners: pa.Table, prefix: str, seed: int) -> ray.data.Dataset:

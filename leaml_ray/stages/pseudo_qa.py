@@ -114,7 +114,7 @@ def _requests(batch: pa.Table, samples: int, seed: int) -> pa.Table:
             "key": [f"{i}#{k}" for i in ids for k in range(samples)],
             "image": images.take(pa.array([r for r in range(n) for _ in range(samples)])),
             "instruction": [QA_GEN_PROMPT] * (n * samples),
-            "sampling_seed": [(hash_seed(i, seed) + k) % 2**31 for i in ids for k in range(samples)],
+            "sampling_seed": [(examples.stable_int(i, seed) + k) % 2**31 for i in ids for k in range(samples)],
         }
     )
 
@@ -136,12 +136,6 @@ def _answer_requests(batch: pa.Table) -> pa.Table:
 def _join_reply(batch: pa.Table) -> pa.Table:
     texts = [p + t for p, t in zip(batch["response_prefix"].to_pylist(), batch["text"].to_pylist(), strict=True)]
     return pa.table({"image_id": batch["image_id"], "key": batch["key"], "text": texts})
-
-
-def hash_seed(image_id: str, seed: int) -> int:
-    import hashlib
-
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=4).digest(), "little")
 
 
 def _image_file(image_id: str, data: bytes) -> str:
@@ -187,7 +181,7 @@ def pseudo_qa_stage(ctx: StageContext) -> dict[str, Any]:
         out = generate(requests, spec, path, sampling, settings, keep=("image_id", "key"))
         stream_to_parts(out.select_columns(["image_id", "key", "text"]), parts)
 
-    kept, rejects = _filter_parts(ctx, parts, rules)
+    kept, rejects = _filter_parts(parts, rules)
     if pq_cfg.consistency_filter != "off" and kept.num_rows:
         kept, inconsistent = consistency_filter(kept, images_path, cfg)
         rejects = pa.concat_tables([rejects, inconsistent])
@@ -234,7 +228,7 @@ def engine_settings(cfg: Config) -> EngineSettings:
     return EngineSettings(batch_size=t.batch_size, max_model_len=t.max_model_len, dtype="auto", seed=cfg.run.seed)
 
 
-def _filter_parts(ctx: StageContext, parts: str, rules: AnswerRules) -> tuple[pa.Table, pa.Table]:
+def _filter_parts(parts: str, rules: AnswerRules) -> tuple[pa.Table, pa.Table]:
     """Parse and filter every generation, in key order so the result does not depend on arrival order."""
     rows = [r for t in read_parts(parts) for r in t.to_pylist()]
     rows.sort(key=lambda r: (r["image_id"], int(r["key"].rsplit("#", 1)[1])))
