@@ -111,9 +111,7 @@ class NeuronDistillation(Objective):
             raise ValueError("no MLP neuron parameters found to distill into (gate_proj/up_proj/down_proj)")
         scored = False
         if not self.masks:
-            t0 = time.perf_counter()
             self.scores = self._score(engine, layers, score_batches)
-            self.scoring_seconds = time.perf_counter() - t0
             self.masks = {layer: select_neurons(s, self.ratio) for layer, s in self.scores.items()}
             scored = True
         _check_same_on_all_ranks(self.masks)
@@ -137,6 +135,7 @@ class NeuronDistillation(Objective):
         for batch in score_batches():
             if seen >= self.score_batches:
                 break
+            t0 = time.perf_counter()  # compute only: the wait for the first batch is data-pipeline start-up
             loss = engine.module(**batch["model_inputs"]).loss  # the bare module: no DeepSpeed backward hooks
             # autograd.grad leaves .grad and DeepSpeed's reduction hooks untouched: scoring moves no weight
             grads = torch.autograd.grad(loss, [p for _, p, _ in flat], allow_unused=True)
@@ -145,6 +144,7 @@ class NeuronDistillation(Objective):
                     if g is not None:
                         scores[layer] += _neuron_reduce(g * p.detach() if self.score == "taylor" else g, axis)
             seen += 1
+            self.scoring_seconds += time.perf_counter() - t0
         if seen == 0:
             raise ValueError("neuron scoring saw no labeled batch: fewer labeled rows than one batch per worker")
         if dist.is_initialized():
