@@ -26,6 +26,7 @@ def engine_kwargs(
     seed: int = 0,
     tensor_parallel_size: int = 1,
     trust_remote_code: bool = False,
+    pipeline_parallel_size: int = 1,
 ) -> dict[str, Any]:
     """vLLM engine arguments for a local model folder; eager mode on CPU (graph capture costs ~40 s there)."""
     return {
@@ -35,6 +36,7 @@ def engine_kwargs(
         "max_num_seqs": max_num_seqs,
         "seed": seed,
         "tensor_parallel_size": tensor_parallel_size,
+        "pipeline_parallel_size": pipeline_parallel_size,
         "trust_remote_code": trust_remote_code,
         "limit_mm_per_prompt": {"image": 1},
         "mm_processor_kwargs": {"use_fast": False},

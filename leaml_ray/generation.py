@@ -38,6 +38,7 @@ class EngineSettings:
     max_model_len: int = 512
     max_num_seqs: int = 64
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     dtype: str = "auto"
     seed: int = 0
 
@@ -66,6 +67,7 @@ def generate(
         max_num_seqs=settings.max_num_seqs,
         seed=settings.seed,
         tensor_parallel_size=settings.tensor_parallel_size,
+        pipeline_parallel_size=settings.pipeline_parallel_size,
         trust_remote_code=spec.trust_remote_code,
     )
     kwargs.pop("model")

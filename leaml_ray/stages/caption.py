@@ -64,6 +64,7 @@ def caption_stage(ctx: StageContext) -> dict[str, Any]:
         concurrency=teacher.concurrency,
         max_model_len=teacher.max_model_len,
         tensor_parallel_size=teacher.tensor_parallel_size,
+        pipeline_parallel_size=teacher.pipeline_parallel_size,
         dtype=teacher.dtype,
         seed=cfg.run.seed,
     )
