@@ -72,7 +72,9 @@ def _save_manifest(run_dir: str, manifest: dict) -> None:
     storage.write_json_atomic(storage.join(run_dir, MANIFEST), manifest)
 
 
-def _stage_key(stage: Stage, cfg: Config, run_dir: str, producers: dict[str, str]) -> dict:
+def stage_key(stage: Stage, cfg: Config, run_dir: str, producers: dict[str, str] | None = None) -> dict:
+    """What decides whether a stage's outputs are current: its config hash and the fingerprints of its inputs."""
+    producers = producers or {}
     rels = stage.inputs(cfg) if callable(stage.inputs) else stage.inputs
     inputs = {rel: storage.fingerprint(storage.join(run_dir, rel)) for rel in rels}
     for rel, fp in inputs.items():
@@ -85,6 +87,11 @@ def _stage_key(stage: Stage, cfg: Config, run_dir: str, producers: dict[str, str
             raise StageError(f"stage {stage.name}: input {ext} does not exist")
         inputs[ext] = fp
     return {"config_hash": stable_hash(cfg.subset(stage.config_keys)), "input_hashes": inputs}
+
+
+def resume_path(run_dir: str, stage_name: str, key: dict) -> str:
+    """Where an attempt of a stage keeps partial results; a different key (config or inputs) starts afresh."""
+    return storage.join(run_dir, "_resume", stage_name, stable_hash(key))
 
 
 def _is_current(entry: dict | None, key: dict, stage: Stage, run_dir: str) -> bool:
@@ -116,7 +123,7 @@ def run_pipeline(
     for stage in stages:
         if only and stage.name not in only:
             continue
-        key = _stage_key(stage, cfg, run_dir, producers)
+        key = stage_key(stage, cfg, run_dir, producers)
         entry = manifest["stages"].get(stage.name)
         if _is_current(entry, key, stage, run_dir):
             log.info("stage %s: outputs are current, skipped", stage.name)
@@ -134,7 +141,7 @@ def run_pipeline(
 def _run_stage(stage: Stage, cfg: Config, run_dir: str, manifest: dict, key: dict) -> StageResult:
     work_dir = storage.join(run_dir, "_work", f"{stage.name}-{uuid.uuid4().hex[:8]}")
     resume_root = storage.join(run_dir, "_resume", stage.name)
-    resume_dir = storage.join(resume_root, stable_hash(key))
+    resume_dir = resume_path(run_dir, stage.name, key)
     entry = {**key, "status": "running", "started": time.time(), "last_action": "ran"}
     manifest["stages"][stage.name] = entry
     _save_manifest(run_dir, manifest)

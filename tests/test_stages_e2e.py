@@ -1,16 +1,17 @@
 """The whole pipeline through the real engines (Ray Data + vLLM, Ray Train + DeepSpeed) on random-init tiny
-models: contracts between stages, counts, the report schema, resume of the caption stage, and skip on rerun.
+models: contracts between stages, counts, the report schema, resume of the caption stage from a crashed
+attempt's parts, and skip on rerun.
 (Model quality is the zoo's business: bench/ and the demo measure it.)"""
 
 import json
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from leaml_ray import storage
-from leaml_ray.pipeline import load_manifest, run_pipeline
-from leaml_ray.stages import ALL_STAGES
-from leaml_ray.stages import caption as caption_module
+from leaml_ray.pipeline import resume_path, run_pipeline, stage_key
+from leaml_ray.stages import ALL_STAGES, CAPTION
 from tests.conftest import make_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
@@ -38,24 +39,25 @@ def _config(tmp_path, model):
     )
 
 
-def test_pipeline_end_to_end(tmp_path, tiny_model_dir, monkeypatch):
+def test_pipeline_end_to_end(tmp_path, tiny_model_dir):
     cfg = _config(tmp_path, tiny_model_dir)
     run = cfg.run.dir
 
-    # 1. the caption stage dies after its first part: the rerun keeps those captions and adds the rest
-    real = caption_module.stream_to_parts
-
-    def crash_after_first_part(ds, parts_dir, rows_per_part=256, on_part=None):
-        def boom(table):
-            raise RuntimeError("driver lost")
-
-        return real(ds, parts_dir, rows_per_part=5, on_part=boom)
-
-    monkeypatch.setattr(caption_module, "stream_to_parts", crash_after_first_part)
-    with pytest.raises(RuntimeError, match="driver lost"):
-        run_pipeline(cfg, ALL_STAGES, ["prepare", "caption"])
-    assert load_manifest(run)["stages"]["caption"]["status"] == "failed"
-    monkeypatch.setattr(caption_module, "stream_to_parts", real)
+    # 1. a crashed caption attempt left 5 captions in its resume parts: the run keeps them and captions the rest
+    run_pipeline(cfg, ALL_STAGES, ["prepare"])
+    images = pq.read_table(storage.join(run, "prepared/images.parquet")).to_pylist()
+    key = stage_key(CAPTION, cfg, run)
+    leftover = pa.table(
+        {
+            "image_id": [i["image_id"] for i in images if i["split"] == "unlabeled"][:5],
+            "caption": ["left by the crashed attempt"] * 5,
+            "teacher": [tiny_model_dir] * 5,
+            "prompt_version": ["x"] * 5,
+        }
+    )
+    fs, parts = storage.resolve(storage.join(resume_path(run, "caption", key), "parts", "part-0.parquet"))
+    fs.create_dir(parts.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(leftover, parts, filesystem=fs)
 
     results = {r.name: r for r in run_pipeline(cfg, ALL_STAGES)}
     assert [r.action for r in results.values()] == ["skipped"] + ["ran"] * 5
@@ -66,6 +68,8 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, monkeypatch):
     captions = pq.read_table(storage.join(run, "captions.parquet"))
     assert sorted(captions["image_id"].to_pylist()) == sorted(to_caption)  # each exactly once
     assert results["caption"].counts["resumed"] == 5
+    kept = dict(zip(captions["image_id"].to_pylist(), captions["caption"].to_pylist(), strict=True))
+    assert [kept[i] for i in leftover["image_id"].to_pylist()] == ["left by the crashed attempt"] * 5  # not redone
     assert set(captions["teacher"].to_pylist()) == {tiny_model_dir}
     assert not storage.exists(storage.join(run, "_resume", "caption"))  # partial results cleaned up on success
 
