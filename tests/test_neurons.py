@@ -10,7 +10,7 @@ from leaml_ray.data import synthetic
 from leaml_ray.models import chat
 from leaml_ray.models.registry import CAPTION_PROMPT, QA_GEN_PROMPT, ModelSpec, load_model
 from leaml_ray.train.loop import TrainJob, run_training
-from leaml_ray.train.neurons import NeuronDistillation, neuron_params, select_neurons
+from leaml_ray.train.neurons import NeuronDistillation, masks_from_scores, neuron_params, select_neurons
 
 
 def test_neuron_params_full_and_lora(tiny_model_dir):
@@ -37,6 +37,12 @@ def test_select_neurons_takes_top_ratio_per_layer():
     assert select_neurons(scores, 0.3).nonzero().flatten().tolist() == [1, 3, 6]
     assert select_neurons(scores, 0.01).sum() == 1  # at least one
     assert select_neurons(scores, 1.0).all()
+
+
+def test_all_neurons_ablation_selects_every_neuron():
+    scores = {"l0": torch.rand(40), "l1": torch.rand(40)}
+    assert all(m.all() for m in masks_from_scores(scores, "all", 0.1).values())
+    assert all(m.sum() == 4 for m in masks_from_scores(scores, "gradient", 0.1).values())
 
 
 def _rows(n: int) -> list[dict]:

@@ -55,6 +55,13 @@ def select_neurons(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     return mask
 
 
+def masks_from_scores(scores: dict[str, torch.Tensor], mode: str, ratio: float) -> dict[str, torch.Tensor]:
+    """Selected neurons per layer: every neuron for the `all` ablation, else the top `ratio` by score."""
+    if mode == "all":
+        return {layer: torch.ones(s.numel(), dtype=torch.bool) for layer, s in scores.items()}
+    return {layer: select_neurons(s, ratio) for layer, s in scores.items()}
+
+
 def _neuron_reduce(grad: torch.Tensor, axis: int) -> torch.Tensor:
     return grad.abs().sum(dim=1 - axis).float().cpu()
 
@@ -112,7 +119,7 @@ class NeuronDistillation(Objective):
         scored = False
         if not self.masks:
             self.scores = self._score(engine, layers, score_batches)
-            self.masks = {layer: select_neurons(s, self.ratio) for layer, s in self.scores.items()}
+            self.masks = masks_from_scores(self.scores, self.score, self.ratio)
             scored = True
         _check_same_on_all_ranks(self.masks)
         self._install_hooks(engine.module, layers)
