@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from leaml_ray.data import synthetic  # noqa: E402
 from leaml_ray.generation import EngineSettings, generate  # noqa: E402
-from leaml_ray.models import quality, zoo  # noqa: E402
+from leaml_ray.models import chat, quality, zoo  # noqa: E402
 from leaml_ray.models.registry import CAPTION_PROMPT, ModelSpec  # noqa: E402
 
 MAX_TOKENS = 32
@@ -57,17 +57,11 @@ def engine_seconds(path: str, items: list[dict]) -> float:
 
 
 def hf_images_per_s(path: str, items: list[dict], batch_size: int) -> float:
-    pairs = [(synthetic_image(r["image"]), r["instruction"]) for r in items]
+    pairs = [(chat.open_image(r["image"]), r["instruction"]) for r in items]
     quality.generate(path, pairs[:batch_size], MAX_TOKENS, batch_size=batch_size)  # warm-up
     t0 = time.perf_counter()
     quality.generate(path, pairs, MAX_TOKENS, batch_size=batch_size, min_new_tokens=MAX_TOKENS)
     return len(pairs) / (time.perf_counter() - t0)
-
-
-def synthetic_image(data: bytes):
-    from leaml_ray.models.chat import open_image
-
-    return open_image(data)
 
 
 def main() -> None:

@@ -78,8 +78,7 @@ def train(model: str, data: list[dict], tmp: str, name: str, workers: int, objec
         objective,
         score if isinstance(objective, NeuronDistillation) else None,
     )
-    last = result["history"][-1]
-    return last
+    return result["history"][-1]
 
 
 def main() -> None:

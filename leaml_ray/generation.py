@@ -22,6 +22,7 @@ import ray
 import ray.data
 
 from leaml_ray import storage
+from leaml_ray.config import Config
 from leaml_ray.engine import CPU_ENV, engine_kwargs, on_gpu
 from leaml_ray.models import chat
 from leaml_ray.models.registry import ModelSpec, load_processor
@@ -41,6 +42,23 @@ class EngineSettings:
     pipeline_parallel_size: int = 1
     dtype: str = "auto"
     seed: int = 0
+
+
+def engine_settings(cfg: Config, teacher: bool = False) -> EngineSettings:
+    """Engine settings of a run: the teacher's parallelism and dtype for captions; one replica for the run's own
+    small models (generator, target), with the same batch size and context length."""
+    t = cfg.teacher
+    if not teacher:
+        return EngineSettings(batch_size=t.batch_size, max_model_len=t.max_model_len, seed=cfg.run.seed)
+    return EngineSettings(
+        batch_size=t.batch_size,
+        concurrency=t.concurrency,
+        max_model_len=t.max_model_len,
+        tensor_parallel_size=t.tensor_parallel_size,
+        pipeline_parallel_size=t.pipeline_parallel_size,
+        dtype=t.dtype,
+        seed=cfg.run.seed,
+    )
 
 
 def prompt_template(spec: ModelSpec, path: str) -> str:

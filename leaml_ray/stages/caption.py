@@ -18,8 +18,8 @@ from leaml_ray import dashboard, storage
 from leaml_ray.config import stable_hash
 from leaml_ray.data import examples
 from leaml_ray.generation import (
-    EngineSettings,
     done_keys,
+    engine_settings,
     generate,
     prompt_template,
     read_parts,
@@ -59,15 +59,7 @@ def caption_stage(ctx: StageContext) -> dict[str, Any]:
         batch_format="pyarrow",
         num_cpus=0.25,
     )
-    settings = EngineSettings(
-        batch_size=teacher.batch_size,
-        concurrency=teacher.concurrency,
-        max_model_len=teacher.max_model_len,
-        tensor_parallel_size=teacher.tensor_parallel_size,
-        pipeline_parallel_size=teacher.pipeline_parallel_size,
-        dtype=teacher.dtype,
-        seed=cfg.run.seed,
-    )
+    settings = engine_settings(cfg, teacher=True)
     out = generate(todo, spec, path, {"temperature": 0.0, "max_tokens": teacher.max_new_tokens}, settings)
     out = out.map_batches(
         lambda b: pa.table(

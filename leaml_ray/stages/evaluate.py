@@ -16,14 +16,13 @@ import pyarrow.parquet as pq
 from leaml_ray import dashboard, storage
 from leaml_ray.config import Config
 from leaml_ray.data import examples
-from leaml_ray.generation import generate
+from leaml_ray.generation import engine_settings, generate
 from leaml_ray.metrics import accuracy, is_correct
 from leaml_ray.models.registry import ModelSpec, spec_for
 from leaml_ray.models.zoo import resolve
 from leaml_ray.pipeline import Stage, StageContext, StageError
 from leaml_ray.report import build_report, render_markdown, write_plots
 from leaml_ray.stages.finetune import methods_to_train
-from leaml_ray.stages.pseudo_qa import engine_settings
 
 log = logging.getLogger("leaml_ray")
 

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from leaml_ray import dashboard, storage
 from leaml_ray.config import Config
 from leaml_ray.data import examples
-from leaml_ray.generation import EngineSettings, done_keys, generate, read_parts, skip_done, stream_to_parts
+from leaml_ray.generation import done_keys, engine_settings, generate, read_parts, skip_done, stream_to_parts
 from leaml_ray.metrics import normalize
 from leaml_ray.models.registry import QA_GEN_PROMPT, spec_for
 from leaml_ray.models.zoo import resolve
@@ -220,12 +220,6 @@ def audit_against_hidden(kept: pa.Table, hidden_path: str) -> dict[str, Any]:
             audited += 1
             correct += normalize(a) == normalize(gold)
     return {"audited": audited, "audited_correct": correct}
-
-
-def engine_settings(cfg: Config) -> EngineSettings:
-    """Engine settings for the run's own models (generator, target): one replica per teacher settings."""
-    t = cfg.teacher
-    return EngineSettings(batch_size=t.batch_size, max_model_len=t.max_model_len, dtype="auto", seed=cfg.run.seed)
 
 
 def _filter_parts(parts: str, rules: AnswerRules) -> tuple[pa.Table, pa.Table]:
