@@ -50,7 +50,12 @@ class ModelSection(Section):
 
 class TeacherSection(ModelSection):
     model: str = "zoo:teacher"
-    mode: Literal["offline"] = Field("offline", description="offline: ray.data.llm engine replicas in the job")
+    mode: Literal["offline", "serve"] = Field(
+        "offline",
+        description="offline: ray.data.llm engine replicas in the job; serve: the shared teacher at `endpoint`"
+        " (jobs/serve_teacher.py)",
+    )
+    endpoint: str = Field("http://127.0.0.1:8000", description="base URL of the served teacher (mode serve)")
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
     concurrency: int = Field(1, ge=1, description="engine replicas")

@@ -26,6 +26,7 @@ from leaml_ray.config import Config
 from leaml_ray.engine import CPU_ENV, engine_kwargs, on_gpu
 from leaml_ray.models import chat
 from leaml_ray.models.registry import ModelSpec, load_processor
+from leaml_ray.pipeline import StageError
 
 PLACEHOLDER = "\x00INSTRUCTION\x00"
 
@@ -61,6 +62,23 @@ def engine_settings(cfg: Config, teacher: bool = False) -> EngineSettings:
     )
 
 
+def teacher_endpoint(cfg: Config) -> str | None:
+    """The URL of the shared teacher in `teacher.mode: serve` (checked to serve `teacher.model`); None offline."""
+    from leaml_ray.serve import served_models
+
+    t = cfg.teacher
+    if t.mode != "serve":
+        return None
+    start = f"start it with: python jobs/serve_teacher.py teacher.model={t.model} teacher.endpoint={t.endpoint}"
+    try:
+        models = served_models(t.endpoint)
+    except ConnectionError as e:
+        raise StageError(f"teacher.mode=serve: {e}; {start}") from None
+    if t.model not in models:
+        raise StageError(f"teacher.mode=serve: {t.endpoint} serves {models}, not teacher.model={t.model}; {start}")
+    return t.endpoint
+
+
 def prompt_template(spec: ModelSpec, path: str) -> str:
     """The model's chat prompt around one image with a placeholder where the instruction goes."""
     return chat.prompt(load_processor(spec, path), PLACEHOLDER)
@@ -73,10 +91,14 @@ def generate(
     sampling: dict[str, Any],
     settings: EngineSettings = EngineSettings(),
     keep: tuple[str, ...] = ("image_id",),
+    endpoint: str | None = None,
 ) -> ray.data.Dataset:
     """Rows {"image": bytes, "instruction": str, *keep[, "sampling_seed", "response_prefix"]} -> {*keep, "text",
-    "tokens"}."""
+    "tokens"}; with `endpoint`, the model served there under the id `spec.name_or_path` answers instead."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    if endpoint:
+        return _generate_served(ds, spec.name_or_path, endpoint, sampling, settings, keep)
 
     kwargs = engine_kwargs(
         path,
@@ -122,6 +144,49 @@ def generate(
         return {**{k: row[k] for k in keep}, "text": row["generated_text"], "tokens": list(row["generated_tokens"])}
 
     return build_processor(config, preprocess=preprocess, postprocess=postprocess)(ds)
+
+
+def _generate_served(
+    ds: ray.data.Dataset,
+    model_id: str,
+    endpoint: str,
+    sampling: dict[str, Any],
+    settings: EngineSettings,
+    keep: tuple[str, ...],
+) -> ray.data.Dataset:
+    """`generate` against an OpenAI-compatible server (`jobs/serve_teacher.py`), through ray.data.llm's HTTP stage."""
+    from ray.data.llm import HttpRequestProcessorConfig, build_processor
+
+    from leaml_ray.serve import chat_request
+
+    config = HttpRequestProcessorConfig(
+        url=f"{endpoint.rstrip('/')}/v1/chat/completions",
+        batch_size=settings.batch_size,
+        max_retries=3,  # a replica restarting or scaling answers 503 for a moment
+        # one request in flight per actor: several actors keep the server's batches full
+        http_request_stage={"concurrency": 4 * settings.concurrency, "num_cpus": 0.1},
+    )
+
+    def preprocess(row: dict) -> dict:
+        if row.get("response_prefix"):
+            raise ValueError("a served model cannot continue a reply prefix; use the offline engine")
+        params = {**sampling, "seed": int(row["sampling_seed"])} if "sampling_seed" in row else sampling
+        payload = chat_request(model_id, row["image"], row["instruction"], params)
+        return {"payload": payload, **{k: row[k] for k in keep}}
+
+    def postprocess(row: dict) -> dict:
+        choice = row["http_response"]["choices"][0]
+        tokens = list(choice.get("token_ids") or [])
+        return {**{k: row[k] for k in keep}, "text": choice["message"]["content"] or "", "tokens": tokens}
+
+    light = {"num_cpus": 0.1}  # row reshaping; a whole CPU each would starve the HTTP actors on small machines
+    return build_processor(
+        config,
+        preprocess=preprocess,
+        postprocess=postprocess,
+        preprocess_map_kwargs=light,
+        postprocess_map_kwargs=light,
+    )(ds)
 
 
 def skip_done(ds: ray.data.Dataset, column: str, done: set[str]) -> ray.data.Dataset:

@@ -41,3 +41,30 @@ def tiny_model_dir(tmp_path_factory):
     from leaml_ray.models.tiny import build_random
 
     return str(build_random(tmp_path_factory.mktemp("tiny") / "base", size="base", seed=0))
+
+
+@pytest.fixture(scope="session")
+def greedy_reference(tmp_path_factory):
+    """A tiny random model whose outputs depend on the image, 6 image rows, and transformers' greedy tokens for
+    each: what every engine path (offline, served) must reproduce."""
+    import torch
+
+    from leaml_ray.data import synthetic
+    from leaml_ray.models import chat
+    from leaml_ray.models.registry import ModelSpec, load_model, load_processor
+    from leaml_ray.models.tiny import build_random
+
+    path = str(build_random(tmp_path_factory.mktemp("greedy") / "m", "base", seed=1, init_std=0.5))
+    spec = ModelSpec("teacher", path, dtype="float32")
+    model, processor = load_model(spec, path), load_processor(spec, path)
+    eos = processor.tokenizer.eos_token_id
+    rows, expected = [], {}
+    for k in range(6):
+        _, image = synthetic.sample("target", 0, k, 56)
+        rows.append({"image_id": f"img{k}", "image": synthetic.png_bytes(image), "instruction": "Describe this image."})
+        enc = processor(text=[chat.prompt(processor, "Describe this image.")], images=[image], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=5, do_sample=False)[0, enc["input_ids"].shape[1] :].tolist()
+        expected[f"img{k}"] = out[: out.index(eos) + 1] if eos in out else out
+    assert len({tuple(t) for t in expected.values()}) > 1  # outputs depend on the image, or the checks prove nothing
+    return spec, rows, expected

@@ -25,6 +25,7 @@ from leaml_ray.generation import (
     read_parts,
     skip_done,
     stream_to_parts,
+    teacher_endpoint,
 )
 from leaml_ray.models.registry import ModelSpec, spec_for
 from leaml_ray.models.zoo import resolve
@@ -45,6 +46,7 @@ def caption_stage(ctx: StageContext) -> dict[str, Any]:
     """Run the caption stage (see the module docstring)."""
     cfg, teacher = ctx.cfg, ctx.cfg.teacher
     spec = spec_for(cfg, "teacher")
+    endpoint = teacher_endpoint(cfg)  # a shared teacher (jobs/serve_teacher.py) in teacher.mode=serve
     path = resolve(teacher.model)
     version = prompt_version(spec, path)
     parts = storage.join(ctx.resume_dir, "parts")
@@ -60,7 +62,8 @@ def caption_stage(ctx: StageContext) -> dict[str, Any]:
         num_cpus=0.25,
     )
     settings = engine_settings(cfg, teacher=True)
-    out = generate(todo, spec, path, {"temperature": 0.0, "max_tokens": teacher.max_new_tokens}, settings)
+    sampling = {"temperature": 0.0, "max_tokens": teacher.max_new_tokens}
+    out = generate(todo, spec, path, sampling, settings, endpoint=endpoint)
     out = out.map_batches(
         lambda b: pa.table(
             {

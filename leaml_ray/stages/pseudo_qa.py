@@ -23,7 +23,15 @@ import pyarrow.parquet as pq
 from leaml_ray import dashboard, storage
 from leaml_ray.config import Config
 from leaml_ray.data import examples
-from leaml_ray.generation import done_keys, engine_settings, generate, read_parts, skip_done, stream_to_parts
+from leaml_ray.generation import (
+    done_keys,
+    engine_settings,
+    generate,
+    read_parts,
+    skip_done,
+    stream_to_parts,
+    teacher_endpoint,
+)
 from leaml_ray.metrics import normalize
 from leaml_ray.models.registry import QA_GEN_PROMPT, spec_for
 from leaml_ray.models.zoo import resolve
@@ -253,6 +261,7 @@ def consistency_filter(kept: pa.Table, images_path: str, cfg: Config) -> tuple[p
         {"temperature": 0.0, "max_tokens": cfg.eval.max_new_tokens},
         engine_settings(cfg),
         keep=("pseudo_id",),
+        endpoint=teacher_endpoint(cfg) if role == "teacher" else None,
     )
     by_id = {r["pseudo_id"]: r["text"] for r in answers.select_columns(["pseudo_id", "text"]).iter_rows()}
     agree = [

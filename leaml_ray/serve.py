@@ -1,0 +1,152 @@
+"""Serving a model folder with `ray.serve.llm`: an OpenAI-compatible app (chat completions with images).
+
+One function serves both the teacher that several runs share (`jobs/serve_teacher.py`, `teacher.mode: serve`) and an
+adapted target (`jobs/serve.py`). HTTP binds to 127.0.0.1 unless the caller passes another host.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from leaml_ray.engine import CPU_ENV, engine_kwargs, on_gpu
+from leaml_ray.generation import EngineSettings
+
+APP_NAME = "leaml"
+
+
+def llm_config(
+    model_id: str,
+    path: str,
+    settings: EngineSettings,
+    trust_remote_code: bool = False,
+    min_replicas: int = 1,
+    max_replicas: int = 1,
+) -> Any:
+    """The `LLMConfig` of one served model: engine args as the offline engine uses them, autoscaling replicas."""
+    from ray.serve.llm import LLMConfig
+
+    kwargs = engine_kwargs(
+        path,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        seed=settings.seed,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        pipeline_parallel_size=settings.pipeline_parallel_size,
+        trust_remote_code=trust_remote_code,
+    )
+    kwargs.pop("model")
+    kwargs.pop("disable_log_stats")  # Serve exports the engine's metrics to the dashboard; they need the stats
+    cpu = (
+        {}
+        if on_gpu()
+        else {
+            "accelerator_config": {"kind": "cpu"},
+            "placement_group_config": {"bundles": [{"CPU": 1}]},
+            "runtime_env": {"env_vars": CPU_ENV},
+        }
+    )
+    return LLMConfig(
+        model_loading_config={"model_id": model_id, "model_source": path},
+        engine_kwargs=kwargs,
+        deployment_config={"autoscaling_config": {"min_replicas": min_replicas, "max_replicas": max_replicas}},
+        **cpu,
+    )
+
+
+def start(
+    model_id: str,
+    path: str,
+    settings: EngineSettings,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    trust_remote_code: bool = False,
+    min_replicas: int = 1,
+    max_replicas: int = 1,
+) -> str:
+    """Deploy the model on the connected Ray cluster; returns the base URL once it answers (minutes on CPU)."""
+    from ray import serve
+    from ray.serve.llm import build_openai_app
+
+    serve.start(http_options={"host": host, "port": port})
+    config = llm_config(model_id, path, settings, trust_remote_code, min_replicas, max_replicas)
+    serve.run(build_openai_app({"llm_configs": [config]}), name=APP_NAME, route_prefix="/", blocking=False)
+    return f"http://{host}:{port}"
+
+
+def stop() -> None:
+    """Delete the app `start` deployed (other Serve apps on the cluster stay)."""
+    from ray import serve
+
+    serve.delete(APP_NAME)
+
+
+def served_models(endpoint: str, timeout: float = 10.0) -> list[str]:
+    """Model ids an OpenAI-compatible endpoint serves; raises ConnectionError with the reason if it does not answer."""
+    try:
+        with urllib.request.urlopen(f"{endpoint.rstrip('/')}/v1/models", timeout=timeout) as r:
+            return [m["id"] for m in json.load(r)["data"]]
+    except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
+        raise ConnectionError(f"no OpenAI-compatible server at {endpoint}: {e}") from e
+
+
+def image_url(data: bytes) -> str:
+    """An image file's bytes as a data URL (the file is sent as is: the server decodes the same pixels)."""
+    from PIL import Image
+
+    kind = (Image.open(io.BytesIO(data)).format or "png").lower()
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode()}"
+
+
+def chat_request(model_id: str, image: bytes, instruction: str, sampling: dict[str, Any]) -> dict[str, Any]:
+    """A chat-completions body: one user turn with the image, then the instruction (the offline prompt's order)."""
+    content = [{"type": "image_url", "image_url": {"url": image_url(image)}}, {"type": "text", "text": instruction}]
+    body = {"model": model_id, "messages": [{"role": "user", "content": content}], "return_token_ids": True}
+    return body | sampling  # vLLM sampling names (temperature, top_p, max_tokens, seed) are the API's names
+
+
+def ask(endpoint: str, body: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
+    """POST one chat completion and return the parsed response."""
+    request = urllib.request.Request(
+        f"{endpoint.rstrip('/')}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as r:
+        return json.load(r)
+
+
+def serve_until_stopped(
+    model_id: str,
+    path: str,
+    settings: EngineSettings,
+    host: str,
+    port: int,
+    trust_remote_code: bool = False,
+    min_replicas: int = 1,
+    max_replicas: int = 1,
+    detach: bool = False,
+) -> None:
+    """Deploy, print the URL, then serve until Ctrl-C / SIGTERM; with `detach` return at once and leave the app on
+    the cluster (until `serve shutdown`)."""
+    import signal
+    import threading
+
+    url = start(model_id, path, settings, host, port, trust_remote_code, min_replicas, max_replicas)
+    print(f"serving {model_id} ({path}) at {url}/v1 (OpenAI-compatible)", flush=True)
+    print(f"  curl {url}/v1/models", flush=True)
+    if detach:
+        return
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    try:
+        stopped.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()

@@ -1,0 +1,63 @@
+"""ray.serve.llm: the served model (jobs/serve.py, jobs/serve_teacher.py) answers what transformers does."""
+
+import socket
+from dataclasses import replace
+
+import pytest
+import ray.data
+
+from leaml_ray import serve
+from leaml_ray.config import load_config
+from leaml_ray.generation import EngineSettings, generate, teacher_endpoint
+from leaml_ray.pipeline import StageError
+
+SETTINGS = EngineSettings(dtype="float32", max_model_len=256, max_num_seqs=8, batch_size=4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, greedy_reference):
+    """The reference model served on 127.0.0.1 under the id "tiny" for this module."""
+    from ray import serve as ray_serve
+
+    spec, _, _ = greedy_reference
+    url = serve.start("tiny", spec.name_or_path, SETTINGS, port=free_port())
+    yield url
+    ray_serve.shutdown()
+
+
+@pytest.mark.slow
+def test_chat_completion_round_trip_matches_transformers(served, greedy_reference):
+    _, rows, expected = greedy_reference
+    assert serve.served_models(served) == ["tiny"]
+    assert served.startswith("http://127.0.0.1:")  # bound to loopback by default
+    for row in rows[:3]:
+        body = serve.chat_request("tiny", row["image"], row["instruction"], {"temperature": 0.0, "max_tokens": 5})
+        choice = serve.ask(served, body)["choices"][0]
+        assert choice["token_ids"] == expected[row["image_id"]]
+        assert choice["message"]["role"] == "assistant"
+
+
+@pytest.mark.slow
+def test_generate_through_the_served_teacher_matches_offline_greedy(served, greedy_reference):
+    spec, rows, expected = greedy_reference
+    served_spec = replace(spec, name_or_path="tiny")  # the served model id
+    sampling = {"temperature": 0.0, "max_tokens": 5}
+    got = generate(ray.data.from_items(rows), served_spec, "", sampling, SETTINGS, endpoint=served).take_all()
+    assert sorted(r["image_id"] for r in got) == sorted(expected)  # every image exactly once
+    # test_generation proves the offline engine gives transformers' tokens: so both modes caption alike
+    assert {r["image_id"]: r["tokens"] for r in got} == expected
+
+
+def test_serve_mode_without_a_server_is_a_clear_error(tmp_path):
+    cfg = load_config(
+        None, [f"run.dir={tmp_path}", "teacher.mode=serve", f"teacher.endpoint=http://127.0.0.1:{free_port()}"]
+    )
+    with pytest.raises(StageError, match="no OpenAI-compatible server at .*jobs/serve_teacher.py"):
+        teacher_endpoint(cfg)
+    assert teacher_endpoint(load_config(None, [f"run.dir={tmp_path}"])) is None
