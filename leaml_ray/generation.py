@@ -64,7 +64,7 @@ def engine_settings(cfg: Config, teacher: bool = False) -> EngineSettings:
 
 def teacher_endpoint(cfg: Config) -> str | None:
     """The URL of the shared teacher in `teacher.mode: serve` (checked to serve `teacher.model`); None offline."""
-    from leaml_ray.serve import served_models
+    from leaml_ray.serve import served_id, served_models
 
     t = cfg.teacher
     if t.mode != "serve":
@@ -74,7 +74,7 @@ def teacher_endpoint(cfg: Config) -> str | None:
         models = served_models(t.endpoint)
     except ConnectionError as e:
         raise StageError(f"teacher.mode=serve: {e}; {start}") from None
-    if t.model not in models:
+    if served_id(t.model) not in models:
         raise StageError(f"teacher.mode=serve: {t.endpoint} serves {models}, not teacher.model={t.model}; {start}")
     return t.endpoint
 
@@ -175,6 +175,8 @@ def _generate_served(
         return {"payload": payload, **{k: row[k] for k in keep}}
 
     def postprocess(row: dict) -> dict:
+        if "choices" not in row["http_response"]:
+            raise RuntimeError(f"{endpoint} answered {row['http_response']} (model {model_id})")
         choice = row["http_response"]["choices"][0]
         tokens = list(choice.get("token_ids") or [])
         return {**{k: row[k] for k in keep}, "text": choice["message"]["content"] or "", "tokens": tokens}

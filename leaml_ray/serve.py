@@ -19,6 +19,11 @@ from leaml_ray.generation import EngineSettings
 APP_NAME = "leaml"
 
 
+def served_id(model: str) -> str:
+    """The id a model is served under: ray.serve.llm reads "base:adapter" as a LoRA adapter, so no colons."""
+    return model.replace(":", "_")
+
+
 def llm_config(
     model_id: str,
     path: str,
@@ -52,7 +57,7 @@ def llm_config(
         }
     )
     return LLMConfig(
-        model_loading_config={"model_id": model_id, "model_source": path},
+        model_loading_config={"model_id": served_id(model_id), "model_source": path},
         engine_kwargs=kwargs,
         deployment_config={"autoscaling_config": {"min_replicas": min_replicas, "max_replicas": max_replicas}},
         **cpu,
@@ -106,7 +111,7 @@ def image_url(data: bytes) -> str:
 def chat_request(model_id: str, image: bytes, instruction: str, sampling: dict[str, Any]) -> dict[str, Any]:
     """A chat-completions body: one user turn with the image, then the instruction (the offline prompt's order)."""
     content = [{"type": "image_url", "image_url": {"url": image_url(image)}}, {"type": "text", "text": instruction}]
-    body = {"model": model_id, "messages": [{"role": "user", "content": content}], "return_token_ids": True}
+    body = {"model": served_id(model_id), "messages": [{"role": "user", "content": content}], "return_token_ids": True}
     return body | sampling  # vLLM sampling names (temperature, top_p, max_tokens, seed) are the API's names
 
 
@@ -138,7 +143,7 @@ def serve_until_stopped(
     import threading
 
     url = start(model_id, path, settings, host, port, trust_remote_code, min_replicas, max_replicas)
-    print(f"serving {model_id} ({path}) at {url}/v1 (OpenAI-compatible)", flush=True)
+    print(f"serving {served_id(model_id)} ({path}) at {url}/v1 (OpenAI-compatible)", flush=True)
     print(f"  curl {url}/v1/models", flush=True)
     if detach:
         return

@@ -22,11 +22,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(ray_local, greedy_reference):
-    """The reference model served on 127.0.0.1 under the id "tiny" for this module."""
+    """The reference model served on 127.0.0.1 under the id "zoo:tiny" for this module."""
     from ray import serve as ray_serve
 
     spec, _, _ = greedy_reference
-    url = serve.start("tiny", spec.name_or_path, SETTINGS, port=free_port())
+    url = serve.start("zoo:tiny", spec.name_or_path, SETTINGS, port=free_port())
     yield url
     ray_serve.shutdown()
 
@@ -34,10 +34,10 @@ def served(ray_local, greedy_reference):
 @pytest.mark.slow
 def test_chat_completion_round_trip_matches_transformers(served, greedy_reference):
     _, rows, expected = greedy_reference
-    assert serve.served_models(served) == ["tiny"]
+    assert serve.served_models(served) == ["zoo_tiny"]  # no colon: ray.serve.llm reads it as a LoRA adapter
     assert served.startswith("http://127.0.0.1:")  # bound to loopback by default
     for row in rows[:3]:
-        body = serve.chat_request("tiny", row["image"], row["instruction"], {"temperature": 0.0, "max_tokens": 5})
+        body = serve.chat_request("zoo:tiny", row["image"], row["instruction"], {"temperature": 0.0, "max_tokens": 5})
         choice = serve.ask(served, body)["choices"][0]
         assert choice["token_ids"] == expected[row["image_id"]]
         assert choice["message"]["role"] == "assistant"
@@ -46,7 +46,7 @@ def test_chat_completion_round_trip_matches_transformers(served, greedy_referenc
 @pytest.mark.slow
 def test_generate_through_the_served_teacher_matches_offline_greedy(served, greedy_reference):
     spec, rows, expected = greedy_reference
-    served_spec = replace(spec, name_or_path="tiny")  # the served model id
+    served_spec = replace(spec, name_or_path="zoo:tiny")  # the id it is served under
     sampling = {"temperature": 0.0, "max_tokens": 5}
     got = generate(ray.data.from_items(rows), served_spec, "", sampling, SETTINGS, endpoint=served).take_all()
     assert sorted(r["image_id"] for r in got) == sorted(expected)  # every image exactly once
