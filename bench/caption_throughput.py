@@ -1,11 +1,11 @@
 """Captioning throughput: the generation engine (ray.data.llm + vLLM) vs transformers `generate`, same teacher.
 
 One run measures, side by side on fresh synthetic target-domain images with the tiny zoo teacher:
-  - the engine over N images end to end, and over a small warm-up set (mostly engine start-up); steady state is
-    (N - n_small) / (T_N - T_small);
+  - each in-job engine (ray.data.llm processor; actor pool owning vllm.LLM) over N images end to end, and over a
+    small warm-up set (mostly engine start-up); steady state is (N - n_small) / (T_N - T_small);
   - a plain sequential `generate` loop (one image at a time) and a batched one (batch 16), one thread each.
 Last line: {"engine_images_per_s", "naive_images_per_s", "ratio", "batched_images_per_s", "ratio_vs_batched",
-"engine_startup_s", "end_to_end_ratio"}.
+"engine_startup_s", "end_to_end_ratio"}, and the same figures for the actor_pool engine (`teacher.engine`).
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ def rows(start: int, n: int) -> list[dict]:
     return out
 
 
-def engine_seconds(path: str, items: list[dict]) -> float:
+def engine_seconds(path: str, items: list[dict], backend: str) -> float:
     spec = ModelSpec("teacher", path)
-    settings = EngineSettings(batch_size=64, max_num_seqs=64, max_model_len=256)
+    settings = EngineSettings(batch_size=64, max_num_seqs=64, max_model_len=256, backend=backend)
     t0 = time.perf_counter()
     # min_tokens = max_tokens: every image costs the same number of tokens on both sides
     out = generate(
@@ -80,11 +80,16 @@ def main() -> None:
         log_to_driver=False,
     )
     path = zoo.resolve("zoo:teacher")
-    t_small = engine_seconds(path, rows(0, args.small))
-    t_full = engine_seconds(path, rows(10_000, args.images))
+    engines = {}
+    for backend in ("ray_data_llm", "actor_pool"):
+        t_small = engine_seconds(path, rows(0, args.small), backend)
+        t_full = engine_seconds(path, rows(10_000, args.images), backend)
+        steady = (args.images - args.small) / max(1e-9, t_full - t_small)
+        engines[backend] = (steady, max(0.0, t_small - args.small / steady), t_full)
+        print(f"{backend}: {args.small} images in {t_small:.1f} s, {args.images} in {t_full:.1f} s")
     ray.shutdown()
-    steady = (args.images - args.small) / max(1e-9, t_full - t_small)
-    startup = max(0.0, t_small - args.small / steady)
+    steady, startup, t_full = engines["ray_data_llm"]
+    pool, pool_startup, pool_full = engines["actor_pool"]
     naive = hf_images_per_s(path, rows(20_000, args.naive), batch_size=1)
     batched = hf_images_per_s(path, rows(30_000, 256), batch_size=16)
     result = {
@@ -96,9 +101,13 @@ def main() -> None:
         "engine_startup_s": round(startup, 1),
         "engine_end_to_end_images_per_s": round(args.images / t_full, 2),
         "end_to_end_ratio": round(args.images / t_full / naive, 2),
+        "actor_pool_images_per_s": round(pool, 2),
+        "actor_pool_ratio": round(pool / naive, 2),
+        "actor_pool_ratio_vs_batched": round(pool / batched, 2),
+        "actor_pool_startup_s": round(pool_startup, 1),
+        "actor_pool_end_to_end_ratio": round(args.images / pool_full / naive, 2),
         "images": args.images,
     }
-    print(f"engine: {args.small} images in {t_small:.1f} s, {args.images} in {t_full:.1f} s")
     print(json.dumps(result))
 
 

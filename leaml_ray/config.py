@@ -56,6 +56,11 @@ class TeacherSection(ModelSection):
         " (jobs/serve_teacher.py)",
     )
     endpoint: str = Field("http://127.0.0.1:8000", description="base URL of the served teacher (mode serve)")
+    engine: Literal["ray_data_llm", "actor_pool"] = Field(
+        "ray_data_llm",
+        description="in-job generation engine of every stage: the ray.data.llm processor, or Ray Data actors owning"
+        " an in-process vllm.LLM (one device per replica; see bench/caption_throughput.py)",
+    )
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
     concurrency: int = Field(1, ge=1, description="engine replicas")

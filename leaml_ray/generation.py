@@ -43,6 +43,7 @@ class EngineSettings:
     pipeline_parallel_size: int = 1
     dtype: str = "auto"
     seed: int = 0
+    backend: str = "ray_data_llm"  # or "actor_pool": Ray Data actors owning an in-process vllm.LLM
 
 
 def engine_settings(cfg: Config, teacher: bool = False) -> EngineSettings:
@@ -50,7 +51,9 @@ def engine_settings(cfg: Config, teacher: bool = False) -> EngineSettings:
     small models (generator, target), with the same batch size and context length."""
     t = cfg.teacher
     if not teacher:
-        return EngineSettings(batch_size=t.batch_size, max_model_len=t.max_model_len, seed=cfg.run.seed)
+        return EngineSettings(
+            batch_size=t.batch_size, max_model_len=t.max_model_len, seed=cfg.run.seed, backend=t.engine
+        )
     return EngineSettings(
         batch_size=t.batch_size,
         concurrency=t.concurrency,
@@ -59,6 +62,7 @@ def engine_settings(cfg: Config, teacher: bool = False) -> EngineSettings:
         pipeline_parallel_size=t.pipeline_parallel_size,
         dtype=t.dtype,
         seed=cfg.run.seed,
+        backend=t.engine,
     )
 
 
@@ -99,6 +103,8 @@ def generate(
 
     if endpoint:
         return _generate_served(ds, spec.name_or_path, endpoint, sampling, settings, keep)
+    if settings.backend == "actor_pool":
+        return _generate_actor_pool(ds, spec, path, sampling, settings, keep)
 
     kwargs = engine_kwargs(
         path,
@@ -127,14 +133,9 @@ def generate(
     template = prompt_template(spec, path)
 
     def preprocess(row: dict) -> dict:
-        from PIL import Image
-
-        image = Image.open(io.BytesIO(row["image"])).convert("RGB")
-        # a per-row seed makes sampled generations reproducible and distinct across samples of one image
-        params = {**sampling, "seed": int(row["sampling_seed"])} if "sampling_seed" in row else sampling
+        prompt, image, params = _request(template, row, sampling)
         return {
-            # an optional start of the reply the model continues (e.g. "Question: ...\nAnswer:")
-            "prompt": template.replace(PLACEHOLDER, row["instruction"]) + row.get("response_prefix", ""),
+            "prompt": prompt,
             "multimodal_data": {"image": image},
             "sampling_params": params,
             **{k: row[k] for k in keep},
@@ -144,6 +145,81 @@ def generate(
         return {**{k: row[k] for k in keep}, "text": row["generated_text"], "tokens": list(row["generated_tokens"])}
 
     return build_processor(config, preprocess=preprocess, postprocess=postprocess)(ds)
+
+
+def _request(template: str, row: dict, sampling: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
+    """The prompt, image and sampling parameters of one row (the same for every in-job engine)."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(row["image"])).convert("RGB")
+    # a per-row seed makes sampled generations reproducible and distinct across samples of one image
+    params = {**sampling, "seed": int(row["sampling_seed"])} if row.get("sampling_seed") is not None else sampling
+    # an optional start of the reply the model continues (e.g. "Question: ...\nAnswer:")
+    prompt = template.replace(PLACEHOLDER, row["instruction"]) + (row.get("response_prefix") or "")
+    return prompt, image, params
+
+
+class _EngineActor:
+    """A Ray Data actor owning one in-process `vllm.LLM`: whole batches go to the engine in one call."""
+
+    def __init__(self, kwargs: dict[str, Any], template: str, sampling: dict[str, Any], keep: tuple[str, ...]):
+        from vllm import LLM
+
+        self.llm = LLM(**kwargs)
+        self.template, self.sampling, self.keep = template, sampling, keep
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from vllm import SamplingParams
+
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        prompts, params = [], []
+        for row in rows:
+            prompt, image, p = _request(self.template, row, self.sampling)
+            prompts.append({"prompt": prompt, "multi_modal_data": {"image": image}})
+            params.append(SamplingParams(**p))
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return {
+            **{k: batch[k] for k in self.keep},
+            "text": [o.outputs[0].text for o in outputs],
+            "tokens": [list(o.outputs[0].token_ids) for o in outputs],
+        }
+
+
+def _generate_actor_pool(
+    ds: ray.data.Dataset,
+    spec: ModelSpec,
+    path: str,
+    sampling: dict[str, Any],
+    settings: EngineSettings,
+    keep: tuple[str, ...],
+) -> ray.data.Dataset:
+    """`generate` on `settings.concurrency` actors that each own an in-process vLLM engine (one device each)."""
+    if settings.tensor_parallel_size * settings.pipeline_parallel_size > 1:
+        raise ValueError("the actor_pool engine runs one device per replica; use ray_data_llm for tensor parallelism")
+    kwargs = engine_kwargs(
+        path,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        seed=settings.seed,
+        trust_remote_code=spec.trust_remote_code,
+    )
+    gpu = on_gpu()
+    return ds.map_batches(
+        _EngineActor,
+        fn_constructor_kwargs={
+            "kwargs": kwargs,
+            "template": prompt_template(spec, path),
+            "sampling": sampling,
+            "keep": keep,
+        },
+        batch_size=settings.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=settings.concurrency),
+        num_gpus=1 if gpu else 0,
+        num_cpus=None if gpu else 1,
+        runtime_env=None if gpu else {"env_vars": CPU_ENV},
+    )
 
 
 def _generate_served(
@@ -170,7 +246,7 @@ def _generate_served(
     def preprocess(row: dict) -> dict:
         if row.get("response_prefix"):
             raise ValueError("a served model cannot continue a reply prefix; use the offline engine")
-        params = {**sampling, "seed": int(row["sampling_seed"])} if "sampling_seed" in row else sampling
+        params = {**sampling, "seed": int(row["sampling_seed"])} if row.get("sampling_seed") is not None else sampling
         payload = chat_request(model_id, row["image"], row["instruction"], params)
         return {"payload": payload, **{k: row[k] for k in keep}}
 
