@@ -7,14 +7,18 @@ and a manifest that says the stage did not finish, and the next run redoes exact
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from leaml_ray import storage
+from leaml_ray import dashboard, storage
 from leaml_ray.config import Config, stable_hash
 
 log = logging.getLogger("leaml_ray")
@@ -116,6 +120,14 @@ def run_pipeline(
         raise StageError(f"unknown stage(s) {', '.join(unknown)}; available: {', '.join(names)}")
     producers = {out: s.name for s in stages for out in s.outputs}
     run_dir = cfg.run.dir
+    with run_lock(run_dir):
+        return _run_stages(cfg, stages, only, before_first_run, producers)
+
+
+def _run_stages(
+    cfg: Config, stages: list[Stage], only: list[str] | None, before_first_run: Callable[[], None], producers: dict
+) -> list[StageResult]:
+    run_dir = cfg.run.dir
     manifest = load_manifest(run_dir)
     manifest["config"] = cfg.model_dump(mode="json")
     storage.delete(storage.join(run_dir, "_work"))  # left by a killed run
@@ -138,6 +150,43 @@ def run_pipeline(
     return results
 
 
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(run_dir: str) -> Iterator[None]:
+    """Hold `<run_dir>/.lock` while a run works there: a second run on the same dir is refused with who holds it.
+    A lock left by a killed run on this host (its pid is gone) is taken over."""
+    path = storage.join(run_dir, ".lock")
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    while not storage.create_exclusive(path, json.dumps(me).encode()):
+        try:
+            other = storage.read_json(path)
+        except (OSError, ValueError):
+            continue  # released (or half-written) between our create and read: try again
+        if other.get("host") == me["host"] and not _alive(int(other.get("pid", 0))):
+            log.warning("run dir %s: lock of pid %s (no longer running) taken over", run_dir, other.get("pid"))
+            storage.delete(path)
+            continue
+        raise StageError(
+            f"run dir {run_dir} is in use by pid {other.get('pid')} on {other.get('host')} since "
+            f"{other.get('started')}; wait for that run to finish (or delete {path} if it is gone)"
+        )
+    try:
+        yield
+    finally:
+        storage.delete(path)
+
+
 def _run_stage(stage: Stage, cfg: Config, run_dir: str, manifest: dict, key: dict) -> StageResult:
     work_dir = storage.join(run_dir, "_work", f"{stage.name}-{uuid.uuid4().hex[:8]}")
     resume_root = storage.join(run_dir, "_resume", stage.name)
@@ -146,6 +195,7 @@ def _run_stage(stage: Stage, cfg: Config, run_dir: str, manifest: dict, key: dic
     manifest["stages"][stage.name] = entry
     _save_manifest(run_dir, manifest)
     log.info("stage %s: started", stage.name)
+    dashboard.gauge("stage_running", 1, run_dir, stage.name)
     t0 = time.perf_counter()
     try:
         ctx = StageContext(cfg=cfg, run_dir=run_dir, work_dir=work_dir, resume_dir=resume_dir)
@@ -161,6 +211,7 @@ def _run_stage(stage: Stage, cfg: Config, run_dir: str, manifest: dict, key: dic
         raise
     finally:
         storage.delete(work_dir)
+        dashboard.gauge("stage_running", 0, run_dir, stage.name)
     storage.delete(resume_root)  # partial results of this or older attempts are now in the outputs
     seconds = time.perf_counter() - t0
     entry.update(

@@ -64,7 +64,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {s['seconds']:.1f} |" for name, s in report["stages"].items()]
     lines += ["", "Plots: `plots/accuracy.png`, `plots/loss.png`, `plots/neuron_scores.png`.", ""]
-    return "\n".join(lines)
+    return storage.redact("\n".join(lines))  # data.path may be a URL with credentials in it
 
 
 def write_plots(run_dir: str, out_dir: str, methods: dict[str, dict]) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from typing import Any
 
@@ -51,12 +52,44 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     fs.move(tmp, p)
 
 
+def create_exclusive(path: str, data: bytes) -> bool:
+    """Create a file only if it does not exist; False if it does. Atomic on local disks; on object stores
+    (no exclusive create) a check-then-write, which two runs starting in the same instant can both pass."""
+    fs, p = resolve(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    if not _is_uri(path):
+        try:
+            fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    if exists(path):
+        return False
+    write_bytes_atomic(path, data)
+    return True
+
+
 def read_json(path: str) -> Any:
     return json.loads(read_bytes(path))
 
 
+SECRET_NAMES = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with the value of every secret-looking environment variable (HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...)
+    replaced by ***: secrets come from the environment and must never reach a manifest or report."""
+    for name, value in os.environ.items():
+        if SECRET_NAMES.search(name) and len(value) >= 8:
+            text = text.replace(value, "***")
+    return text
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    """Write JSON atomically, secrets redacted (manifests, reports and recipes all go through here)."""
+    write_bytes_atomic(path, redact(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def delete(path: str) -> None:

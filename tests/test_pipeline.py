@@ -127,3 +127,53 @@ def test_before_first_run_only_when_work_is_needed(tmp_path):
     run_pipeline(cfg, toy_stages(calls), before_first_run=lambda: hooks.append(1))
     run_pipeline(cfg, toy_stages(calls), before_first_run=lambda: hooks.append(1))
     assert hooks == [1]
+
+
+def test_a_second_run_on_the_same_dir_is_refused_while_one_runs(tmp_path):
+    cfg = make_config(tmp_path)
+    seen = []
+
+    def nested(ctx):
+        # a second pipeline on the same run dir while this one holds it
+        with pytest.raises(StageError, match=r"run dir .* is in use by pid \d+ on .* since"):
+            run_pipeline(cfg, toy_stages(Calls()))
+        seen.append("refused")
+        storage.write_bytes_atomic(ctx.output("x.txt"), b"x")
+        return {}
+
+    run_pipeline(cfg, [Stage("outer", nested, outputs=("x.txt",))])
+    assert seen == ["refused"]
+    assert not (tmp_path / "run" / ".lock").exists()  # released at the end
+    assert [r.action for r in run_pipeline(cfg, toy_stages(Calls()))] == ["ran", "ran"]  # free again
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    import socket
+    import subprocess
+
+    cfg = make_config(tmp_path)
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    (tmp_path / "run").mkdir(parents=True)
+    lock = {"pid": proc.pid, "host": socket.gethostname(), "started": "earlier"}
+    (tmp_path / "run" / ".lock").write_text(json.dumps(lock))
+    assert [r.action for r in run_pipeline(cfg, toy_stages(Calls()))] == ["ran", "ran"]
+    lock["host"] = "another-host"  # a live run elsewhere (we cannot tell): refused
+    (tmp_path / "run" / ".lock").write_text(json.dumps(lock))
+    with pytest.raises(StageError, match="in use by pid .* on another-host"):
+        run_pipeline(cfg, toy_stages(Calls()))
+
+
+def test_secrets_from_the_environment_never_reach_the_manifest(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token_123")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "abc/not+real/secret0987")
+    cfg = make_config(tmp_path, "cluster.address=ray://user:hf_not_a_real_token_123@head:10001")
+
+    def leaky(ctx):
+        raise RuntimeError("could not reach s3 with key abc/not+real/secret0987")
+
+    with pytest.raises(RuntimeError):
+        run_pipeline(cfg, [Stage("leaky", leaky, outputs=("y.txt",))])
+    text = (tmp_path / "run" / "manifest.json").read_text()
+    assert "could not reach s3 with key ***" in text and "ray://user:***@head" in text
+    assert "hf_not_a_real_token" not in text and "secret0987" not in text
