@@ -1,0 +1,119 @@
+"""`ray job submit --working-dir . -- python jobs/adapt.py` against a head this test starts (127.0.0.1, its own
+temp dir) and stops by pid; never `ray stop`, which would kill every Ray process on the machine."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from tests.test_prepare import write_generic
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def local_head():
+    """A Ray head on 127.0.0.1 in a short private temp dir; yields the dashboard address; kills only its own pids."""
+    temp_dir = tempfile.mkdtemp(prefix="lrh-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    # the job's `python` is the one on the head's PATH: this environment's, as after `. .venv/bin/activate`
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if (Path.home() / ".ray" / "auth_token").exists():
+        env["RAY_AUTH_MODE"] = "token"  # Ray 2.60 turns token auth on when this file exists
+    dashboard = free_port()
+    subprocess.run(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={free_port()}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            # every port of its own: a default one (e.g. the job agent's 52365) may still be held by another head
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+            f"--temp-dir={temp_dir}",
+            "--num-cpus=4",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        mine = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+        for p in mine:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(mine, timeout=5)
+        for p in mine:
+            if p.is_running():
+                p.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_adapt_on_the_cluster(local_head, tmp_path):
+    address, env = local_head
+    # the CLI contract of `adapt.py --stages prepare` on a generic JSONL source, submitted as a Ray job
+    source, run_dir = write_generic(tmp_path / "generic"), tmp_path / "run"
+    for _ in range(30):  # the head's job agent comes up a little after `ray start` returns
+        proc = _submit(address, env, run_dir, source)
+        if "No available agent to submit job" not in proc.stderr:
+            break
+        time.sleep(2)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "succeeded" in proc.stdout  # "Job 'raysubmit_...' succeeded"
+    assert "prepare" in proc.stdout and "ran" in proc.stdout  # the job's own summary, streamed back
+    splits = set(pq.read_table(run_dir / "prepared" / "qa.parquet")["split"].to_pylist())
+    assert splits <= {"labeled", "unlabeled", "test"} and "labeled" in splits
+
+
+def _submit(address: str, env: dict, run_dir: Path, source: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            f"--address={address}",
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            "jobs/adapt.py",
+            "--stages",
+            "prepare",
+            f"run.dir={run_dir}",
+            "data.source=jsonl",
+            f"data.path={source}",
+            "data.label_ratio=0.01",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
