@@ -17,3 +17,30 @@ def test_engine_generates_what_transformers_does_for_every_image(greedy_referenc
     got = generate(ray.data.from_items(rows), spec, spec.name_or_path, sampling, settings).take_all()
     assert sorted(r["image_id"] for r in got) == sorted(expected)  # every image exactly once
     assert {r["image_id"]: r["tokens"] for r in got} == expected  # different per image: the image reached the model
+
+
+@pytest.mark.slow
+def test_a_killed_engine_actor_is_restarted_and_every_image_comes_out_once(greedy_reference):
+    """Fault tolerance: SIGKILL the engine actor mid-run; Ray Data restarts it and retries its batches."""
+    import psutil
+
+    def engine_actors() -> list:  # our Ray instance's processes are this process's descendants
+        return [p for p in psutil.Process().children(recursive=True) if "_EngineActor" in " ".join(p.cmdline())]
+
+    spec, rows, expected = greedy_reference
+    many = [{**r, "image_id": f"{r['image_id']}-{k}"} for k in range(8) for r in rows]  # 48 images
+    settings = EngineSettings(dtype="float32", max_model_len=256, max_num_seqs=8, batch_size=2, backend="actor_pool")
+    out = generate(ray.data.from_items(many), spec, spec.name_or_path, {"temperature": 0.0, "max_tokens": 5}, settings)
+    got, killed = [], None
+    for row in out.iter_rows():
+        got.append(row)
+        if killed is None:  # the engine has answered once: kill it while the rest is in flight
+            engine = engine_actors()
+            assert len(engine) == 1
+            killed, at_kill = engine[0].pid, len(got)
+            engine[0].kill()  # SIGKILL
+    assert at_kill < len(many)  # the kill came while images were still to be generated
+    ids = [r["image_id"] for r in got]
+    assert sorted(ids) == sorted(r["image_id"] for r in many)  # every image exactly once
+    assert all(r["tokens"] == expected[r["image_id"].rsplit("-", 1)[0]] for r in got)
+    assert killed not in [p.pid for p in engine_actors()]

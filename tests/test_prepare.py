@@ -17,7 +17,6 @@ from tests import datasets
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.usefixtures("ray_local")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def prepare(tmp_path, *overrides):
