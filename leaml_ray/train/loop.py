@@ -98,10 +98,17 @@ class Objective:
         """Restore what `state_dict` returned (on resume)."""
 
 
-def deepspeed_config(job: TrainJob, backward_passes: int = 1) -> dict[str, Any]:
+def deepspeed_config(job: TrainJob, backward_passes: int = 1, hidden_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config of a job. Bucket sizes follow the model's hidden size as the HF Trainer's "auto" does:
+    DeepSpeed's fixed defaults (5e8-element reduce buckets) are larger than a small model and cost memory."""
     zero: dict[str, Any] = {"stage": job.zero_stage}
+    if hidden_size:
+        zero["reduce_bucket_size"] = hidden_size * hidden_size
     if job.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if hidden_size:
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
     return {
         "train_micro_batch_size_per_gpu": job.batch_size,
         "gradient_accumulation_steps": job.grad_accum * backward_passes,
@@ -111,6 +118,13 @@ def deepspeed_config(job: TrainJob, backward_passes: int = 1) -> dict[str, Any]:
         "bf16": {"enabled": job.use_gpu},
         "steps_per_print": 10**9,
     }
+
+
+def _hidden_size(path: str) -> int | None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    return getattr(getattr(config, "text_config", config), "hidden_size", None)
 
 
 def _prepare_environment(job: TrainJob) -> None:
@@ -202,6 +216,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(job.seed)
     spec = ModelSpec("train", job.model_path, dtype="bfloat16" if job.use_gpu else "float32")
     processor = load_processor(spec, job.model_path)
+    ds_config = deepspeed_config(job, objective.backward_passes, _hidden_size(job.model_path))
     model = _build_model(job, spec)
     total = job.optimizer_steps(world)
     optimizer = torch.optim.AdamW(objective.param_groups(model, job.weight_decay), lr=job.lr, betas=(0.9, 0.98))
@@ -210,7 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(job, objective.backward_passes),
+        config=ds_config,
     )
 
     step, history = 0, []
