@@ -99,12 +99,11 @@ def generate(
 ) -> ray.data.Dataset:
     """Rows {"image": bytes, "instruction": str, *keep[, "sampling_seed", "response_prefix"]} -> {*keep, "text",
     "tokens"}; with `endpoint`, the model served there under the id `spec.name_or_path` answers instead."""
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
-
     if endpoint:
         return _generate_served(ds, spec.name_or_path, endpoint, sampling, settings, keep)
     if settings.backend == "actor_pool":
         return _generate_actor_pool(ds, spec, path, sampling, settings, keep)
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     kwargs = engine_kwargs(
         path,
@@ -152,11 +151,14 @@ def _request(template: str, row: dict, sampling: dict[str, Any]) -> tuple[str, A
     from PIL import Image
 
     image = Image.open(io.BytesIO(row["image"])).convert("RGB")
-    # a per-row seed makes sampled generations reproducible and distinct across samples of one image
-    params = {**sampling, "seed": int(row["sampling_seed"])} if row.get("sampling_seed") is not None else sampling
     # an optional start of the reply the model continues (e.g. "Question: ...\nAnswer:")
     prompt = template.replace(PLACEHOLDER, row["instruction"]) + (row.get("response_prefix") or "")
-    return prompt, image, params
+    return prompt, image, _row_sampling(row, sampling)
+
+
+def _row_sampling(row: dict, sampling: dict[str, Any]) -> dict[str, Any]:
+    """A per-row seed makes sampled generations reproducible and distinct across samples of one image."""
+    return {**sampling, "seed": int(row["sampling_seed"])} if row.get("sampling_seed") is not None else sampling
 
 
 class _EngineActor:
@@ -246,8 +248,7 @@ def _generate_served(
     def preprocess(row: dict) -> dict:
         if row.get("response_prefix"):
             raise ValueError("a served model cannot continue a reply prefix; use the offline engine")
-        params = {**sampling, "seed": int(row["sampling_seed"])} if row.get("sampling_seed") is not None else sampling
-        payload = chat_request(model_id, row["image"], row["instruction"], params)
+        payload = chat_request(model_id, row["image"], row["instruction"], _row_sampling(row, sampling))
         return {"payload": payload, **{k: row[k] for k in keep}}
 
     def postprocess(row: dict) -> dict:
