@@ -119,3 +119,17 @@ def test_cli_unknown_stage_is_one_line(tmp_path):
         proc.stderr.strip().splitlines()[-1]
         == "adapt.py: unknown stage(s) nope; available: prepare, caption, generator, pseudo_qa, finetune, evaluate"
     )
+
+
+def test_caption_key_follows_what_changes_captions_not_how_they_are_computed():
+    from leaml_ray.stages import CAPTION
+
+    def key(*overrides):
+        return stable_hash(load_config(None, list(overrides)).subset(CAPTION.config_keys))
+
+    base = key()
+    assert key("teacher.mode=serve", "teacher.endpoint=http://127.0.0.1:9", "teacher.engine=ray_data_llm") == base
+    assert key("teacher.batch_size=4", "teacher.concurrency=2") == base
+    assert key("teacher.model=/models/other") != base
+    assert key("teacher.max_new_tokens=8") != base
+    assert key("teacher.caption_labeled=false") != base

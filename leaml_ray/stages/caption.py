@@ -103,5 +103,18 @@ CAPTION = Stage(
     run=caption_stage,
     inputs=("prepared",),
     outputs=("captions.parquet",),
-    config_keys=("teacher", "run.seed"),
+    # what changes the captions; not how they are computed (mode, endpoint, engine, batch size, replicas), so a run
+    # that switches to a served teacher keeps its captions
+    config_keys=(
+        "teacher.model",
+        "teacher.trust_remote_code",
+        "teacher.dtype",
+        "teacher.max_pixels",
+        "teacher.tensor_parallel_size",
+        "teacher.pipeline_parallel_size",
+        "teacher.max_model_len",
+        "teacher.max_new_tokens",
+        "teacher.caption_labeled",
+        "run.seed",
+    ),
 )
