@@ -45,6 +45,19 @@ class EngineSettings:
     seed: int = 0
     backend: str = "ray_data_llm"  # or "actor_pool": Ray Data actors owning an in-process vllm.LLM
 
+    def engine_args(self, path: str, trust_remote_code: bool = False) -> dict[str, Any]:
+        """vLLM engine arguments for a model folder under these settings (every engine path uses these)."""
+        return engine_kwargs(
+            path,
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            seed=self.seed,
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            trust_remote_code=trust_remote_code,
+        )
+
 
 def engine_settings(cfg: Config, teacher: bool = False) -> EngineSettings:
     """Engine settings of a run: the teacher's parallelism and dtype for captions; one replica for the run's own
@@ -105,16 +118,7 @@ def generate(
         return _generate_actor_pool(ds, spec, path, sampling, settings, keep)
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    kwargs = engine_kwargs(
-        path,
-        dtype=settings.dtype,
-        max_model_len=settings.max_model_len,
-        max_num_seqs=settings.max_num_seqs,
-        seed=settings.seed,
-        tensor_parallel_size=settings.tensor_parallel_size,
-        pipeline_parallel_size=settings.pipeline_parallel_size,
-        trust_remote_code=spec.trust_remote_code,
-    )
+    kwargs = settings.engine_args(path, spec.trust_remote_code)
     kwargs.pop("model")
     gpu = on_gpu()
     config = vLLMEngineProcessorConfig(
@@ -198,14 +202,7 @@ def _generate_actor_pool(
     """`generate` on `settings.concurrency` actors that each own an in-process vLLM engine (one device each)."""
     if settings.tensor_parallel_size * settings.pipeline_parallel_size > 1:
         raise ValueError("the actor_pool engine runs one device per replica; use ray_data_llm for tensor parallelism")
-    kwargs = engine_kwargs(
-        path,
-        dtype=settings.dtype,
-        max_model_len=settings.max_model_len,
-        max_num_seqs=settings.max_num_seqs,
-        seed=settings.seed,
-        trust_remote_code=spec.trust_remote_code,
-    )
+    kwargs = settings.engine_args(path, spec.trust_remote_code)
     gpu = on_gpu()
     return ds.map_batches(
         _EngineActor,

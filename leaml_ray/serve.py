@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from leaml_ray.engine import CPU_ENV, engine_kwargs, on_gpu
+from leaml_ray.engine import CPU_ENV, on_gpu
 from leaml_ray.generation import EngineSettings
 
 APP_NAME = "leaml"
@@ -35,16 +35,7 @@ def llm_config(
     """The `LLMConfig` of one served model: engine args as the offline engine uses them, autoscaling replicas."""
     from ray.serve.llm import LLMConfig
 
-    kwargs = engine_kwargs(
-        path,
-        dtype=settings.dtype,
-        max_model_len=settings.max_model_len,
-        max_num_seqs=settings.max_num_seqs,
-        seed=settings.seed,
-        tensor_parallel_size=settings.tensor_parallel_size,
-        pipeline_parallel_size=settings.pipeline_parallel_size,
-        trust_remote_code=trust_remote_code,
-    )
+    kwargs = settings.engine_args(path, trust_remote_code)
     kwargs.pop("model")
     kwargs.pop("disable_log_stats")  # Serve exports the engine's metrics to the dashboard; they need the stats
     cpu = (
