@@ -201,7 +201,7 @@ def _generate_actor_pool(
 ) -> ray.data.Dataset:
     """`generate` on `settings.concurrency` actors that each own an in-process vLLM engine (one device each)."""
     if settings.tensor_parallel_size * settings.pipeline_parallel_size > 1:
-        raise ValueError("the actor_pool engine runs one device per replica; use ray_data_llm for tensor parallelism")
+        raise StageError("teacher.engine=actor_pool runs one device per replica; use ray_data_llm for parallelism")
     kwargs = settings.engine_args(path, spec.trust_remote_code)
     gpu = on_gpu()
     return ds.map_batches(
