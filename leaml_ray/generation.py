@@ -45,6 +45,11 @@ class EngineSettings:
     seed: int = 0
     backend: str = "ray_data_llm"  # or "actor_pool": Ray Data actors owning an in-process vllm.LLM
 
+    @property
+    def rows_per_part(self) -> int:
+        """Results per resumable part file: a crash loses at most this many generations."""
+        return 4 * self.batch_size
+
     def engine_args(self, path: str, trust_remote_code: bool = False) -> dict[str, Any]:
         """vLLM engine arguments for a model folder under these settings (every engine path uses these)."""
         return engine_kwargs(
@@ -293,11 +298,12 @@ def read_parts(parts_dir: str, columns: list[str] | None = None):
 
 
 def stream_to_parts(
-    ds: ray.data.Dataset, parts_dir: str, rows_per_part: int = 256, on_part: Callable[[pa.Table], None] | None = None
+    ds: ray.data.Dataset, parts_dir: str, rows_per_part: int, on_part: Callable[[pa.Table], None] | None = None
 ) -> int:
     """Write a dataset of small rows (text, no images) as parquet parts, each atomically, as results arrive.
 
     A crash loses at most the rows not yet in a part; `done_keys` then tells the rerun what to skip.
+    The stages write a part every 4 engine batches (`EngineSettings.rows_per_part`).
     """
     written = 0
     for batch in ds.iter_batches(batch_size=rows_per_part, batch_format="pyarrow"):

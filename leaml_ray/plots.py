@@ -60,3 +60,25 @@ def accuracy_bars(methods: dict[str, dict]) -> bytes:
     ax.set_ylabel("accuracy")
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def label_efficiency(cells: dict[str, dict[str, dict]]) -> bytes:
+    """Accuracy vs label ratio per method (mean, error bars one standard deviation), log-scaled ratios."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    methods = sorted({m for row in cells.values() for m in row})
+    for k, method in enumerate(methods):
+        ratios = sorted((float(r) for r, row in cells.items() if method in row))
+        means = [cells[_ratio_key(cells, r)][method]["mean"] for r in ratios]
+        stds = [cells[_ratio_key(cells, r)][method]["std"] for r in ratios]
+        style = "-" if method in ("leaml", "lora", "full", "zero_shot") else ":"
+        ax.errorbar(ratios, means, yerr=stds, fmt=style + "o", capsize=3, label=method, color=f"C{k}", markersize=4)
+    ax.set_xscale("log")
+    ax.set_xlabel("label ratio")
+    ax.set_ylabel("accuracy (macro)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncol=2)
+    return _png(fig)
+
+
+def _ratio_key(cells: dict[str, dict], ratio: float) -> str:
+    return next(k for k in cells if float(k) == ratio)

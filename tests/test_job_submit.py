@@ -63,17 +63,22 @@ def local_head():
     try:
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        mine = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
-        for p in mine:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(mine, timeout=5)
-        for p in mine:
-            if p.is_running():
-                p.kill()
+        stop_processes_of(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_processes_of(temp_dir: str) -> None:
+    """SIGTERM, then SIGKILL, every process whose command line names `temp_dir` (a Ray instance a test started)."""
+    mine = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+    for p in mine:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(mine, timeout=5)
+    for p in mine:
+        if p.is_running():
+            p.kill()
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ def _config(tmp_path, model):
     return make_config(
         tmp_path,
         "data.num_images=48",
-        "data.label_ratio=0.25",
+        "data.label_ratio=0.05",  # 2 labeled images, 8 QA pairs: fewer than the neuron scoring's batches
         "data.test_ratio=0.25",
         f"teacher.model={model}",
         f"generator.model={model}",
@@ -76,6 +76,8 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir):
     assert storage.exists(storage.join(run, "generator/config.json"))
     assert storage.exists(storage.join(run, "generator/neurons/neurons.safetensors"))
     assert results["generator"].counts["neurons_selected"] > 0
+    # 1% labels: fewer labeled pairs than `score_batches` batches per worker; scoring cycles them
+    assert results["generator"].counts["labeled_qa"] < 4 * 2 * cfg.generator.score_batches
 
     pseudo = results["pseudo_qa"].counts
     assert pseudo["generated"] == 2 * len(unlabeled)

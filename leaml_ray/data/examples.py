@@ -108,6 +108,11 @@ def pair_with(ds: ray.data.Dataset, partners: pa.Table, prefix: str, seed: int) 
     return ds.map_batches(attach, batch_format="pyarrow", fn_kwargs={"refs": refs}, num_cpus=0.25)
 
 
+def cycled(table: pa.Table, rows: int) -> pa.Table:
+    """The table repeated in order and cut to exactly `rows` rows."""
+    return pa.concat_tables([table] * -(-rows // table.num_rows)).slice(0, rows)
+
+
 def ray_dataset(table: pa.Table, rows_per_block: int = 64) -> ray.data.Dataset:
     """A driver-side table as a Dataset of several blocks (so every training worker gets a share)."""
     return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)])

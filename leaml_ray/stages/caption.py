@@ -77,7 +77,8 @@ def caption_stage(ctx: StageContext) -> dict[str, Any]:
         num_cpus=0.25,
     )
     run = cfg.run.dir
-    stream_to_parts(out, parts, on_part=lambda t: dashboard.count("images_captioned", t.num_rows, run, "caption"))
+    on_part = lambda t: dashboard.count("images_captioned", t.num_rows, run, "caption")  # noqa: E731
+    stream_to_parts(out, parts, settings.rows_per_part, on_part)
 
     # one table, streamed part by part; a key seen twice (never expected) is dropped and counted
     seen: set[str] = set()

@@ -47,11 +47,6 @@ def _upsampled(table: pa.Table, times: int) -> pa.Table:
     return pa.concat_tables([table] * times)
 
 
-def _cycled(table: pa.Table, rows: int) -> pa.Table:
-    reps = -(-rows // table.num_rows)
-    return pa.concat_tables([table] * reps).slice(0, rows)
-
-
 def finetune_stage(ctx: StageContext) -> dict[str, Any]:
     """Run the finetune stage (see the module docstring)."""
     cfg, target = ctx.cfg, ctx.cfg.target
@@ -74,7 +69,7 @@ def finetune_stage(ctx: StageContext) -> dict[str, Any]:
             unlabeled = pseudo
             finetune = target.finetune
         else:
-            text, unlabeled, finetune = _cycled(labeled, budget), None, method
+            text, unlabeled, finetune = examples.cycled(labeled, budget), None, method
         recipe = {
             "method": method,
             "target": cfg.subset(("target", "train", "run.seed")),

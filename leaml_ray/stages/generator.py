@@ -65,7 +65,9 @@ def generator_stage(ctx: StageContext) -> dict[str, Any]:
         labeled.num_rows,
         "on" if gen.caption_distill else "off",
     )
-    score_ds = examples.ray_dataset(labeled) if gen.caption_distill else None
+    # every worker needs `score_batches` full batches: a few labeled pairs (1% labels) are cycled to fill them
+    score_rows = max(labeled.num_rows, cfg.train.batch_size * cfg.train.num_workers * gen.score_batches)
+    score_ds = examples.ray_dataset(examples.cycled(labeled, score_rows)) if gen.caption_distill else None
     result = train_on(
         cfg,
         job,

@@ -184,10 +184,11 @@ def pseudo_qa_stage(ctx: StageContext) -> dict[str, Any]:
             )
             keep = ("image_id", "key", "response_prefix")
             answered = generate(answer_rows, spec, path, answer, settings, keep=keep)
-            stream_to_parts(answered.map_batches(_join_reply, batch_format="pyarrow", num_cpus=0.25), parts)
+            joined = answered.map_batches(_join_reply, batch_format="pyarrow", num_cpus=0.25)
+            stream_to_parts(joined, parts, settings.rows_per_part)
     else:
         out = generate(requests, spec, path, sampling, settings, keep=("image_id", "key"))
-        stream_to_parts(out.select_columns(["image_id", "key", "text"]), parts)
+        stream_to_parts(out.select_columns(["image_id", "key", "text"]), parts, settings.rows_per_part)
 
     kept, rejects = _filter_parts(parts, rules)
     if pq_cfg.consistency_filter != "off" and kept.num_rows:

@@ -109,6 +109,10 @@ def deepspeed_config(job: TrainJob, backward_passes: int = 1, hidden_size: int |
         if hidden_size:
             zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
             zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+            # DeepSpeed's 1e9 defaults keep every gathered layer resident: the whole model, as under ZeRO-2.
+            # About one decoder layer (~16 h^2 parameters) live at a time is what makes ZeRO-3 save memory.
+            zero["stage3_max_live_parameters"] = 16 * hidden_size * hidden_size
+            zero["stage3_max_reuse_distance"] = 16 * hidden_size * hidden_size
     return {
         "train_micro_batch_size_per_gpu": job.batch_size,
         "gradient_accumulation_steps": job.grad_accum * backward_passes,
@@ -269,10 +273,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if job.fault.get("step") == step and not os.path.exists(job.fault["marker"]):
                 Path(job.fault["marker"]).touch()
                 raise RuntimeError(f"injected fault at step {step}")
-            rate = (step - start) * job.grad_accum * job.batch_size * world / (time.perf_counter() - t0)
+            elapsed = time.perf_counter() - t0
+            rate = (step - start) * job.grad_accum * job.batch_size * world / elapsed
             record = {
                 "step": step,
                 "epoch": epoch,
+                "seconds": elapsed,  # since this attempt's first batch was requested
                 "lr": scheduler.get_last_lr()[0],
                 "samples_per_s": rate,
                 "resumed_from": start,
@@ -315,6 +321,9 @@ def run_training(
     A rerun with the same `name` and `storage_path` resumes from the latest checkpoint (Ray Train restores its
     state from storage), so a killed driver loses at most `checkpoint_every` steps.
     """
+    # run the upstream joins and shuffle once: a lazy dataset re-executes them at every epoch's streaming split
+    # (Ray Data spills materialized blocks to disk when they outgrow the object store)
+    dataset = dataset.materialize()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": asdict(job), "objective": objective or Objective()},
