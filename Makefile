@@ -23,7 +23,7 @@ demo: $(READY)
 	$(PY) jobs/adapt.py
 
 test: $(READY)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-quick: $(READY)
 	$(PY) -m pytest -q -m "not slow"

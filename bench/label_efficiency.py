@@ -117,6 +117,16 @@ def markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
+def merge(previous: dict | None, cells: dict[str, dict], scope: str, seconds: float) -> dict:
+    """The results table: these cells over the previous table's (a --quick run replaces only its own cell)."""
+    table = previous or {"ratios": {}}
+    ratios = {**table["ratios"], **cells}
+    table["ratios"] = dict(sorted(ratios.items(), key=lambda kv: float(kv[0])))
+    table["runs"] = {**table.get("runs", {}), **{r: {"scope": scope, "seconds": round(seconds)} for r in cells}}
+    table["note"] = f"last run: {scope}, {seconds / 60:.1f} min"
+    return table
+
+
 def write_results(table: dict) -> None:
     """bench/results/label_efficiency.{json,md,png}, each written to a temp name and renamed."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -149,12 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     cells = summarise(runs)
     path = RESULTS / "label_efficiency.json"
-    table = json.loads(path.read_text()) if args.quick and path.exists() else {"ratios": {}}
-    table["ratios"].update(cells)
-    table["ratios"] = dict(sorted(table["ratios"].items(), key=lambda kv: float(kv[0])))
+    previous = json.loads(path.read_text()) if args.quick and path.exists() else None
     scope = f"{len(seeds)} seed(s), ratios {', '.join(cells)}, overrides {args.overrides or 'none'}"
-    table["runs"] = {**table.get("runs", {}), **{r: {"scope": scope, "seconds": round(seconds)} for r in cells}}
-    table["note"] = f"last run: {scope}, {seconds / 60:.1f} min"
+    table = merge(previous, cells, scope, seconds)
     write_results(table)
     print(markdown(table))
     print(json.dumps({"ratios": cells, "seconds": round(seconds, 1)}))

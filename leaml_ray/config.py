@@ -96,7 +96,11 @@ class PseudoQASection(Section):
     answer_decoding: Literal["greedy", "sampled"] = Field(
         "sampled", description="sampled: one sampled pass; greedy: sample the question, then answer it greedily"
     )
-    consistency_filter: Literal["off", "teacher", "target"] = "off"
+    consistency_filter: Literal["off", "teacher", "target", "caption"] = Field(
+        "off",
+        description="teacher / target: that model answers the pseudo question and must agree; caption: an answer"
+        " that the teacher's captions use as a word must be named in this image's caption",
+    )
     closed_vocabulary: Literal["auto", "on", "off"] = "auto"
 
 

@@ -67,9 +67,8 @@ def label_efficiency(cells: dict[str, dict[str, dict]]) -> bytes:
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     methods = sorted({m for row in cells.values() for m in row})
     for k, method in enumerate(methods):
-        ratios = sorted((float(r) for r, row in cells.items() if method in row))
-        means = [cells[_ratio_key(cells, r)][method]["mean"] for r in ratios]
-        stds = [cells[_ratio_key(cells, r)][method]["std"] for r in ratios]
+        points = sorted(((float(r), row[method]) for r, row in cells.items() if method in row), key=lambda p: p[0])
+        ratios, means, stds = [r for r, _ in points], [c["mean"] for _, c in points], [c["std"] for _, c in points]
         style = "-" if method in ("leaml", "lora", "full", "zero_shot") else ":"
         ax.errorbar(ratios, means, yerr=stds, fmt=style + "o", capsize=3, label=method, color=f"C{k}", markersize=4)
     ax.set_xscale("log")
@@ -78,7 +77,3 @@ def label_efficiency(cells: dict[str, dict[str, dict]]) -> bytes:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, ncol=2)
     return _png(fig)
-
-
-def _ratio_key(cells: dict[str, dict], ratio: float) -> str:
-    return next(k for k in cells if float(k) == ratio)

@@ -2,6 +2,7 @@
 temp dir) and stops by pid; never `ray stop`, which would kill every Ray process on the machine."""
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -96,6 +97,16 @@ def test_ray_job_submit_runs_adapt_on_the_cluster(local_head, tmp_path):
     assert "prepare" in proc.stdout and "ran" in proc.stdout  # the job's own summary, streamed back
     splits = set(pq.read_table(run_dir / "prepared" / "qa.parquet")["split"].to_pylist())
     assert splits <= {"labeled", "unlabeled", "test"} and "labeled" in splits
+    # the README's `ray job logs` step: the driver log is kept by the head
+    job_id = re.search(r"Job '(raysubmit_\w+)' succeeded", proc.stdout).group(1)
+    logs = subprocess.run(
+        [str(BIN / "ray"), "job", "logs", f"--address={address}", job_id],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert logs.returncode == 0 and "stage prepare: done" in logs.stdout + logs.stderr
 
 
 def _submit(address: str, env: dict, run_dir: Path, source: Path) -> subprocess.CompletedProcess:
@@ -107,6 +118,8 @@ def _submit(address: str, env: dict, run_dir: Path, source: Path) -> subprocess.
             f"--address={address}",
             "--working-dir",
             str(ROOT),
+            "--runtime-env",
+            str(ROOT / "cluster" / "runtime_env.yaml"),  # as the README's cluster section submits
             "--",
             "python",
             "jobs/adapt.py",

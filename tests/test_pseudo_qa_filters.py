@@ -4,7 +4,7 @@ import pyarrow as pa
 import pytest
 
 from leaml_ray.models import chat
-from leaml_ray.stages.pseudo_qa import AnswerRules, answer_rules, check_pair, parse_qa
+from leaml_ray.stages.pseudo_qa import AnswerRules, answer_rules, caption_filter, check_pair, parse_qa, pseudo_qa_inputs
 
 RULES = AnswerRules(max_answer_words=2, max_question_words=12, vocabulary=frozenset({"red", "blue", "circle", "2"}))
 
@@ -52,3 +52,41 @@ def test_answer_rules_from_labeled_examples():
     assert answer_rules(open_ended, "auto").vocabulary is None
     assert answer_rules(open_ended, "on").vocabulary is not None
     assert answer_rules(closed, "off").vocabulary is None
+
+
+def test_caption_filter_keeps_answers_the_caption_names_and_those_it_cannot_check():
+    captions = pa.table(
+        {
+            "image_id": ["a", "b"],
+            "caption": ["A small red circle on the left, on a striped background.", "A large blue square."],
+        }
+    )
+    pairs = [
+        ("a", "what color is the shape?", "Red"),  # named in a's caption (case and punctuation folded)
+        ("a", "what color is the shape?", "blue"),  # a caption word, but not in a's caption: rejected
+        ("a", "what pattern is the background?", "striped"),
+        ("b", "what pattern is the background?", "striped"),  # b's caption names no pattern: rejected
+        ("b", "is there a shape?", "yes"),  # no caption uses "yes": cannot be checked, kept
+        ("b", "what size?", "large blue"),  # a phrase of b's caption
+        ("c", "what color?", "red"),  # an image without a caption cannot ground a caption word
+    ]
+    kept = pa.table(
+        {
+            "pseudo_id": [f"{i}#{k}" for k, (i, _, _) in enumerate(pairs)],
+            "image_id": [i for i, _, _ in pairs],
+            "question": [q for _, q, _ in pairs],
+            "answer": [a for _, _, a in pairs],
+        }
+    )
+    out, rejects = caption_filter(kept, captions)
+    assert out["pseudo_id"].to_pylist() == ["a#0", "a#2", "b#4", "b#5"]
+    assert rejects["pseudo_id"].to_pylist() == ["a#1", "b#3", "c#6"]
+    assert set(rejects["reason"].to_pylist()) == {"not_in_caption"}
+    assert rejects["text"][0].as_py() == "Question: what color is the shape?\nAnswer: blue"
+
+
+def test_the_caption_filter_makes_captions_an_input_of_the_stage(tmp_path):
+    from tests.conftest import make_config
+
+    assert "captions.parquet" not in pseudo_qa_inputs(make_config(tmp_path))
+    assert "captions.parquet" in pseudo_qa_inputs(make_config(tmp_path, "pseudo_qa.consistency_filter=caption"))

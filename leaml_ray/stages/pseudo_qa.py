@@ -191,7 +191,10 @@ def pseudo_qa_stage(ctx: StageContext) -> dict[str, Any]:
         stream_to_parts(out.select_columns(["image_id", "key", "text"]), parts, settings.rows_per_part)
 
     kept, rejects = _filter_parts(parts, rules)
-    if pq_cfg.consistency_filter != "off" and kept.num_rows:
+    if pq_cfg.consistency_filter == "caption" and kept.num_rows:
+        kept, ungrounded = caption_filter(kept, examples.read_table(ctx.input("captions.parquet")))
+        rejects = pa.concat_tables([rejects, ungrounded])
+    elif pq_cfg.consistency_filter != "off" and kept.num_rows:
         kept, inconsistent = consistency_filter(kept, images_path, cfg)
         rejects = pa.concat_tables([rejects, inconsistent])
     _write_outputs(ctx, kept, rejects, images_path)
@@ -250,6 +253,37 @@ def _filter_parts(parts: str, rules: AnswerRules) -> tuple[pa.Table, pa.Table]:
     return pa.Table.from_pylist(kept, PSEUDO_SCHEMA), pa.Table.from_pylist(rejected, REJECT_SCHEMA)
 
 
+def _rejects(dropped: pa.Table, reason: str) -> pa.Table:
+    """Dropped kept-schema pairs as reject rows with one reason."""
+    return pa.table(
+        {
+            "pseudo_id": dropped["pseudo_id"],
+            "image_id": dropped["image_id"],
+            "text": [
+                f"Question: {q}\nAnswer: {a}"
+                for q, a in zip(dropped["question"].to_pylist(), dropped["answer"].to_pylist(), strict=True)
+            ],
+            "reason": [reason] * dropped.num_rows,
+        },
+        schema=REJECT_SCHEMA,
+    )
+
+
+def caption_filter(kept: pa.Table, captions: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Keep a pair unless its answer is a caption concept (all its words occur in some caption) that this image's
+    caption does not name. Answers the captions never use ("yes", "2") cannot be checked and are kept."""
+    ids, texts = captions["image_id"].to_pylist(), captions["caption"].to_pylist()
+    by_image = {i: f" {normalize(c)} " for i, c in zip(ids, texts, strict=True)}
+    vocabulary = {w for text in by_image.values() for w in text.split()}
+    grounded = []
+    for image_id, answer in zip(kept["image_id"].to_pylist(), kept["answer"].to_pylist(), strict=True):
+        words = normalize(answer).split()
+        checkable = bool(words) and set(words) <= vocabulary
+        grounded.append(not checkable or f" {' '.join(words)} " in by_image.get(image_id, ""))
+    mask = pa.array(grounded, pa.bool_())
+    return kept.filter(mask), _rejects(kept.filter(pc.invert(mask)), "not_in_caption")
+
+
 def consistency_filter(kept: pa.Table, images_path: str, cfg: Config) -> tuple[pa.Table, pa.Table]:
     """Keep pairs whose answer the teacher (or the base target) gives too when asked the pseudo question."""
     role = cfg.pseudo_qa.consistency_filter
@@ -269,21 +303,8 @@ def consistency_filter(kept: pa.Table, images_path: str, cfg: Config) -> tuple[p
         normalize(by_id.get(i, "")) == normalize(a)
         for i, a in zip(kept["pseudo_id"].to_pylist(), kept["answer"].to_pylist(), strict=True)
     ]
-    mask = pa.array(agree)
-    dropped = kept.filter(pc.invert(mask))
-    rejects = pa.table(
-        {
-            "pseudo_id": dropped["pseudo_id"],
-            "image_id": dropped["image_id"],
-            "text": [
-                f"Question: {q}\nAnswer: {a}"
-                for q, a in zip(dropped["question"].to_pylist(), dropped["answer"].to_pylist(), strict=True)
-            ],
-            "reason": [f"inconsistent_with_{role}"] * dropped.num_rows,
-        },
-        schema=REJECT_SCHEMA,
-    )
-    return kept.filter(mask), rejects
+    mask = pa.array(agree, pa.bool_())
+    return kept.filter(mask), _rejects(kept.filter(pc.invert(mask)), f"inconsistent_with_{role}")
 
 
 def _write_outputs(ctx: StageContext, kept: pa.Table, rejects: pa.Table, images_path: str) -> None:
@@ -330,10 +351,15 @@ def _write_outputs(ctx: StageContext, kept: pa.Table, rejects: pa.Table, images_
     storage.write_bytes_atomic(ctx.output("pseudo_qa.jsonl"), ("\n".join(lines) + "\n" if lines else "").encode())
 
 
+def pseudo_qa_inputs(cfg: Config) -> tuple[str, ...]:
+    caption = cfg.pseudo_qa.consistency_filter == "caption"
+    return ("prepared", "generator", "captions.parquet") if caption else ("prepared", "generator")
+
+
 PSEUDO_QA = Stage(
     name="pseudo_qa",
     run=pseudo_qa_stage,
-    inputs=("prepared", "generator"),
+    inputs=pseudo_qa_inputs,
     outputs=("pseudo_qa.parquet", "pseudo_qa.jsonl", "pseudo_qa_rejects.parquet", "pseudo_qa_images"),
     config_keys=("pseudo_qa", "run.seed", "teacher.batch_size", "teacher.max_model_len"),
 )

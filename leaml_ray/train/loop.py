@@ -109,8 +109,8 @@ def deepspeed_config(job: TrainJob, backward_passes: int = 1, hidden_size: int |
         if hidden_size:
             zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
             zero["stage3_param_persistence_threshold"] = 10 * hidden_size
-            # DeepSpeed's 1e9 defaults keep every gathered layer resident: the whole model, as under ZeRO-2.
-            # About one decoder layer (~16 h^2 parameters) live at a time is what makes ZeRO-3 save memory.
+            # DeepSpeed's 1e9 defaults let every gathered layer stay resident (the whole model, as under ZeRO-2);
+            # these keep about one decoder layer (~16 h^2 parameters) gathered at a time
             zero["stage3_max_live_parameters"] = 16 * hidden_size * hidden_size
             zero["stage3_max_reuse_distance"] = 16 * hidden_size * hidden_size
     return {

@@ -1,0 +1,44 @@
+"""The label-efficiency bench's bookkeeping: the JSON contract, the --quick merge, the table and the plot
+(the pipeline runs it drives are the stages' own tests)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("label_efficiency", ROOT / "bench" / "label_efficiency.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", tmp_path)
+    return module
+
+
+def test_cells_hold_mean_std_and_runs_per_ratio_and_method(bench):
+    cells = bench.summarise({0.01: {"leaml": [0.3, 0.5], "zero_shot": [0.2, 0.2]}, 1.0: {"full": [0.9]}})
+    assert list(cells) == ["0.01", "1"]
+    assert list(cells["0.01"]) == ["zero_shot", "leaml"]  # the table's method order
+    assert cells["0.01"]["leaml"]["mean"] == pytest.approx(0.4)
+    assert cells["0.01"]["leaml"]["std"] == pytest.approx(0.1414, abs=1e-4)  # sample standard deviation
+    assert cells["0.01"]["leaml"]["runs"] == [0.3, 0.5]
+    assert cells["1"]["full"] == {"mean": 0.9, "std": 0.0, "runs": [0.9]}
+
+
+def test_quick_run_replaces_only_its_own_cell_and_writes_all_three_files(bench, tmp_path):
+    full = bench.merge(None, bench.summarise({0.01: {"leaml": [0.1, 0.2]}, 0.05: {"leaml": [0.3, 0.4]}}), "3 seeds", 60)
+    quick = bench.merge(json.loads(json.dumps(full)), bench.summarise({0.01: {"leaml": [0.9]}}), "1 seed", 30)
+    assert quick["ratios"]["0.01"]["leaml"]["runs"] == [0.9]
+    assert quick["ratios"]["0.05"] == full["ratios"]["0.05"]
+    bench.write_results(quick)
+    table = json.loads((tmp_path / "label_efficiency.json").read_text())
+    for row in table["ratios"].values():
+        for cell in row.values():
+            assert set(cell) == {"mean", "std", "runs"} and all(0 <= v <= 1 for v in cell["runs"])
+    md = (tmp_path / "label_efficiency.md").read_text()
+    assert "| 1% | 90.0 ± 0.0 (1) |" in md and "| 5% | 35.0 ± 7.1 (2) |" in md
+    assert (tmp_path / "label_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
