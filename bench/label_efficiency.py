@@ -4,15 +4,17 @@ For each seed and label ratio, one run dir `<root>/seed<S>/ratio<R>` runs the pi
 `run_pipeline`, one local Ray instance for the whole bench):
   - methods leaml, lora, full; zero_shot once per seed (the test split depends on the seed only, so the zero-shot
     model answers the same questions at every ratio: its figure is copied to the other ratios);
-  - the ablations at `--ablation-ratios` (default: 1%, the paper's setting), on the same run dir with
-    `eval.methods=[leaml]` and generator.caption_distill=false (leaml_no_caption), generator.score=all
-    (leaml_all_neurons), generator.score=random (leaml_random_neurons): the manifest reuses prepare and caption,
-    only generator, pseudo_qa, finetune and evaluate run again;
+  - at `--variant-ratios` (default 1%, the paper's setting) the `--variants`: leaml with one thing changed, on the
+    same run dir with `eval.methods=[leaml]`, so the manifest reuses prepare and caption and only generator,
+    pseudo_qa, finetune and evaluate run again. Default: the paper's ablations leaml_no_caption
+    (generator.caption_distill=false), leaml_all_neurons (generator.score=all), leaml_random_neurons
+    (generator.score=random); also known: leaml_caption_filter (pseudo_qa.consistency_filter=caption);
   - ratio 1.0 is the upper bound: lora and full on every label (no unlabeled images are left to caption), each
     labeled pair seen `target.epochs` times (labeled_upsample 1).
-Writes bench/results/label_efficiency.{json,md,png}: mean, standard deviation and the runs of every cell.
-`--quick`: seed 0 at 1% only; it rewrites the 1% cell of an existing table and keeps the rest.
-key=value overrides pass through to every run, e.g. `data.source=jsonl data.path=my.jsonl`.
+Writes bench/results/<name>.{json,md,png} (default name label_efficiency): mean, standard deviation and the runs of
+every cell. A full run starts the table afresh; `--quick` (seed 0 at 1%) and `--variants-only` replace only the
+cells they measure and keep the rest.
+key=value overrides pass through to every run, e.g. `data.source=jsonl data.path=my.jsonl --name my_data`.
 Last line: {"ratios": {...}, "seconds": f}.
 """
 
@@ -36,12 +38,15 @@ from leaml_ray.stages import ALL_STAGES  # noqa: E402
 
 log = logging.getLogger("leaml_ray")
 RESULTS = Path(__file__).parent / "results"
-ABLATIONS = {
+# leaml with one thing changed, each on the same run dir as the baselines (prepare and caption reused)
+VARIANTS = {
     "leaml_no_caption": ["generator.caption_distill=false"],
     "leaml_all_neurons": ["generator.score=all"],
     "leaml_random_neurons": ["generator.score=random"],
+    "leaml_caption_filter": ["pseudo_qa.consistency_filter=caption"],
 }
-METHOD_ORDER = ["zero_shot", "lora", "full", "leaml", *ABLATIONS]
+ABLATIONS = ["leaml_no_caption", "leaml_all_neurons", "leaml_random_neurons"]
+METHOD_ORDER = ["zero_shot", "lora", "full", "leaml", *VARIANTS]
 # The paper's headline (Kvasir-VQA, 1% labels, accuracy %), quoted next to ours in the README and the .md.
 PAPER_1PCT = {"lora": 62.4, "full": 63.1, "leaml": 76.7}
 
@@ -57,26 +62,35 @@ def run_methods(config: str | None, overrides: list[str], methods: list[str], st
 
 
 def one_seed(
-    config: str | None, root: str, seed: int, ratios: list[float], ablation_ratios: set[float], extra: list[str]
-):
+    config: str | None,
+    root: str,
+    seed: int,
+    ratios: list[float],
+    variants: list[str],
+    variant_ratios: set[float],
+    extra: list[str],
+    baselines: bool = True,
+) -> dict[float, dict[str, float]]:
     """Every (ratio, method) accuracy of one seed."""
     out: dict[float, dict[str, float]] = {}
     zero_shot = None
     for ratio in ratios:
         base = [f"run.dir={root}/seed{seed}/ratio{ratio:g}", f"run.seed={seed}", f"data.label_ratio={ratio}", *extra]
-        if ratio >= 1.0:
-            methods, stages = ["lora", "full"], ["prepare", "finetune", "evaluate"]
-            base.append("target.labeled_upsample=1")
-        else:
-            methods, stages = ["leaml", "lora", "full"], None
-        if zero_shot is None:
-            methods.append("zero_shot")
-        acc = run_methods(config, base, methods, stages)
-        zero_shot = acc.get("zero_shot", zero_shot)
-        acc["zero_shot"] = zero_shot
-        if ratio in ablation_ratios:
-            for name, knobs in ABLATIONS.items():
-                acc[name] = run_methods(config, [*base, *knobs], ["leaml"])["leaml"]
+        acc: dict[str, float] = {}
+        if baselines:
+            if ratio >= 1.0:
+                methods, stages = ["lora", "full"], ["prepare", "finetune", "evaluate"]
+                base.append("target.labeled_upsample=1")
+            else:
+                methods, stages = ["leaml", "lora", "full"], None
+            if zero_shot is None:
+                methods.append("zero_shot")
+            acc = run_methods(config, base, methods, stages)
+            zero_shot = acc.get("zero_shot", zero_shot)
+            acc["zero_shot"] = zero_shot
+        if ratio in variant_ratios and ratio < 1.0:
+            for name in variants:
+                acc[name] = run_methods(config, [*base, *VARIANTS[name]], ["leaml"])["leaml"]
         out[ratio] = acc
     return out
 
@@ -118,21 +132,28 @@ def markdown(table: dict) -> str:
 
 
 def merge(previous: dict | None, cells: dict[str, dict], scope: str, seconds: float) -> dict:
-    """The results table: these cells over the previous table's (a --quick run replaces only its own cell)."""
-    table = previous or {"ratios": {}}
-    ratios = {**table["ratios"], **cells}
-    table["ratios"] = dict(sorted(ratios.items(), key=lambda kv: float(kv[0])))
-    table["runs"] = {**table.get("runs", {}), **{r: {"scope": scope, "seconds": round(seconds)} for r in cells}}
+    """The results table: these (ratio, method) cells over the previous table's; the rest is kept."""
+    table = json.loads(json.dumps(previous)) if previous else {"ratios": {}}  # a copy: the caller's stays as it was
+    ratios = {r: dict(row) for r, row in table["ratios"].items()}
+    for ratio, row in cells.items():
+        ratios.setdefault(ratio, {}).update(row)
+    table["ratios"] = {
+        r: dict(sorted(row.items(), key=lambda kv: METHOD_ORDER.index(kv[0])))
+        for r, row in sorted(ratios.items(), key=lambda kv: float(kv[0]))
+    }
+    runs = table.setdefault("runs", {})
+    for ratio, row in cells.items():
+        runs.setdefault(ratio, {})[",".join(row)] = {"scope": scope, "seconds": round(seconds)}
     table["note"] = f"last run: {scope}, {seconds / 60:.1f} min"
     return table
 
 
-def write_results(table: dict) -> None:
-    """bench/results/label_efficiency.{json,md,png}, each written to a temp name and renamed."""
+def write_results(table: dict, name: str = "label_efficiency") -> None:
+    """bench/results/<name>.{json,md,png}, each written to a temp name and renamed."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    storage.write_json_atomic(str(RESULTS / "label_efficiency.json"), table)
-    storage.write_bytes_atomic(str(RESULTS / "label_efficiency.md"), markdown(table).encode())
-    storage.write_bytes_atomic(str(RESULTS / "label_efficiency.png"), plots.label_efficiency(table["ratios"]))
+    storage.write_json_atomic(str(RESULTS / f"{name}.json"), table)
+    storage.write_bytes_atomic(str(RESULTS / f"{name}.md"), markdown(table).encode())
+    storage.write_bytes_atomic(str(RESULTS / f"{name}.png"), plots.label_efficiency(table["ratios"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,27 +163,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="seed 0 at 1%% only; rewrites the 1%% cell")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--ratios", default="0.01,0.05,0.1,1.0")
-    parser.add_argument("--ablation-ratios", default="0.01", help="ratios that also run the three ablations")
+    parser.add_argument("--variants", default=",".join(ABLATIONS), help="of: " + ", ".join(VARIANTS))
+    parser.add_argument("--variant-ratios", default="0.01", help="ratios that also run the variants")
+    parser.add_argument("--variants-only", action="store_true", help="skip the baselines and leaml")
     parser.add_argument("--root", default="runs/label_efficiency", help="parent of the run dirs")
+    parser.add_argument("--name", default="label_efficiency", help="results file name under bench/results/")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to every run")
     args = parser.parse_args(argv)
     setup_logging("INFO")
     seeds = [0] if args.quick else list(range(args.seeds))
     ratios = [0.01] if args.quick else [float(r) for r in args.ratios.split(",")]
-    ablation_ratios = {float(r) for r in args.ablation_ratios.split(",") if r}
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    variant_ratios = {float(r) for r in args.variant_ratios.split(",") if r}
     t0 = time.perf_counter()
     runs: dict[float, dict[str, list[float]]] = {}
     for seed in seeds:
-        for ratio, acc in one_seed(args.config, args.root, seed, ratios, ablation_ratios, args.overrides).items():
+        per_ratio = one_seed(
+            args.config, args.root, seed, ratios, variants, variant_ratios, args.overrides, not args.variants_only
+        )
+        for ratio, acc in per_ratio.items():
             for method, value in acc.items():
                 runs.setdefault(ratio, {}).setdefault(method, []).append(value)
     seconds = time.perf_counter() - t0
     cells = summarise(runs)
-    path = RESULTS / "label_efficiency.json"
-    previous = json.loads(path.read_text()) if args.quick and path.exists() else None
+    path = RESULTS / f"{args.name}.json"
+    partial = args.quick or args.variants_only
+    previous = json.loads(path.read_text()) if partial and path.exists() else None
     scope = f"{len(seeds)} seed(s), ratios {', '.join(cells)}, overrides {args.overrides or 'none'}"
     table = merge(previous, cells, scope, seconds)
-    write_results(table)
+    write_results(table, args.name)
     print(markdown(table))
     print(json.dumps({"ratios": cells, "seconds": round(seconds, 1)}))
     return 0

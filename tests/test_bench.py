@@ -29,16 +29,21 @@ def test_cells_hold_mean_std_and_runs_per_ratio_and_method(bench):
     assert cells["1"]["full"] == {"mean": 0.9, "std": 0.0, "runs": [0.9]}
 
 
-def test_quick_run_replaces_only_its_own_cell_and_writes_all_three_files(bench, tmp_path):
-    full = bench.merge(None, bench.summarise({0.01: {"leaml": [0.1, 0.2]}, 0.05: {"leaml": [0.3, 0.4]}}), "3 seeds", 60)
-    quick = bench.merge(json.loads(json.dumps(full)), bench.summarise({0.01: {"leaml": [0.9]}}), "1 seed", 30)
+def test_a_partial_run_replaces_only_the_cells_it_measured_and_writes_all_three_files(bench, tmp_path):
+    first = {0.01: {"leaml": [0.1, 0.2], "full": [0.5, 0.5]}, 0.05: {"leaml": [0.3, 0.4]}}
+    full = bench.merge(None, bench.summarise(first), "3 seeds", 60)
+    quick = bench.merge(full, bench.summarise({0.01: {"leaml": [0.9]}}), "1 seed", 30)
     assert quick["ratios"]["0.01"]["leaml"]["runs"] == [0.9]
+    assert quick["ratios"]["0.01"]["full"] == full["ratios"]["0.01"]["full"]
+    assert list(quick["ratios"]["0.01"]) == ["full", "leaml"]  # the table's method order
     assert quick["ratios"]["0.05"] == full["ratios"]["0.05"]
+    variant = bench.merge(quick, bench.summarise({0.01: {"leaml_caption_filter": [0.7]}}), "variant", 10)
+    assert set(variant["ratios"]["0.01"]) == {"full", "leaml", "leaml_caption_filter"}
     bench.write_results(quick)
     table = json.loads((tmp_path / "label_efficiency.json").read_text())
     for row in table["ratios"].values():
         for cell in row.values():
             assert set(cell) == {"mean", "std", "runs"} and all(0 <= v <= 1 for v in cell["runs"])
     md = (tmp_path / "label_efficiency.md").read_text()
-    assert "| 1% | 90.0 ± 0.0 (1) |" in md and "| 5% | 35.0 ± 7.1 (2) |" in md
+    assert "| 1% | 50.0 ± 0.0 (2) | 90.0 ± 0.0 (1) |" in md and "| 5% | - | 35.0 ± 7.1 (2) |" in md
     assert (tmp_path / "label_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
