@@ -1,23 +1,26 @@
 """The driver (jobs/adapt.py) SIGKILLed right after a stage finished and again in the middle of a stage: the same
 command, rerun, skips what finished, resumes the interrupted stage from its parts and ends with the outputs of an
-uninterrupted run. The killed drivers join the test session's Ray instance, as a job's driver joins its cluster."""
+uninterrupted run. Each driver starts its own local Ray instance in the test's temp dir; a kill takes the driver's
+process group and every process of that instance with it, as losing the head would."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from leaml_ray import storage
 from leaml_ray.pipeline import run_pipeline
 from leaml_ray.stages import ALL_STAGES
 from tests.conftest import make_config
+from tests.test_job_submit import stop_processes_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,13 +40,11 @@ def _overrides(run_dir: Path, model: str) -> list[str]:
     ]
 
 
-def _adapt(overrides: list[str]) -> subprocess.Popen:
-    address = ray.get_runtime_context().gcs_address
-    cmd = [sys.executable, "jobs/adapt.py", "--stages", "prepare,caption", *overrides, f"cluster.address={address}"]
-    env = dict(os.environ)
-    if (Path.home() / ".ray" / "auth_token").exists():
-        env["RAY_AUTH_MODE"] = "token"  # the session's instance turned token auth on (Ray 2.60)
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _adapt(overrides: list[str], ray_dir: str) -> subprocess.Popen:
+    cmd = [sys.executable, "jobs/adapt.py", "--stages", "prepare,caption", *overrides, f"cluster.temp_dir={ray_dir}"]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def _stage(run_dir: Path, name: str) -> dict:
@@ -53,17 +54,22 @@ def _stage(run_dir: Path, name: str) -> dict:
         return {}
 
 
-def _kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 240) -> None:
+def _kill_when(proc: subprocess.Popen, ray_dir: str, ready, what: str, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:
             pytest.fail(f"adapt.py exited (rc {proc.returncode}) before {what}:\n{proc.stdout.read()[-3000:]}")
         if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"timed out waiting for {what}")
+            _kill(proc, ray_dir)
+            pytest.fail(f"timed out waiting for {what}:\n{proc.stdout.read()[-3000:]}")
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
+    _kill(proc, ray_dir)
+
+
+def _kill(proc: subprocess.Popen, ray_dir: str) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started
     proc.wait()
+    stop_processes_of(ray_dir)  # Ray processes that left the group
 
 
 def _caption_parts(run_dir: Path) -> list[Path]:
@@ -74,21 +80,26 @@ def test_killed_driver_resumes_and_matches_an_uninterrupted_run(tmp_path, greedy
     model = greedy_reference[0].name_or_path  # outputs depend on the image: a mixed-up caption would show
     run_dir = tmp_path / "killed"
     overrides = _overrides(run_dir, model)
+    ray_dir = tempfile.mkdtemp(prefix="lrk-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    try:
+        # 1. killed right after prepare finished (between stages)
+        prepared = lambda: _stage(run_dir, "prepare").get("status") == "done"  # noqa: E731
+        _kill_when(_adapt(overrides, ray_dir), ray_dir, prepared, "prepare finished")
+        assert (run_dir / ".lock").exists()  # the killed driver could not release its lock
 
-    # 1. killed right after prepare finished (between stages)
-    _kill_when(_adapt(overrides), lambda: _stage(run_dir, "prepare").get("status") == "done", "prepare finished")
-    assert (run_dir / ".lock").exists()  # the killed driver could not release its lock
+        # 2. killed in the middle of caption, after its first part was written
+        proc = _adapt(overrides, ray_dir)
+        _kill_when(proc, ray_dir, lambda: len(_caption_parts(run_dir)) >= 1, "the first caption part")
+        assert _stage(run_dir, "caption").get("status") == "running"
+        assert _stage(run_dir, "prepare")["last_action"] == "skipped"  # not recomputed by the second run
 
-    # 2. killed in the middle of caption, after its first part was written
-    proc = _adapt(overrides)
-    _kill_when(proc, lambda: len(_caption_parts(run_dir)) >= 1, "the first caption part")
-    assert _stage(run_dir, "caption").get("status") == "running"
-    assert _stage(run_dir, "prepare")["last_action"] == "skipped"  # not recomputed by the second run
-
-    # 3. the same command again finishes
-    proc = _adapt(overrides)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
+        # 3. the same command again finishes
+        proc = _adapt(overrides, ray_dir)
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+    finally:
+        stop_processes_of(ray_dir)
+        shutil.rmtree(ray_dir, ignore_errors=True)
     prepare, caption = _stage(run_dir, "prepare"), _stage(run_dir, "caption")
     assert prepare["last_action"] == "skipped" and caption["status"] == "done"
     assert caption["counts"]["resumed"] >= 64  # the killed attempt's parts were kept, not recaptioned
