@@ -76,7 +76,7 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir):
     assert storage.exists(storage.join(run, "generator/config.json"))
     assert storage.exists(storage.join(run, "generator/neurons/neurons.safetensors"))
     assert results["generator"].counts["neurons_selected"] > 0
-    # 1% labels: fewer labeled pairs than `score_batches` batches per worker; scoring cycles them
+    # fewer labeled pairs than `score_batches` batches per worker (as at 1% labels): scoring cycles them
     assert results["generator"].counts["labeled_qa"] < 4 * 2 * cfg.generator.score_batches
 
     pseudo = results["pseudo_qa"].counts
