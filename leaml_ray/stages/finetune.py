@@ -43,10 +43,6 @@ def finetune_inputs(cfg: Config) -> tuple[str, ...]:
     return ("prepared", "pseudo_qa.parquet") if "leaml" in cfg.eval.methods else ("prepared",)
 
 
-def _upsampled(table: pa.Table, times: int) -> pa.Table:
-    return pa.concat_tables([table] * times)
-
-
 def finetune_stage(ctx: StageContext) -> dict[str, Any]:
     """Run the finetune stage (see the module docstring)."""
     cfg, target = ctx.cfg, ctx.cfg.target
@@ -65,7 +61,7 @@ def finetune_stage(ctx: StageContext) -> dict[str, Any]:
     counts: dict[str, Any] = {}
     for method in methods_to_train(cfg):
         if method == "leaml":
-            text = _upsampled(labeled, target.labeled_upsample)
+            text = examples.cycled(labeled, labeled.num_rows * target.labeled_upsample)
             unlabeled = pseudo
             finetune = target.finetune
         else:
