@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 # In-process engine (3 s start instead of ~50 s), a small KV cache, no CPU pinning on shared machines.
@@ -10,6 +11,16 @@ CPU_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
 }
+
+
+def _not_thread_count_warning(record: logging.LogRecord) -> bool:
+    return "torch.set_num_threads" not in record.getMessage()
+
+
+def quiet_thread_count_warnings() -> None:
+    """vLLM general plugin (entry point in pyproject.toml): drop the CPU worker's "doesn't allow torch.set_num_threads"
+    warning, which vLLM's request renderer triggers twice per request (thousands of identical driver log lines)."""
+    logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_not_thread_count_warning)
 
 
 def on_gpu() -> bool:

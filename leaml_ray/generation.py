@@ -117,6 +117,9 @@ def generate(
 ) -> ray.data.Dataset:
     """Rows {"image": bytes, "instruction": str, *keep[, "sampling_seed", "response_prefix"]} -> {*keep, "text",
     "tokens"}; with `endpoint`, the model served there under the id `spec.name_or_path` answers instead."""
+    # one engine batch per block: a map stage emits a block when its input block is done, so without this a
+    # stage's whole input (one parquet file) comes back at once and nothing reaches a resumable part before the end
+    ds = ds.repartition(target_num_rows_per_block=settings.batch_size)
     if endpoint:
         return _generate_served(ds, spec.name_or_path, endpoint, sampling, settings, keep)
     if settings.backend == "actor_pool":

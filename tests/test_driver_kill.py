@@ -40,11 +40,19 @@ def _overrides(run_dir: Path, model: str) -> list[str]:
     ]
 
 
-def _adapt(overrides: list[str], ray_dir: str) -> subprocess.Popen:
+def _adapt(overrides: list[str], ray_dir: str, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "jobs/adapt.py", "--stages", "prepare,caption", *overrides, f"cluster.temp_dir={ray_dir}"]
-    return subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
+    # output to a file, not a pipe: nobody reads a pipe while the driver runs, and a full one (64 KB of engine
+    # log lines) blocks the driver's writes, i.e. the driver
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def _tail(proc: subprocess.Popen) -> str:
+    """The end of a driver's log."""
+    return "\n".join(proc.log.read_text(errors="replace").splitlines()[-40:])
 
 
 def _stage(run_dir: Path, name: str) -> dict:
@@ -58,10 +66,10 @@ def _kill_when(proc: subprocess.Popen, ray_dir: str, ready, what: str, timeout: 
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:
-            pytest.fail(f"adapt.py exited (rc {proc.returncode}) before {what}:\n{proc.stdout.read()[-3000:]}")
+            pytest.fail(f"adapt.py exited (rc {proc.returncode}) before {what}:\n{_tail(proc)}")
         if time.monotonic() > deadline:
             _kill(proc, ray_dir)
-            pytest.fail(f"timed out waiting for {what}:\n{proc.stdout.read()[-3000:]}")
+            pytest.fail(f"timed out waiting for {what}:\n{_tail(proc)}")
         time.sleep(0.05)
     _kill(proc, ray_dir)
 
@@ -84,19 +92,22 @@ def test_killed_driver_resumes_and_matches_an_uninterrupted_run(tmp_path, greedy
     try:
         # 1. killed right after prepare finished (between stages)
         prepared = lambda: _stage(run_dir, "prepare").get("status") == "done"  # noqa: E731
-        _kill_when(_adapt(overrides, ray_dir), ray_dir, prepared, "prepare finished")
+        _kill_when(_adapt(overrides, ray_dir, tmp_path / "driver1.log"), ray_dir, prepared, "prepare finished")
         assert (run_dir / ".lock").exists()  # the killed driver could not release its lock
 
         # 2. killed in the middle of caption, after its first part was written
-        proc = _adapt(overrides, ray_dir)
+        proc = _adapt(overrides, ray_dir, tmp_path / "driver2.log")
         _kill_when(proc, ray_dir, lambda: len(_caption_parts(run_dir)) >= 1, "the first caption part")
         assert _stage(run_dir, "caption").get("status") == "running"
         assert _stage(run_dir, "prepare")["last_action"] == "skipped"  # not recomputed by the second run
 
         # 3. the same command again finishes
-        proc = _adapt(overrides, ray_dir)
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out[-3000:]
+        proc = _adapt(overrides, ray_dir, tmp_path / "driver3.log")
+        assert proc.wait(timeout=600) == 0, _tail(proc)
+        # the vLLM CPU worker's log reaches the driver, without its two thread-count warnings per image
+        # (leaml_ray.engine.quiet_thread_count_warnings, a vLLM plugin)
+        log = proc.log.read_text(errors="replace")
+        assert "[cpu_worker.py:" in log and "torch.set_num_threads" not in log
     finally:
         stop_processes_of(ray_dir)
         shutil.rmtree(ray_dir, ignore_errors=True)

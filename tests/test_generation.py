@@ -12,9 +12,13 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 @pytest.mark.parametrize("backend", ["ray_data_llm", "actor_pool"])
 def test_engine_generates_what_transformers_does_for_every_image(greedy_reference, backend):
     spec, rows, expected = greedy_reference
-    settings = EngineSettings(dtype="float32", max_model_len=256, max_num_seqs=8, batch_size=4, backend=backend)
+    settings = EngineSettings(dtype="float32", max_model_len=256, max_num_seqs=8, batch_size=2, backend=backend)
     sampling = {"temperature": 0.0, "max_tokens": 5}
-    got = generate(ray.data.from_items(rows), spec, spec.name_or_path, sampling, settings).take_all()
+    # all rows in one input block, as a stage reads one parquet file
+    out = generate(ray.data.from_items(rows, override_num_blocks=1), spec, spec.name_or_path, sampling, settings)
+    out = out.materialize()
+    assert out.num_blocks() >= len(rows) // 2  # results stream out per engine batch, not once the input block is done
+    got = out.take_all()
     assert sorted(r["image_id"] for r in got) == sorted(expected)  # every image exactly once
     assert {r["image_id"]: r["tokens"] for r in got} == expected  # different per image: the image reached the model
 
