@@ -6,7 +6,7 @@
   two-pass step without masks (>1 means the masked step is slower);
 - scoring_vs_epoch: the neuron-scoring pass vs one epoch of training over the labeled rows it scores;
 - zero3_peak_mib / zero2_peak_mib: peak RSS per worker for a larger tiny model (hidden 1024, 8 layers, ~150 M
-  parameters), same data and steps (`--only-zero`: just these two).
+  parameters), same data and steps (`--only-zero`: just these two; `--only-scaling`: all but these).
 Last line: {"two_vs_one", "masked_vs_plain", "scoring_vs_epoch", "zero3_peak_mib", "zero2_peak_mib"}.
 """
 
@@ -83,8 +83,52 @@ def train(model: str, data: list[dict], tmp: str, name: str, workers: int, objec
     history = [r for r in result["history"] if "seconds" in r]
     first, last = history[0], history[-1]
     # steady state: from the end of the first optimizer step (data pipeline start-up and the first batch excluded)
-    steady = (last["step"] - first["step"]) * job.batch_size * workers / (last["seconds"] - first["seconds"])
-    return {**last, "steady_samples_per_s": steady}
+    seconds = last["seconds"] - first["seconds"]
+    steady = (last["step"] - first["step"]) * job.batch_size * workers / seconds
+    data_share = (last["data_seconds"] - first["data_seconds"]) / seconds  # rank 0's wait for input batches
+    return {**last, "steady_samples_per_s": steady, "data_share": data_share}
+
+
+def zero_memory(data: list[dict], tmp: str, cols: list[str]) -> dict:
+    """Peak RSS per worker under ZeRO-3 and ZeRO-2 for a larger tiny model (model states dominate)."""
+    big = tiny.SIZES["base"]
+    tiny.SIZES["bench"] = (1024, 8, 8, 4, 4096, big[5], big[6])  # ~150 M parameters
+    large = str(tiny.build_random(Path(tmp) / "large", "bench", seed=0))
+    z2 = train(large, data, tmp, "z2", 2, Objective(), zero=2, cols=cols)
+    z3 = train(large, data, tmp, "z3", 2, Objective(), zero=3, cols=cols)
+    return {
+        "zero3_peak_mib": round(z3["peak_rss_mib"]),
+        "zero2_peak_mib": round(z2["peak_rss_mib"]),
+        # the peak before the first step: model load and deepspeed.initialize
+        "zero3_init_peak_mib": round(z3["init_peak_rss_mib"]),
+        "zero2_init_peak_mib": round(z2["init_peak_rss_mib"]),
+    }
+
+
+def scaling(data: list[dict], tmp: str, cols: list[str]) -> dict:
+    """1 vs 2 workers, masked vs unmasked distillation step, scoring pass vs an epoch, on the tiny base model."""
+    model = str(tiny.build_random(Path(tmp) / "base", "base", seed=0))
+    one = train(model, data, tmp, "one", 1, Objective(), cols=cols)
+    two = train(model, data, tmp, "two", 2, Objective(), cols=cols)
+    masked = train(model, data, tmp, "masked", 2, NeuronDistillation(score_batches=4))
+    unmasked = train(model, data, tmp, "unmasked", 2, UnmaskedDistillation(score_batches=4))
+    # the scoring pass covered 4 batches x 16 rows x 2 workers; one epoch over those rows at the plain rate
+    epoch_seconds = 4 * 16 * 2 / two["steady_samples_per_s"]
+    return {
+        "two_vs_one": round(two["steady_samples_per_s"] / one["steady_samples_per_s"], 3),
+        "two_vs_one_end_to_end": round(two["samples_per_s"] / one["samples_per_s"], 3),
+        "masked_vs_plain": round(unmasked["steady_samples_per_s"] / masked["steady_samples_per_s"], 3),
+        "scoring_vs_epoch": round(masked["scoring_seconds"] / epoch_seconds, 3),
+        "samples_per_s": {
+            "one": round(one["steady_samples_per_s"], 1),
+            "two": round(two["steady_samples_per_s"], 1),
+            "masked": round(masked["steady_samples_per_s"], 1),
+            "unmasked": round(unmasked["steady_samples_per_s"], 1),
+        },
+        # share of the steady window rank 0 waited for input batches (Ray Data shard + encoding)
+        "data_share": {"one": round(one["data_share"], 3), "two": round(two["data_share"], 3)},
+        "scoring_seconds": round(masked["scoring_seconds"], 2),
+    }
 
 
 def main() -> None:
@@ -92,6 +136,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--only-zero", action="store_true", help="only the ZeRO-3 vs ZeRO-2 memory figures")
+    parser.add_argument("--only-scaling", action="store_true", help="only the 1 vs 2 worker figures")
     args = parser.parse_args()
     ray.init(
         address="local",
@@ -102,44 +147,12 @@ def main() -> None:
     )
     data = rows(512)
     plain_cols = ["image", "instruction", "response"]
+    result: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        big = tiny.SIZES["base"]
-        tiny.SIZES["bench"] = (1024, 8, 8, 4, 4096, big[5], big[6])  # ~150 M parameters: model states dominate RSS
-        large = str(tiny.build_random(Path(tmp) / "large", "bench", seed=0))
-        z2 = train(large, data[:64], tmp, "z2", 2, Objective(), zero=2, cols=plain_cols)
-        z3 = train(large, data[:64], tmp, "z3", 2, Objective(), zero=3, cols=plain_cols)
-        zero = {
-            "zero3_peak_mib": round(z3["peak_rss_mib"]),
-            "zero2_peak_mib": round(z2["peak_rss_mib"]),
-            # the peak before the first step: model load and deepspeed.initialize
-            "zero3_init_peak_mib": round(z3["init_peak_rss_mib"]),
-            "zero2_init_peak_mib": round(z2["init_peak_rss_mib"]),
-        }
-        if args.only_zero:
-            print(json.dumps(zero))
-            return
-        model = str(tiny.build_random(Path(tmp) / "base", "base", seed=0))
-        one = train(model, data, tmp, "one", 1, Objective(), cols=plain_cols)
-        two = train(model, data, tmp, "two", 2, Objective(), cols=plain_cols)
-        masked = train(model, data, tmp, "masked", 2, NeuronDistillation(score_batches=4))
-        unmasked = train(model, data, tmp, "unmasked", 2, UnmaskedDistillation(score_batches=4))
-        # the scoring pass covered 4 batches x 16 rows x 2 workers; one epoch over those rows at the plain rate
-        scored_rows = 4 * 16 * 2
-        epoch_seconds = scored_rows / two["steady_samples_per_s"]
-    result = {
-        "two_vs_one": round(two["steady_samples_per_s"] / one["steady_samples_per_s"], 3),
-        "two_vs_one_end_to_end": round(two["samples_per_s"] / one["samples_per_s"], 3),
-        "masked_vs_plain": round(unmasked["steady_samples_per_s"] / masked["steady_samples_per_s"], 3),
-        "scoring_vs_epoch": round(masked["scoring_seconds"] / epoch_seconds, 3),
-        **zero,
-        "samples_per_s": {
-            "one": round(one["steady_samples_per_s"], 1),
-            "two": round(two["steady_samples_per_s"], 1),
-            "masked": round(masked["steady_samples_per_s"], 1),
-            "unmasked": round(unmasked["steady_samples_per_s"], 1),
-        },
-        "scoring_seconds": round(masked["scoring_seconds"], 2),
-    }
+        if not args.only_scaling:
+            result.update(zero_memory(data[:64], tmp, plain_cols))
+        if not args.only_zero:
+            result.update(scaling(data, tmp, plain_cols))
     print(json.dumps(result))
 
 
