@@ -23,6 +23,7 @@ import ray.data
 
 from leaml_ray import storage
 from leaml_ray.config import Config
+from leaml_ray.data import examples
 from leaml_ray.engine import CPU_ENV, engine_kwargs, on_gpu
 from leaml_ray.models import chat
 from leaml_ray.models.registry import ModelSpec, load_processor
@@ -117,9 +118,8 @@ def generate(
 ) -> ray.data.Dataset:
     """Rows {"image": bytes, "instruction": str, *keep[, "sampling_seed", "response_prefix"]} -> {*keep, "text",
     "tokens"}; with `endpoint`, the model served there under the id `spec.name_or_path` answers instead."""
-    # one engine batch per block: a map stage emits a block when its input block is done, so without this a
-    # stage's whole input (one parquet file) comes back at once and nothing reaches a resumable part before the end
-    ds = ds.repartition(target_num_rows_per_block=settings.batch_size)
+    # one engine batch per block: results then stream out batch by batch (resumable parts), not per input file
+    ds = examples.in_blocks_of(ds, settings.batch_size)
     if endpoint:
         return _generate_served(ds, spec.name_or_path, endpoint, sampling, settings, keep)
     if settings.backend == "actor_pool":

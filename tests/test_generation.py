@@ -1,5 +1,7 @@
 """The generation engine (both in-job backends, vLLM on this CPU) against transformers, image by image."""
 
+import threading
+
 import pytest
 import ray.data
 
@@ -48,3 +50,34 @@ def test_a_killed_engine_actor_is_restarted_and_every_image_comes_out_once(greed
     assert sorted(ids) == sorted(r["image_id"] for r in many)  # every image exactly once
     assert all(r["tokens"] == expected[r["image_id"].rsplit("-", 1)[0]] for r in got)
     assert killed not in [p.pid for p in engine_actors()]
+
+
+def test_in_blocks_of_cuts_blocks_with_less_than_a_cpu_free():
+    """A stage's input is cut into engine-batch blocks even while engine actors or a Serve replica hold the CPUs
+    (Dataset.repartition's whole-CPU tasks would wait forever there)."""
+    from leaml_ray.data.examples import in_blocks_of
+
+    @ray.remote
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    free = ray.available_resources().get("CPU", 0.0)
+    holder = Holder.options(num_cpus=free - 0.5).remote() if free > 0.5 else None
+    try:
+        if holder:
+            ray.get(holder.ready.remote())
+        assert ray.available_resources().get("CPU", 0.0) < 1
+        rows = [{"k": k} for k in range(12)]
+        done = {}
+        cut = lambda: done.update(out=in_blocks_of(ray.data.from_items(rows, override_num_blocks=1), 4).materialize())  # noqa: E731
+        worker = threading.Thread(target=cut, daemon=True)
+        worker.start()
+        worker.join(120)  # a whole-CPU task never gets scheduled: fail instead of hanging the suite
+        assert "out" in done, "in_blocks_of did not finish with less than a CPU free"
+        out = done["out"]
+        assert out.num_blocks() == 3
+        assert sorted(r["k"] for r in out.take_all()) == list(range(12))
+    finally:
+        if holder:
+            ray.kill(holder)

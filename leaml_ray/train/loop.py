@@ -27,6 +27,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from leaml_ray import storage
 from leaml_ray.config import Config, TrainableModelSection
+from leaml_ray.data import examples
 from leaml_ray.models import chat
 from leaml_ray.models.registry import LM_PROJECTIONS, ModelSpec, load_model, load_processor
 
@@ -362,7 +363,7 @@ def run_training(
     # (Ray Data spills materialized blocks to disk when they outgrow the object store)
     # in blocks of a few batches: each block is a round trip to the split coordinator, and small ones (e.g. after
     # a filter or from_items) left the workers waiting for input
-    dataset = dataset.repartition(target_num_rows_per_block=4 * job.batch_size).materialize()
+    dataset = examples.in_blocks_of(dataset, 4 * job.batch_size).materialize()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": asdict(job), "objective": objective or Objective()},
