@@ -22,7 +22,7 @@ from typing import Any
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from leaml_ray import storage
@@ -362,10 +362,17 @@ def run_training(
     state from storage), so a killed driver loses at most `checkpoint_every` steps.
     """
     # run the upstream joins and shuffle once: a lazy dataset re-executes them at every epoch's streaming split
-    # (Ray Data spills materialized blocks to disk when they outgrow the object store)
-    # in blocks of a few batches: each block is a round trip to the split coordinator, and small ones (e.g. after
-    # a filter or from_items) left the workers waiting for input
-    dataset = examples.in_blocks_of(dataset, 4 * job.batch_size).materialize()
+    # (Ray Data spills materialized blocks to disk when they outgrow the object store); in blocks of a few batches:
+    # each block is a round trip to the split coordinator, and small ones (e.g. after a filter or from_items) left
+    # the workers waiting for input; in order, with an ordered split below, so one seed gives one run
+    ctx = dataset.context
+    was_ordered, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        dataset = examples.in_blocks_of(dataset, 4 * job.batch_size).materialize()
+    finally:
+        ctx.execution_options.preserve_order = was_ordered
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # blocks go to workers in order, not by arrival (and not by node locality)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": asdict(job), "objective": objective or Objective()},
@@ -380,6 +387,7 @@ def run_training(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": dataset, **({"score": score_dataset} if score_dataset is not None else {})},
+        dataset_config=DataConfig(execution_options=ingest),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
