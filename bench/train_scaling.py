@@ -6,7 +6,9 @@
   two-pass step without masks (>1 means the masked step is slower);
 - scoring_vs_epoch: the neuron-scoring pass vs one epoch of training over the labeled rows it scores;
 - zero3_peak_mib / zero2_peak_mib: peak RSS per worker for a larger tiny model (hidden 1024, 8 layers, ~150 M
-  parameters), same data and steps (`--only-zero`: just these two; `--only-scaling`: all but these).
+  parameters), same data and steps; zero*_init_peak_mib: the same peak right after deepspeed.initialize
+  (`--only-zero`: just these; `--only-scaling`: all but these);
+- data_share: the share of the steady window rank 0 waited for its next batch (Ray Data shard + encoding).
 Last line: {"two_vs_one", "masked_vs_plain", "scoring_vs_epoch", "zero3_peak_mib", "zero2_peak_mib"}.
 """
 
