@@ -4,10 +4,15 @@ attempt's parts, and skip on rerun.
 (Model quality is the zoo's business: bench/ and the demo measure it.)"""
 
 import json
+import re
+import threading
+import time
+import urllib.request
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from leaml_ray import storage
 from leaml_ray.pipeline import resume_path, run_pipeline, stage_key
@@ -39,6 +44,45 @@ def _config(tmp_path, model):
     )
 
 
+class MetricsScraper(threading.Thread):
+    """Polls this Ray node's Prometheus endpoint; keeps every leaml series seen, with its last value (a worker's
+    gauges vanish from the endpoint some seconds after the worker exits, so they are caught while it runs)."""
+
+    LINE = re.compile(r"^ray_leaml_(\w+)\{(.*)\} (\S+)$")
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.url = f"http://127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}/metrics"
+        self.series: dict[tuple, float] = {}
+        self.highest: dict[tuple, float] = {}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(1.0):
+            self.scrape()
+
+    def scrape(self) -> None:
+        text = urllib.request.urlopen(self.url, timeout=10).read().decode()
+        for name, labels, value in (m.groups() for m in map(self.LINE.match, text.splitlines()) if m):
+            tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+            key = (name, tags.get("run"), tags.get("stage"), tags.get("reason"), tags.get("WorkerId"))
+            self.series[key] = float(value)
+            self.highest[key] = max(float(value), self.highest.get(key, float("-inf")))
+
+    def settle(self, quiet: float = 12.0, limit: float = 90.0) -> None:
+        """Scrape until nothing changed for `quiet` s: Ray exports a process's metrics every few seconds."""
+        start = last_change = time.monotonic()
+        while time.monotonic() - last_change < quiet and time.monotonic() - start < limit:
+            before = dict(self.series)
+            time.sleep(2.0)
+            self.scrape()
+            if self.series != before:
+                last_change = time.monotonic()
+
+    def total(self, name: str, run: str, stage: str) -> float:
+        return sum(v for k, v in self.series.items() if k[:3] == (name, run, stage))
+
+
 def test_pipeline_end_to_end(tmp_path, tiny_model_dir):
     cfg = _config(tmp_path, tiny_model_dir)
     run = cfg.run.dir
@@ -59,7 +103,14 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir):
     fs.create_dir(parts.rsplit("/", 1)[0], recursive=True)
     pq.write_table(leftover, parts, filesystem=fs)
 
-    results = {r.name: r for r in run_pipeline(cfg, ALL_STAGES)}
+    scraper = MetricsScraper()
+    scraper.start()
+    try:
+        results = {r.name: r for r in run_pipeline(cfg, ALL_STAGES)}
+    finally:
+        scraper.done.set()
+        scraper.join()
+    scraper.settle()  # the driver's last counts reach the endpoint a few seconds after the last stage
     assert [r.action for r in results.values()] == ["skipped"] + ["ran"] * 5
 
     images = pq.read_table(storage.join(run, "prepared/images.parquet")).to_pylist()
@@ -106,6 +157,21 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir):
     assert report["config"]["run"]["dir"] == run
     assert storage.exists(storage.join(run, "plots/accuracy.png"))
     assert "| leaml |" in storage.read_bytes(storage.join(run, "report.md")).decode()
+
+    # the dashboard's metrics (Ray's Prometheus endpoint), tagged with this run
+    assert scraper.total("images_captioned_total", run, "caption") == len(to_caption) - 5
+    assert scraper.total("pseudo_qa_kept_total", run, "pseudo_qa") == pseudo["kept"]
+    assert scraper.total("pseudo_qa_rejected_total", run, "pseudo_qa") == pseudo["rejected"]
+    assert scraper.total("answers_generated_total", run, "evaluate") == 2 * test_qa.num_rows
+    for stage in ("caption", "generator", "pseudo_qa", "finetune", "evaluate"):
+        assert scraper.total("stage_running", run, stage) == 0  # finished
+    assert any(v == 1 for k, v in scraper.highest.items() if k[:3] == ("stage_running", run, "caption"))
+    for name in ("generator", "target-leaml"):  # rank 0 of each Ray Train run, seen while it trained
+        steps = [v for k, v in scraper.highest.items() if k[:3] == ("train_step", run, name)]
+        losses = [v for k, v in scraper.series.items() if k[:3] == ("train_loss", run, name)]
+        rates = [v for k, v in scraper.series.items() if k[:3] == ("train_samples_per_s", run, name)]
+        assert steps and max(steps) >= 1, (name, sorted({k[0] for k in scraper.series}))
+        assert losses and all(0 < v < 100 for v in losses) and rates and all(v > 0 for v in rates)
 
     # 2. a rerun of the finished run recomputes nothing
     assert {r.action for r in run_pipeline(cfg, ALL_STAGES)} == {"skipped"}

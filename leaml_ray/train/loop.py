@@ -25,7 +25,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from leaml_ray import storage
+from leaml_ray import dashboard, storage
 from leaml_ray.config import Config, TrainableModelSection
 from leaml_ray.data import examples
 from leaml_ray.models import chat
@@ -59,6 +59,7 @@ class TrainJob:
     seed: int = 0
     use_gpu: bool = False
     threads_per_worker: int = 1
+    run_dir: str = ""  # tags the dashboard's train gauges, with the Ray Train run's name
     fault: dict[str, Any] = field(default_factory=dict)  # {"step": k, "marker": path}: die once at step k (tests)
 
     def optimizer_steps(self, world: int) -> int:
@@ -326,6 +327,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 **metrics,
             }
             history.append(record)
+            if rank == 0:
+                _show(record, job.run_dir, config.get("name", ""))
             if step % job.checkpoint_every == 0 or step == total:
                 _report(engine, record, history, step, rank, objective)
             elif rank == 0 and step % 10 == 0:
@@ -333,6 +336,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if seen == 0:
             raise ValueError(f"rank {rank}: no full batch of {job.batch_size} rows in its data shard")
     _save_hf(engine, job, spec, processor, rank, objective)
+
+
+def _show(record: dict, run_dir: str, name: str) -> None:
+    """Rank 0's latest step on the dashboard's Metrics tab (the gauges live while the worker does)."""
+    for key in ("samples_per_s", "loss", "step"):
+        if key in record:
+            dashboard.gauge(f"train_{key}", record[key], run_dir, name)
 
 
 def _report(engine: Any, record: dict, history: list[dict], step: int, rank: int, objective: Objective) -> None:
@@ -375,7 +385,7 @@ def run_training(
     ingest.preserve_order = True  # blocks go to workers in order, not by arrival (and not by node locality)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": asdict(job), "objective": objective or Objective()},
+        train_loop_config={"job": asdict(job), "objective": objective or Objective(), "name": name},
         scaling_config=ScalingConfig(
             num_workers=num_workers, use_gpu=job.use_gpu, resources_per_worker={"CPU": cpus_per_worker}
         ),
@@ -423,6 +433,7 @@ def job_for(
         checkpoint_every=t.checkpoint_every,
         seed=cfg.run.seed,
         use_gpu=t.use_gpu,
+        run_dir=cfg.run.dir,
     )
 
 
