@@ -44,6 +44,8 @@ VARIANTS = {
     "leaml_all_neurons": ["generator.score=all"],
     "leaml_random_neurons": ["generator.score=random"],
     "leaml_caption_filter": ["pseudo_qa.consistency_filter=caption"],
+    "leaml_labeled_questions": ["pseudo_qa.questions=labeled"],
+    "leaml_labeled_questions_greedy": ["pseudo_qa.questions=labeled", "pseudo_qa.answer_decoding=greedy"],
 }
 ABLATIONS = ["leaml_no_caption", "leaml_all_neurons", "leaml_random_neurons"]
 METHOD_ORDER = ["zero_shot", "lora", "full", "leaml", *VARIANTS]

@@ -96,6 +96,12 @@ class PseudoQASection(Section):
     answer_decoding: Literal["greedy", "sampled"] = Field(
         "sampled", description="sampled: one sampled pass; greedy: sample the question, then answer it greedily"
     )
+    questions: Literal["generated", "labeled"] = Field(
+        "generated",
+        description="generated: the generator writes question and answer (the paper); labeled: each sample asks"
+        " one of the labeled questions (distinct per image, drawn as often as the labeled data asks them) and the"
+        " generator writes the answer",
+    )
     consistency_filter: Literal["off", "teacher", "target", "caption"] = Field(
         "off",
         description="teacher / target: that model answers the pseudo question and must agree; caption: an answer"

@@ -4,7 +4,18 @@ import pyarrow as pa
 import pytest
 
 from leaml_ray.models import chat
-from leaml_ray.stages.pseudo_qa import AnswerRules, answer_rules, caption_filter, check_pair, parse_qa, pseudo_qa_inputs
+from leaml_ray.stages.pseudo_qa import (
+    AnswerRules,
+    _join_reply,
+    _requests,
+    answer_rules,
+    caption_filter,
+    check_pair,
+    draw_questions,
+    parse_qa,
+    pseudo_qa_inputs,
+    question_bank,
+)
 
 RULES = AnswerRules(max_answer_words=2, max_question_words=12, vocabulary=frozenset({"red", "blue", "circle", "2"}))
 
@@ -90,3 +101,29 @@ def test_the_caption_filter_makes_captions_an_input_of_the_stage(tmp_path):
 
     assert "captions.parquet" not in pseudo_qa_inputs(make_config(tmp_path))
     assert "captions.parquet" in pseudo_qa_inputs(make_config(tmp_path, "pseudo_qa.consistency_filter=caption"))
+
+
+def test_labeled_questions_are_distinct_per_image_and_drawn_as_often_as_labeled():
+    questions = ["what shape?", "what color?", "what color?", "what size?"]
+    qa = pa.table({"image_id": ["l1", "l1", "l2", "l2"], "question": questions, "answer": ["a", "b", "c", "d"]})
+    bank = question_bank(qa)
+    assert sorted(bank.items()) == [("what color?", 2), ("what shape?", 1), ("what size?", 1)]
+    assert draw_questions(bank, 5, seed=3) == draw_questions(bank, 5, seed=3)  # seeded
+    assert sorted(draw_questions(bank, 5, seed=3)) == sorted(bank)  # all of them when asked for more
+    firsts = [draw_questions(bank, 1, seed=s)[0] for s in range(3000)]
+    assert 0.42 < firsts.count("what color?") / 3000 < 0.58  # asked twice as often as each of the others: 1/2
+    pairs = [draw_questions(bank, 2, seed=s) for s in range(200)]
+    assert all(len(set(p)) == 2 for p in pairs)
+
+    images = pa.table({"image_id": ["i1", "i2"], "image": [b"x", b"y"]})
+    requests = _requests(images, samples=2, seed=0, questions=bank)
+    assert requests["key"].to_pylist() == ["i1#0", "i1#1", "i2#0", "i2#1"]
+    prefixes = requests["response_prefix"].to_pylist()
+    assert all(p.startswith("Question: ") and p.endswith("\nAnswer:") for p in prefixes)
+    # the generator's continuation after the prefix parses back into the drawn question and its answer
+    replies = pa.table(
+        {"image_id": requests["image_id"], "key": requests["key"], "response_prefix": prefixes, "text": [" blue"] * 4}
+    )
+    parsed = [parse_qa(t) for t in _join_reply(replies)["text"].to_pylist()]
+    assert [q for q, _ in parsed] == [p[len("Question: ") : -len("\nAnswer:")] for p in prefixes]
+    assert {a for _, a in parsed} == {"blue"}

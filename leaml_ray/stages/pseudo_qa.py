@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 import unicodedata
 from collections import Counter
@@ -33,6 +34,7 @@ from leaml_ray.generation import (
     teacher_endpoint,
 )
 from leaml_ray.metrics import normalize
+from leaml_ray.models import chat
 from leaml_ray.models.registry import QA_GEN_PROMPT, spec_for
 from leaml_ray.models.zoo import resolve
 from leaml_ray.pipeline import Stage, StageContext
@@ -113,18 +115,35 @@ def check_pair(question: str, answer: str, rules: AnswerRules, seen_questions: s
     return None
 
 
-def _requests(batch: pa.Table, samples: int, seed: int) -> pa.Table:
+def _requests(batch: pa.Table, samples: int, seed: int, questions: dict[str, int] | None = None) -> pa.Table:
+    """`samples` generation requests per image; with a question bank, each opens the answer with one of its
+    questions ("Question: ...\nAnswer:") for the generator to continue."""
     ids, images = batch["image_id"].to_pylist(), batch["image"]
     n = len(ids)
-    return pa.table(
-        {
-            "image_id": [i for i in ids for _ in range(samples)],
-            "key": [f"{i}#{k}" for i in ids for k in range(samples)],
-            "image": images.take(pa.array([r for r in range(n) for _ in range(samples)])),
-            "instruction": [QA_GEN_PROMPT] * (n * samples),
-            "sampling_seed": [(examples.stable_int(i, seed) + k) % 2**31 for i in ids for k in range(samples)],
-        }
-    )
+    table = {
+        "image_id": [i for i in ids for _ in range(samples)],
+        "key": [f"{i}#{k}" for i in ids for k in range(samples)],
+        "image": images.take(pa.array([r for r in range(n) for _ in range(samples)])),
+        "instruction": [QA_GEN_PROMPT] * (n * samples),
+        "sampling_seed": [(examples.stable_int(i, seed) + k) % 2**31 for i in ids for k in range(samples)],
+    }
+    if questions is not None:
+        asked = [q for i in ids for q in draw_questions(questions, samples, examples.stable_int(i, seed))]
+        table["response_prefix"] = [chat.qa_target(q, "").rstrip() for q in asked]
+    return pa.table(table)
+
+
+def question_bank(qa: pa.Table) -> dict[str, int]:
+    """The labeled questions (as the generator was trained to write them) and how often the labeled data asks each."""
+    return dict(Counter(examples.answer_examples(qa)["instruction"].to_pylist()))
+
+
+def draw_questions(bank: dict[str, int], k: int, seed: int) -> list[str]:
+    """k distinct questions (all of them when there are fewer), each drawn in proportion to its count (seeded)."""
+    rng = random.Random(seed)
+    # weighted sampling without replacement: the k largest u^(1/w) (Efraimidis and Spirakis)
+    keys = sorted(bank, key=lambda q: rng.random() ** (1.0 / bank[q]), reverse=True)
+    return keys[: min(k, len(keys))]
 
 
 def _answer_requests(batch: pa.Table) -> pa.Table:
@@ -155,35 +174,44 @@ def pseudo_qa_stage(ctx: StageContext) -> dict[str, Any]:
     """Run the pseudo_qa stage (see the module docstring)."""
     cfg, pq_cfg = ctx.cfg, ctx.cfg.pseudo_qa
     images_path = ctx.input("prepared/images.parquet")
-    labeled = examples.generator_examples(examples.read_table(ctx.input("prepared/qa.parquet"), split="labeled"))
-    rules = answer_rules(labeled, pq_cfg.closed_vocabulary)
+    labeled_qa = examples.read_table(ctx.input("prepared/qa.parquet"), split="labeled")
+    rules = answer_rules(examples.generator_examples(labeled_qa), pq_cfg.closed_vocabulary)
+    bank = question_bank(labeled_qa) if pq_cfg.questions == "labeled" else None
+    samples = min(pq_cfg.samples_per_image, len(bank)) if bank else pq_cfg.samples_per_image
     parts = storage.join(ctx.resume_dir, "parts")
     done = done_keys(parts, "key")
     requests = examples.images_of(images_path, ["unlabeled"]).map_batches(
         _requests,
         batch_format="pyarrow",
-        fn_kwargs={"samples": pq_cfg.samples_per_image, "seed": cfg.run.seed},
+        fn_kwargs={"samples": samples, "seed": cfg.run.seed, "questions": bank},
         num_cpus=0.25,
     )
     requests = skip_done(requests, "key", done)
     spec = spec_for(cfg, "generator")
     path = ctx.input("generator")
     sampling = {"temperature": pq_cfg.temperature, "top_p": pq_cfg.top_p, "max_tokens": pq_cfg.max_new_tokens}
+    greedy_answer = {"temperature": 0.0, "max_tokens": pq_cfg.max_new_tokens, "stop": ["\n"]}
     settings = engine_settings(cfg)
-    if pq_cfg.answer_decoding == "greedy":
+    if bank is not None:
+        # the question is given: the generator writes the answer line only
+        answer = greedy_answer if pq_cfg.answer_decoding == "greedy" else {**sampling, "stop": ["\n"]}
+        answered = generate(requests, spec, path, answer, settings, keep=("image_id", "key", "response_prefix"))
+        stream_to_parts(
+            answered.map_batches(_join_reply, batch_format="pyarrow", num_cpus=0.25), parts, settings.rows_per_part
+        )
+    elif pq_cfg.answer_decoding == "greedy":
         # sample the question only, then let the generator answer it with its most likely answer
         ask = {**sampling, "stop": ["\nAnswer:"], "include_stop_str_in_output": True}
         asked = generate(requests, spec, path, ask, settings, keep=("image_id", "key"))
         # question texts come back to the driver (small), so the two engines never run at the same time:
         # two engine replicas at once starve a small machine
         questions = pa.Table.from_pylist(list(asked.select_columns(["image_id", "key", "text"]).iter_rows()))
-        answer = {"temperature": 0.0, "max_tokens": pq_cfg.max_new_tokens, "stop": ["\n"]}
         if questions.num_rows:  # zero when an interrupted attempt already finished every request
             answer_rows = examples.with_images(images_path, questions).map_batches(
                 _answer_requests, batch_format="pyarrow", num_cpus=0.25
             )
             keep = ("image_id", "key", "response_prefix")
-            answered = generate(answer_rows, spec, path, answer, settings, keep=keep)
+            answered = generate(answer_rows, spec, path, greedy_answer, settings, keep=keep)
             joined = answered.map_batches(_join_reply, batch_format="pyarrow", num_cpus=0.25)
             stream_to_parts(joined, parts, settings.rows_per_part)
     else:
