@@ -46,6 +46,7 @@ VARIANTS = {
     "leaml_caption_filter": ["pseudo_qa.consistency_filter=caption"],
     "leaml_labeled_questions": ["pseudo_qa.questions=labeled"],
     "leaml_labeled_questions_greedy": ["pseudo_qa.questions=labeled", "pseudo_qa.answer_decoding=greedy"],
+    "leaml_labeled_questions_caption_filter": ["pseudo_qa.questions=labeled", "pseudo_qa.consistency_filter=caption"],
 }
 ABLATIONS = ["leaml_no_caption", "leaml_all_neurons", "leaml_random_neurons"]
 METHOD_ORDER = ["zero_shot", "lora", "full", "leaml", *VARIANTS]
