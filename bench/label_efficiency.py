@@ -8,12 +8,13 @@ For each seed and label ratio, one run dir `<root>/seed<S>/ratio<R>` runs the pi
     same run dir with `eval.methods=[leaml]`, so the manifest reuses prepare and caption and only generator,
     pseudo_qa, finetune and evaluate run again. Default: the paper's ablations leaml_no_caption
     (generator.caption_distill=false), leaml_all_neurons (generator.score=all), leaml_random_neurons
-    (generator.score=random); also known: leaml_caption_filter (pseudo_qa.consistency_filter=caption);
+    (generator.score=random); also known: leaml_generated_questions (the paper's pseudo QA: the generator writes
+    the question too, answers sampled), leaml_sampled_answers, leaml_caption_filter;
   - ratio 1.0 is the upper bound: lora and full on every label (no unlabeled images are left to caption), each
     labeled pair seen `target.epochs` times (labeled_upsample 1).
 Writes bench/results/<name>.{json,md,png} (default name label_efficiency): mean, standard deviation and the runs of
-every cell. A full run starts the table afresh; `--quick` (seed 0 at 1%) and `--variants-only` replace only the
-cells they measure and keep the rest.
+every cell. A full run starts the table afresh; `--quick` (seed 0 at 1%), `--variants-only` and `--merge` replace
+only the cells they measure and keep the rest.
 key=value overrides pass through to every run, e.g. `data.source=jsonl data.path=my.jsonl --name my_data`.
 Last line: {"ratios": {...}, "seconds": f}.
 """
@@ -43,10 +44,10 @@ VARIANTS = {
     "leaml_no_caption": ["generator.caption_distill=false"],
     "leaml_all_neurons": ["generator.score=all"],
     "leaml_random_neurons": ["generator.score=random"],
+    # the paper's pseudo QA: the generator writes the question too, answers sampled (the default until session 6)
+    "leaml_generated_questions": ["pseudo_qa.questions=generated", "pseudo_qa.answer_decoding=sampled"],
+    "leaml_sampled_answers": ["pseudo_qa.answer_decoding=sampled"],
     "leaml_caption_filter": ["pseudo_qa.consistency_filter=caption"],
-    "leaml_labeled_questions": ["pseudo_qa.questions=labeled"],
-    "leaml_labeled_questions_greedy": ["pseudo_qa.questions=labeled", "pseudo_qa.answer_decoding=greedy"],
-    "leaml_labeled_questions_caption_filter": ["pseudo_qa.questions=labeled", "pseudo_qa.consistency_filter=caption"],
 }
 ABLATIONS = ["leaml_no_caption", "leaml_all_neurons", "leaml_random_neurons"]
 METHOD_ORDER = ["zero_shot", "lora", "full", "leaml", *VARIANTS]
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(ABLATIONS), help="of: " + ", ".join(VARIANTS))
     parser.add_argument("--variant-ratios", default="0.01", help="ratios that also run the variants")
     parser.add_argument("--variants-only", action="store_true", help="skip the baselines and leaml")
+    parser.add_argument("--merge", action="store_true", help="replace only the cells measured, keep the rest")
     parser.add_argument("--root", default="runs/label_efficiency", help="parent of the run dirs")
     parser.add_argument("--name", default="label_efficiency", help="results file name under bench/results/")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to every run")
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     cells = summarise(runs)
     path = RESULTS / f"{args.name}.json"
-    partial = args.quick or args.variants_only
+    partial = args.quick or args.variants_only or args.merge
     previous = json.loads(path.read_text()) if partial and path.exists() else None
     scope = f"{len(seeds)} seed(s), ratios {', '.join(cells)}, overrides {args.overrides or 'none'}"
     table = merge(previous, cells, scope, seconds)

@@ -93,14 +93,16 @@ class PseudoQASection(Section):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(32, ge=1)
-    answer_decoding: Literal["greedy", "sampled"] = Field(
-        "sampled", description="sampled: one sampled pass; greedy: sample the question, then answer it greedily"
-    )
+    # labeled + greedy: +11.9 points over the paper's mode at 1% labels, 3 seeds (README, label efficiency)
     questions: Literal["generated", "labeled"] = Field(
-        "generated",
-        description="generated: the generator writes question and answer (the paper); labeled: each sample asks"
-        " one of the labeled questions (distinct per image, drawn as often as the labeled data asks them) and the"
-        " generator writes the answer",
+        "labeled",
+        description="labeled: each sample asks one of the labeled questions (distinct per image, drawn as often as"
+        " the labeled data asks them) and the generator writes the answer; generated: the generator writes question"
+        " and answer (the paper's mode; for tasks whose questions are specific to each image)",
+    )
+    answer_decoding: Literal["greedy", "sampled"] = Field(
+        "greedy",
+        description="greedy: the answer is the generator's most likely one; sampled: sampled like the question",
     )
     consistency_filter: Literal["off", "teacher", "target", "caption"] = Field(
         "off",
