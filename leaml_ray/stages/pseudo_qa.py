@@ -37,7 +37,7 @@ from leaml_ray.metrics import normalize
 from leaml_ray.models import chat
 from leaml_ray.models.registry import QA_GEN_PROMPT, spec_for
 from leaml_ray.models.zoo import resolve
-from leaml_ray.pipeline import Stage, StageContext
+from leaml_ray.pipeline import Stage, StageContext, StageError
 
 log = logging.getLogger("leaml_ray")
 QA_PATTERN = re.compile(r"^\s*Question:\s*(?P<q>.*?)\s*\n\s*Answer:\s*(?P<a>[^\n]*)", re.DOTALL)
@@ -177,6 +177,8 @@ def pseudo_qa_stage(ctx: StageContext) -> dict[str, Any]:
     labeled_qa = examples.read_table(ctx.input("prepared/qa.parquet"), split="labeled")
     rules = answer_rules(examples.generator_examples(labeled_qa), pq_cfg.closed_vocabulary)
     bank = question_bank(labeled_qa) if pq_cfg.questions == "labeled" else None
+    if bank is not None and not bank:
+        raise StageError("pseudo_qa: questions=labeled needs labeled QA pairs to draw the questions from")
     samples = min(pq_cfg.samples_per_image, len(bank)) if bank else pq_cfg.samples_per_image
     parts = storage.join(ctx.resume_dir, "parts")
     done = done_keys(parts, "key")

@@ -328,7 +328,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             }
             history.append(record)
             if rank == 0:
-                _show(record, job.run_dir, config.get("name", ""))
+                _show(record, job.run_dir, config["name"])
             if step % job.checkpoint_every == 0 or step == total:
                 _report(engine, record, history, step, rank, objective)
             elif rank == 0 and step % 10 == 0:
