@@ -48,6 +48,12 @@ VARIANTS = {
     "leaml_generated_questions": ["pseudo_qa.questions=generated", "pseudo_qa.answer_decoding=sampled"],
     "leaml_sampled_answers": ["pseudo_qa.answer_decoding=sampled"],
     "leaml_caption_filter": ["pseudo_qa.consistency_filter=caption"],
+    # the mixing factor: labeled pairs repeated 16x instead of 4x next to ~1,000 pseudo pairs
+    "leaml_labeled_x16": ["target.labeled_upsample=16"],
+    # the generator's QA training: its epochs run over the captioned images, so with more labels each labeled pair
+    # is seen less often (10%: ~11 times vs ~39 for full finetuning); 3x the epochs
+    "leaml_generator_x3": ["generator.epochs=15"],
+    "leaml_generator_x3_labeled_x16": ["generator.epochs=15", "target.labeled_upsample=16"],
 }
 ABLATIONS = ["leaml_no_caption", "leaml_all_neurons", "leaml_random_neurons"]
 METHOD_ORDER = ["zero_shot", "lora", "full", "leaml", *VARIANTS]
