@@ -27,6 +27,7 @@ import ray.data  # noqa: E402
 from leaml_ray.data import synthetic  # noqa: E402
 from leaml_ray.models import chat, tiny  # noqa: E402
 from leaml_ray.models.registry import CAPTION_PROMPT, QA_GEN_PROMPT  # noqa: E402
+from leaml_ray.placement import TrainPlacement  # noqa: E402
 from leaml_ray.train.loop import Objective, TrainJob, run_training  # noqa: E402
 from leaml_ray.train.neurons import NeuronDistillation  # noqa: E402
 
@@ -76,8 +77,7 @@ def train(model: str, data: list[dict], tmp: str, name: str, workers: int, objec
         ds,
         name,
         f"{tmp}/ckpt",
-        workers,
-        1.0,
+        TrainPlacement(workers=workers, cpus_per_worker=1.0),
         0,
         objective,
         score if isinstance(objective, NeuronDistillation) else None,

@@ -14,9 +14,9 @@ import sys
 
 from leaml_ray import serve
 from leaml_ray.config import ConfigError, load_config
-from leaml_ray.generation import engine_settings
 from leaml_ray.models.zoo import resolve
 from leaml_ray.pipeline import load_manifest
+from leaml_ray.placement import engine_settings
 from leaml_ray.runtime import connect, setup_logging
 
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.serve_until_stopped(
         model_id,
         resolve(args.model),
-        engine_settings(cfg),
+        engine_settings(cfg, "target"),
         args.host,
         args.port,
         cfg.target.trust_remote_code,

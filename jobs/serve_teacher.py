@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 from leaml_ray import serve
 from leaml_ray.config import ConfigError, load_config
-from leaml_ray.generation import engine_settings
 from leaml_ray.models.zoo import resolve
+from leaml_ray.placement import engine_settings
 from leaml_ray.runtime import connect, setup_logging
 
 
@@ -24,9 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the command line and serve the teacher until stopped; returns the exit code."""
     parser = argparse.ArgumentParser(prog="serve_teacher.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="preset name or YAML path")
-    parser.add_argument(
-        "--max-replicas", type=int, default=None, help="autoscale up to N (default: teacher.concurrency)"
-    )
+    parser.add_argument("--max-replicas", type=int, default=None, help="autoscale up to N (default: teacher.replicas)")
     parser.add_argument("--detach", action="store_true", help="return once deployed; the app keeps running")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
@@ -44,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.serve_until_stopped(
         cfg.teacher.model,
         resolve(cfg.teacher.model),
-        engine_settings(cfg, teacher=True),
+        engine_settings(cfg, "teacher"),
         where.hostname or "127.0.0.1",
         where.port or 8000,
         cfg.teacher.trust_remote_code,
-        max_replicas=args.max_replicas or cfg.teacher.concurrency,
+        max_replicas=args.max_replicas or cfg.teacher.replicas,
         detach=args.detach,
     )
     return 0

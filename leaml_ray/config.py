@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "tiny-cpu"
@@ -26,6 +26,9 @@ class RunSection(Section):
     dir: str = Field("runs/tiny-cpu", description="run directory: local path or s3:// / gs:// URI")
     seed: int = Field(0, ge=0, description="seed of the split, the synthetic world and training")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    shared_fs: bool = Field(
+        False, description="a local run.dir that every node of the cluster mounts (NFS, EFS, Filestore)"
+    )
 
 
 class DataSection(Section):
@@ -41,11 +44,37 @@ class DataSection(Section):
     image_size: int = Field(56, ge=28, le=448, multiple_of=28, description="synthetic: image side in pixels")
 
 
+Device = Literal["cpu", "gpu"]
+
+
 class ModelSection(Section):
-    model: str = Field(description="HF id, local folder, or zoo:<role> for the tiny offline zoo")
+    model: str = Field(description="HF id, local folder, s3:// / gs:// folder, or zoo:<role> for the tiny offline zoo")
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_pixels: int = Field(256 * 28 * 28, ge=28 * 28, description="processor max_pixels")
+    max_pixels: int = Field(256 * 28 * 28, ge=28 * 28, description="processor max_pixels (training and every engine)")
+    # where and how this role's inference engine runs: placement is configuration, never detection (the driver
+    # that builds the engine runs on a GPU-less head under `ray job submit`)
+    device: Device = Field("cpu", description="device of this role's inference engine replicas")
+    engine: Literal["ray_data_llm", "actor_pool"] = Field(
+        "ray_data_llm",
+        description="inference engine: the ray.data.llm processor, or Ray Data actors owning an in-process vllm.LLM"
+        " (one device per replica; see bench/caption_throughput.py)",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine replica (x pipeline_parallel_size)")
+    pipeline_parallel_size: int = Field(1, ge=1)
+    replicas: int = Field(1, ge=1, description="engine replicas")
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs reserved per engine replica")
+    engine_batch_size: int = Field(16, ge=1, description="rows per engine batch")
+    max_model_len: int = Field(512, ge=64, description="engine context length")
+
+    @model_validator(mode="after")
+    def _placement_is_possible(self) -> ModelSection:
+        gpus = self.tensor_parallel_size * self.pipeline_parallel_size
+        if gpus > 1 and self.device != "gpu":
+            raise ValueError(f"tensor x pipeline parallel {gpus} needs device: gpu")
+        if gpus > 1 and self.engine == "actor_pool":
+            raise ValueError("engine actor_pool runs one device per replica; use ray_data_llm for parallelism")
+        return self
 
 
 class TeacherSection(ModelSection):
@@ -56,16 +85,6 @@ class TeacherSection(ModelSection):
         " (jobs/serve_teacher.py)",
     )
     endpoint: str = Field("http://127.0.0.1:8000", description="base URL of the served teacher (mode serve)")
-    engine: Literal["ray_data_llm", "actor_pool"] = Field(
-        "ray_data_llm",
-        description="in-job generation engine of every stage: the ray.data.llm processor, or Ray Data actors owning"
-        " an in-process vllm.LLM (one device per replica; see bench/caption_throughput.py)",
-    )
-    tensor_parallel_size: int = Field(1, ge=1)
-    pipeline_parallel_size: int = Field(1, ge=1)
-    concurrency: int = Field(1, ge=1, description="engine replicas")
-    batch_size: int = Field(16, ge=1)
-    max_model_len: int = Field(512, ge=64)
     max_new_tokens: int = Field(48, ge=1)
     caption_labeled: bool = Field(True, description="also caption labeled images")
 
@@ -119,7 +138,7 @@ class TargetSection(TrainableModelSection):
 
 class TrainSection(Section):
     num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
+    device: Device = Field("cpu", description="gpu: one GPU per worker, nccl, bf16; cpu: gloo, fp32")
     zero_stage: Literal[2, 3] = 2
     batch_size: int = Field(16, ge=1, description="per worker")
     grad_accum: int = Field(1, ge=1)
@@ -128,6 +147,8 @@ class TrainSection(Section):
     max_failures: int = Field(2, ge=-1, description="-1: retry forever")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
     cpus_per_worker: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (memory for time)")
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="attention kernel")
 
 
 EvalMethod = Literal[
@@ -138,7 +159,6 @@ EvalMethod = Literal[
 class EvalSection(Section):
     methods: list[EvalMethod] = ["leaml", "lora", "full", "zero_shot"]
     max_new_tokens: int = Field(16, ge=1)
-    batch_size: int = Field(32, ge=1)
 
 
 class ClusterSection(Section):
@@ -159,6 +179,24 @@ class Config(Section):
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     cluster: ClusterSection = ClusterSection()
+
+    @model_validator(mode="after")
+    def _every_learning_rate_set_is_used(self) -> Config:
+        # `lr` trains full finetuning and `lora_lr` LoRA: a preset that sets the one its runs never use would
+        # silently train at the other's default (e.g. lr: 1e-4 with finetune: lora ran at 5e-3)
+        target_modes = {self.target.finetune} | ({"lora", "full"} & set(self.eval.methods))
+        for name, section, modes in (
+            ("generator", self.generator, {self.generator.finetune}),
+            ("target", self.target, target_modes),
+        ):
+            for field, mode in (("lr", "full"), ("lora_lr", "lora")):
+                if field in section.model_fields_set and mode not in modes:
+                    used = "lora_lr" if field == "lr" else "lr"
+                    raise ValueError(
+                        f"{name}.{field} is the learning rate of {mode} finetuning, which this config never runs "
+                        f"({name}.finetune={section.finetune}); set {name}.{used}"
+                    )
+        return self
 
     def subset(self, keys: tuple[str, ...]) -> dict[str, Any]:
         """The values of dotted keys (sections or fields), for hashing a stage's dependencies."""

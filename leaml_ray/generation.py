@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -24,65 +23,12 @@ import ray.data
 from leaml_ray import storage
 from leaml_ray.config import Config
 from leaml_ray.data import examples
-from leaml_ray.engine import CPU_ENV, engine_kwargs, on_gpu
 from leaml_ray.models import chat
-from leaml_ray.models.registry import ModelSpec, load_processor
+from leaml_ray.models.registry import ModelSpec, load_processor, local_folder
 from leaml_ray.pipeline import StageError
+from leaml_ray.placement import EngineSettings, actor_pool_placement, ray_data_llm_placement
 
 PLACEHOLDER = "\x00INSTRUCTION\x00"
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """How the engine runs: replicas, batch size, lengths, parallelism."""
-
-    batch_size: int = 16
-    concurrency: int = 1
-    max_model_len: int = 512
-    max_num_seqs: int = 64
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    dtype: str = "auto"
-    seed: int = 0
-    backend: str = "ray_data_llm"  # or "actor_pool": Ray Data actors owning an in-process vllm.LLM
-
-    @property
-    def rows_per_part(self) -> int:
-        """Results per resumable part file: a crash loses at most this many generations."""
-        return 4 * self.batch_size
-
-    def engine_args(self, path: str, trust_remote_code: bool = False) -> dict[str, Any]:
-        """vLLM engine arguments for a model folder under these settings (every engine path uses these)."""
-        return engine_kwargs(
-            path,
-            dtype=self.dtype,
-            max_model_len=self.max_model_len,
-            max_num_seqs=self.max_num_seqs,
-            seed=self.seed,
-            tensor_parallel_size=self.tensor_parallel_size,
-            pipeline_parallel_size=self.pipeline_parallel_size,
-            trust_remote_code=trust_remote_code,
-        )
-
-
-def engine_settings(cfg: Config, teacher: bool = False) -> EngineSettings:
-    """Engine settings of a run: the teacher's parallelism and dtype for captions; one replica for the run's own
-    small models (generator, target), with the same batch size and context length."""
-    t = cfg.teacher
-    if not teacher:
-        return EngineSettings(
-            batch_size=t.batch_size, max_model_len=t.max_model_len, seed=cfg.run.seed, backend=t.engine
-        )
-    return EngineSettings(
-        batch_size=t.batch_size,
-        concurrency=t.concurrency,
-        max_model_len=t.max_model_len,
-        tensor_parallel_size=t.tensor_parallel_size,
-        pipeline_parallel_size=t.pipeline_parallel_size,
-        dtype=t.dtype,
-        seed=cfg.run.seed,
-        backend=t.engine,
-    )
 
 
 def teacher_endpoint(cfg: Config) -> str | None:
@@ -128,14 +74,11 @@ def generate(
 
     kwargs = settings.engine_args(path, spec.trust_remote_code)
     kwargs.pop("model")
-    gpu = on_gpu()
     config = vLLMEngineProcessorConfig(
         model_source=path,
         engine_kwargs=kwargs,
         batch_size=settings.batch_size,
-        concurrency=settings.concurrency,
-        runtime_env=None if gpu else {"env_vars": CPU_ENV},
-        placement_group_config=None if gpu else {"bundles": [{"CPU": 1}]},
+        **ray_data_llm_placement(settings),
         chat_template_stage=False,
         tokenize_stage=False,
         prepare_multimodal_stage=False,
@@ -179,7 +122,8 @@ class _EngineActor:
     def __init__(self, kwargs: dict[str, Any], template: str, sampling: dict[str, Any], keep: tuple[str, ...]):
         from vllm import LLM
 
-        self.llm = LLM(**kwargs)
+        # a model folder on an object store: copied to this node's disk once (vLLM reads local folders)
+        self.llm = LLM(**{**kwargs, "model": local_folder(kwargs["model"])})
         self.template, self.sampling, self.keep = template, sampling, keep
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -207,11 +151,10 @@ def _generate_actor_pool(
     settings: EngineSettings,
     keep: tuple[str, ...],
 ) -> ray.data.Dataset:
-    """`generate` on `settings.concurrency` actors that each own an in-process vLLM engine (one device each)."""
+    """`generate` on `settings.replicas` actors that each own an in-process vLLM engine (one device each)."""
     if settings.tensor_parallel_size * settings.pipeline_parallel_size > 1:
-        raise StageError("teacher.engine=actor_pool runs one device per replica; use ray_data_llm for parallelism")
+        raise StageError("engine actor_pool runs one device per replica; use ray_data_llm for parallelism")
     kwargs = settings.engine_args(path, spec.trust_remote_code)
-    gpu = on_gpu()
     return ds.map_batches(
         _EngineActor,
         fn_constructor_kwargs={
@@ -222,10 +165,8 @@ def _generate_actor_pool(
         },
         batch_size=settings.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=settings.concurrency),
-        num_gpus=1 if gpu else 0,
-        num_cpus=None if gpu else 1,
-        runtime_env=None if gpu else {"env_vars": CPU_ENV},
+        compute=ray.data.ActorPoolStrategy(size=settings.replicas),
+        **actor_pool_placement(settings),
     )
 
 
@@ -247,7 +188,7 @@ def _generate_served(
         batch_size=settings.batch_size,
         max_retries=3,  # a replica restarting or scaling answers 503 for a moment
         # one request in flight per actor: several actors keep the server's batches full
-        http_request_stage={"concurrency": 4 * settings.concurrency, "num_cpus": 0.1},
+        http_request_stage={"concurrency": 4 * settings.replicas, "num_cpus": 0.1},
     )
 
     def preprocess(row: dict) -> dict:

@@ -7,7 +7,7 @@ import string
 import unicodedata
 from collections import defaultdict
 
-from leaml_ray.data.sources import LETTERS
+from leaml_ray.formats import LETTERS
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 PUNCT = str.maketrans({c: " " for c in string.punctuation})

@@ -8,7 +8,8 @@ import tempfile
 
 import ray
 
-from leaml_ray.config import ClusterSection
+from leaml_ray.config import ClusterSection, Config
+from leaml_ray.pipeline import StageError
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -40,3 +41,21 @@ def connect(cluster: ClusterSection) -> None:
         dashboard_host=cluster.dashboard_host,
         _temp_dir=temp_dir,
     )
+
+
+def check_run_dir_for_cluster(cfg: Config) -> None:
+    """Refuse a local run dir that other nodes cannot see: rank 0 of a training run or an engine replica on another
+    node would write to its own disk, and the driver would find nothing."""
+    if "://" in cfg.run.dir or cfg.run.shared_fs:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    gpu_roles = cfg.train.device == "gpu" or any(
+        getattr(cfg, r).device == "gpu" for r in ("teacher", "generator", "target")
+    )
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    if len(nodes) > 1 or (gpu_roles and not has_gpus):
+        why = f"{len(nodes)} nodes" if len(nodes) > 1 else "GPU nodes the autoscaler adds"
+        raise StageError(
+            f"run.dir {cfg.run.dir} is a local path on a cluster with {why}; use an s3:// / gs:// run dir, "
+            "or set run.shared_fs=true if every node mounts it"
+        )

@@ -13,8 +13,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from leaml_ray.engine import CPU_ENV, on_gpu
-from leaml_ray.generation import EngineSettings
+from leaml_ray.placement import EngineSettings, serve_placement
 
 APP_NAME = "leaml"
 
@@ -38,20 +37,11 @@ def llm_config(
     kwargs = settings.engine_args(path, trust_remote_code)
     kwargs.pop("model")
     kwargs.pop("disable_log_stats")  # Serve exports the engine's metrics to the dashboard; they need the stats
-    cpu = (
-        {}
-        if on_gpu()
-        else {
-            "accelerator_config": {"kind": "cpu"},
-            "placement_group_config": {"bundles": [{"CPU": 1}]},
-            "runtime_env": {"env_vars": CPU_ENV},
-        }
-    )
     return LLMConfig(
         model_loading_config={"model_id": served_id(model_id), "model_source": path},
         engine_kwargs=kwargs,
         deployment_config={"autoscaling_config": {"min_replicas": min_replicas, "max_replicas": max_replicas}},
-        **cpu,
+        **serve_placement(settings),
     )
 
 

@@ -24,7 +24,7 @@ def test_every_preset_validates(preset):
 def test_production_presets_describe_the_paper_setup():
     cfg = load_config("kvasir-vqa-1pct")
     assert cfg.teacher.model == "Qwen/Qwen2.5-VL-72B-Instruct" and cfg.teacher.tensor_parallel_size == 8
-    assert cfg.data.label_ratio == 0.01 and cfg.train.use_gpu and cfg.train.zero_stage == 3
+    assert cfg.data.label_ratio == 0.01 and cfg.train.device == "gpu" and cfg.train.zero_stage == 3
     assert load_config("sportu-1pct").data.source == "sportu"
 
 
@@ -129,7 +129,29 @@ def test_caption_key_follows_what_changes_captions_not_how_they_are_computed():
 
     base = key()
     assert key("teacher.mode=serve", "teacher.endpoint=http://127.0.0.1:9", "teacher.engine=ray_data_llm") == base
-    assert key("teacher.batch_size=4", "teacher.concurrency=2") == base
+    assert key("teacher.engine_batch_size=4", "teacher.replicas=2", "teacher.cpus_per_replica=2") == base
     assert key("teacher.model=/models/other") != base
     assert key("teacher.max_new_tokens=8") != base
     assert key("teacher.caption_labeled=false") != base
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        # generator trains with LoRA: its `lr` would never be used
+        (["generator.finetune=lora", "generator.lr=1e-4"], "generator.lr is the learning rate of full finetuning"),
+        (["generator.lora_lr=1e-4"], "generator.lora_lr is the learning rate of lora finetuning"),
+        # the target's lora_lr trains the lora baseline, its lr the full one: unused only without either
+        (["eval.methods=[leaml]", "target.lora_lr=1e-4"], "target.lora_lr is the learning rate of lora finetuning"),
+        (["target.tensor_parallel_size=2"], "tensor x pipeline parallel 2 needs device: gpu"),
+        (["target.device=gpu", "target.tensor_parallel_size=2", "target.engine=actor_pool"], "one device per replica"),
+    ],
+)
+def test_settings_that_would_be_silently_ignored_are_errors(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, overrides)
+
+
+def test_a_learning_rate_is_accepted_where_a_run_uses_it():
+    cfg = load_config(None, ["generator.finetune=lora", "generator.lora_lr=1e-4", "target.lora_lr=1e-3"])
+    assert cfg.generator.lora_lr == 1e-4 and cfg.target.lora_lr == 1e-3  # target: the lora baseline uses it

@@ -9,8 +9,11 @@ from safetensors.torch import load_file
 from leaml_ray.data import synthetic
 from leaml_ray.models import chat
 from leaml_ray.models.registry import CAPTION_PROMPT, QA_GEN_PROMPT, ModelSpec, load_model
+from leaml_ray.placement import TrainPlacement
 from leaml_ray.train.loop import TrainJob, run_training
 from leaml_ray.train.neurons import NeuronDistillation, masks_from_scores, neuron_params, select_neurons
+
+TWO_WORKERS = TrainPlacement(workers=2, cpus_per_worker=0.5)
 
 
 def test_neuron_params_full_and_lora(tiny_model_dir):
@@ -88,7 +91,7 @@ def test_caption_loss_moves_only_selected_neurons(ray_local, tiny_model_dir, tmp
     objective = NeuronDistillation(score="gradient", ratio=0.25, qa_weight=0.0)  # caption loss only
     score = ray.data.from_items([{k: r[k] for k in ("image", "instruction", "response")} for r in rows])
     result = run_training(
-        job, ray.data.from_items(rows), f"nd{zero_stage}", str(tmp_path / "ckpt"), 2, 0.5, 0, objective, score
+        job, ray.data.from_items(rows), f"nd{zero_stage}", str(tmp_path / "ckpt"), TWO_WORKERS, 0, objective, score
     )
     assert result["history"][-1]["loss_cap"] > 0
     before, after = _weights(tiny_model_dir), _weights(tmp_path / "out")
@@ -120,7 +123,9 @@ def test_worker_lost_mid_training_resumes_from_the_checkpoint_with_the_saved_mas
     )
     score = ray.data.from_items([{k: r[k] for k in ("image", "instruction", "response")} for r in rows])
     objective = NeuronDistillation(score="gradient", ratio=0.5)
-    result = run_training(job, ray.data.from_items(rows), "ndf", str(tmp_path / "ckpt"), 2, 0.5, 1, objective, score)
+    result = run_training(
+        job, ray.data.from_items(rows), "ndf", str(tmp_path / "ckpt"), TWO_WORKERS, 1, objective, score
+    )
     assert (tmp_path / "fault").exists()  # the worker did die
     history = result["history"]
     assert [r["step"] for r in history] == [1, 2, 3, 4, 5, 6]

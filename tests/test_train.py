@@ -10,6 +10,7 @@ import torch
 from leaml_ray.data import synthetic
 from leaml_ray.models import chat
 from leaml_ray.models.registry import ModelSpec, load_model, load_processor
+from leaml_ray.placement import TrainPlacement
 from leaml_ray.train.loop import TrainJob, run_training
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -46,7 +47,7 @@ def job(model_dir: str, out: Path, **kw) -> TrainJob:
 def zero_runs(tiny_model_dir, tmp_path_factory):
     """A ZeRO-3 run, and a ZeRO-2 run that dies at step 7 and is rerun: the rerun resumes from the step-4 checkpoint."""
     tmp = tmp_path_factory.mktemp("zero")
-    workers = {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 0}
+    workers = {"placement": TrainPlacement(workers=2, cpus_per_worker=1), "max_failures": 0}
     marker = tmp / "failed-once"
     with pytest.raises(Exception, match="injected fault at step 7"):
         fault = {"step": 7, "marker": str(marker)}

@@ -5,10 +5,7 @@ from __future__ import annotations
 import io
 import math
 
-import pyarrow.fs as pafs
 from PIL import Image
-
-from leaml_ray import storage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -45,6 +42,10 @@ def tile(frames: list[Image.Image]) -> Image.Image:
 
 
 def _read_frames(folder: str, count: int) -> Image.Image:
+    import pyarrow.fs as pafs
+
+    from leaml_ray import storage
+
     fs, p = storage.resolve(folder)
     files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(p)) if i.path.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
@@ -61,6 +62,10 @@ def load(
     data: bytes | None, path: str | None, max_pixels: int, frames_per_clip: int
 ) -> tuple[bytes, int, int, str | None]:
     """(encoded bytes, width, height, note) of a usable image; the note says when it was resized."""
+    import pyarrow.fs as pafs  # here, not at the top: the training core (gpu_smoke) imports this module without pyarrow
+
+    from leaml_ray import storage
+
     img = None
     if data is None:
         if not path:

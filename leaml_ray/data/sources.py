@@ -18,6 +18,7 @@ import ray.data
 from leaml_ray import storage
 from leaml_ray.config import DataSection
 from leaml_ray.data import synthetic
+from leaml_ray.formats import LETTERS
 
 RAW_SCHEMA = pa.schema(
     [
@@ -36,7 +37,6 @@ RAW_SCHEMA = pa.schema(
     ]
 )
 SPLIT_HINTS = {"train": "train", "labeled": "train", "test": "test", "unlabeled": "unlabeled", None: None}
-LETTERS = "ABCDEFGHIJ"
 
 
 class SourceError(ValueError):

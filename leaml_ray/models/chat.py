@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from leaml_ray.data.sources import LETTERS
+from leaml_ray.formats import LETTERS
 
 IGNORE = -100
 

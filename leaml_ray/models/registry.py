@@ -46,15 +46,28 @@ def torch_dtype(name: str) -> torch.dtype | str:
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def load_model(spec: ModelSpec, path: str) -> torch.nn.Module:
-    """The model of a spec from a local folder (or a hub id, only when the user's config names one)."""
+def local_folder(path: str, weights: bool = True) -> str:
+    """A model folder on an object store (s3:// / gs://), copied once to this node's disk before transformers or vLLM
+    read it (without the weights when only the processor is needed); local paths and hub ids as they are."""
+    if "://" not in path:
+        return path
+    from leaml_ray import storage  # pyarrow: only when a URI needs it
+
+    return storage.local_model_dir(path, weights=weights)
+
+
+def load_model(spec: ModelSpec, path: str, attn_implementation: str | None = None) -> torch.nn.Module:
+    """The model of a spec from a local folder or URI (or a hub id, only when the user's config names one)."""
+    path = local_folder(path)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return AutoModelForImageTextToText.from_pretrained(
-        path, dtype=torch_dtype(spec.dtype), trust_remote_code=spec.trust_remote_code
+        path, dtype=torch_dtype(spec.dtype), trust_remote_code=spec.trust_remote_code, **extra
     )
 
 
 def load_processor(spec: ModelSpec, path: str):
     """The processor (tokenizer + image processor + chat template) of a spec."""
+    path = local_folder(path, weights=False)
     return AutoProcessor.from_pretrained(
         path, trust_remote_code=spec.trust_remote_code, max_pixels=spec.max_pixels, use_fast=False
     )

@@ -43,7 +43,11 @@ CHAT_TEMPLATE = (
 SIZES = {
     "base": (128, 2, 4, 2, 256, 64, 2),
     "teacher": (128, 3, 4, 2, 320, 64, 2),
+    # ~1.3 B parameters with Qwen's 151,936-word vocabulary: Qwen2.5-1.5B's text widths, 20 layers, an 8-block
+    # vision tower (bench/gpu_smoke.py on a GPU)
+    "smoke-1b": (1536, 20, 12, 2, 8960, 1280, 8),
 }
+VOCAB = {"smoke-1b": 151936}  # embedding rows beyond the tiny tokenizer's ids: the production logits' size
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 224 * 224
 
 
@@ -95,7 +99,7 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, size: str) -> Qwen2_5_VLConf
     head_dim = hidden // heads
     return Qwen2_5_VLConfig(
         text_config={
-            "vocab_size": len(tokenizer),
+            "vocab_size": VOCAB.get(size, len(tokenizer)),
             "hidden_size": hidden,
             "intermediate_size": ffn,
             "num_hidden_layers": layers,

@@ -27,6 +27,7 @@ from leaml_ray.data import synthetic
 from leaml_ray.models import chat
 from leaml_ray.models.registry import CAPTION_PROMPT, QA_GEN_PROMPT
 from leaml_ray.models.tiny import build_random
+from leaml_ray.placement import TrainPlacement
 from leaml_ray.train.loop import CACHE, TrainJob, run_training
 
 log = logging.getLogger("leaml_ray")
@@ -112,8 +113,8 @@ def pretrain(name: str, recipe: Recipe, out: Path, num_workers: int = 2) -> dict
             data,
             f"zoo-{name}",
             str(Path(tmp) / "ckpt"),
-            num_workers=num_workers,
-            cpus_per_worker=0.5,  # fractional: the data tasks need CPUs too
+            # fractional CPUs: the data tasks need CPUs too
+            TrainPlacement(workers=num_workers, cpus_per_worker=0.5),
             max_failures=1,
         )
 

@@ -19,7 +19,6 @@ from leaml_ray.config import stable_hash
 from leaml_ray.data import examples
 from leaml_ray.generation import (
     done_keys,
-    engine_settings,
     generate,
     prompt_template,
     read_parts,
@@ -30,6 +29,7 @@ from leaml_ray.generation import (
 from leaml_ray.models.registry import ModelSpec, spec_for
 from leaml_ray.models.zoo import resolve
 from leaml_ray.pipeline import Stage, StageContext
+from leaml_ray.placement import engine_settings
 
 log = logging.getLogger("leaml_ray")
 CAPTIONS_SCHEMA = pa.schema(
@@ -61,7 +61,7 @@ def caption_stage(ctx: StageContext) -> dict[str, Any]:
         batch_format="pyarrow",
         num_cpus=0.25,
     )
-    settings = engine_settings(cfg, teacher=True)
+    settings = engine_settings(cfg, "teacher")
     sampling = {"temperature": 0.0, "max_tokens": teacher.max_new_tokens}
     out = generate(todo, spec, path, sampling, settings, endpoint=endpoint)
     out = out.map_batches(

@@ -16,11 +16,12 @@ import pyarrow.parquet as pq
 from leaml_ray import dashboard, storage
 from leaml_ray.config import Config
 from leaml_ray.data import examples
-from leaml_ray.generation import engine_settings, generate
+from leaml_ray.generation import generate
 from leaml_ray.metrics import accuracy, is_correct
 from leaml_ray.models.registry import ModelSpec, spec_for
 from leaml_ray.models.zoo import resolve
 from leaml_ray.pipeline import Stage, StageContext, StageError
+from leaml_ray.placement import engine_settings
 from leaml_ray.report import build_report, render_markdown, write_plots
 from leaml_ray.stages.finetune import methods_to_train
 
@@ -37,7 +38,7 @@ def evaluate_model(
     asked = examples.answer_examples(test).append_column("qa_id", test["qa_id"])
     rows = examples.with_images(storage.join(prepared, "images.parquet"), asked.drop_columns(["response"]))
     sampling = {"temperature": 0.0, "max_tokens": cfg.eval.max_new_tokens}
-    settings = engine_settings(cfg)
+    settings = engine_settings(cfg, "target")
     out = generate(rows, spec, path, sampling, settings, keep=("qa_id",)).select_columns(["qa_id", "text"])
     answers = {r["qa_id"]: r["text"].strip() for r in out.iter_rows()}
     records = []
@@ -102,5 +103,14 @@ EVALUATE = Stage(
     run=evaluate_stage,
     inputs=evaluate_inputs,
     outputs=("report.json", "report.md", "plots", "predictions.parquet"),
-    config_keys=("eval", "target.model", "run.seed"),
+    # what changes the answers: the target's weights and how it is prompted (not where its engine runs)
+    config_keys=(
+        "eval",
+        "target.model",
+        "target.trust_remote_code",
+        "target.dtype",
+        "target.max_pixels",
+        "target.max_model_len",
+        "run.seed",
+    ),
 )

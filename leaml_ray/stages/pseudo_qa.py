@@ -26,7 +26,6 @@ from leaml_ray.config import Config
 from leaml_ray.data import examples
 from leaml_ray.generation import (
     done_keys,
-    engine_settings,
     generate,
     read_parts,
     skip_done,
@@ -38,6 +37,7 @@ from leaml_ray.models import chat
 from leaml_ray.models.registry import QA_GEN_PROMPT, spec_for
 from leaml_ray.models.zoo import resolve
 from leaml_ray.pipeline import Stage, StageContext, StageError
+from leaml_ray.placement import engine_settings
 
 log = logging.getLogger("leaml_ray")
 QA_PATTERN = re.compile(r"^\s*Question:\s*(?P<q>.*?)\s*\n\s*Answer:\s*(?P<a>[^\n]*)", re.DOTALL)
@@ -193,7 +193,7 @@ def pseudo_qa_stage(ctx: StageContext) -> dict[str, Any]:
     path = ctx.input("generator")
     sampling = {"temperature": pq_cfg.temperature, "top_p": pq_cfg.top_p, "max_tokens": pq_cfg.max_new_tokens}
     greedy_answer = {"temperature": 0.0, "max_tokens": pq_cfg.max_new_tokens, "stop": ["\n"]}
-    settings = engine_settings(cfg)
+    settings = engine_settings(cfg, "generator")
     if bank is not None:
         # the question is given: the generator writes the answer line only
         answer = greedy_answer if pq_cfg.answer_decoding == "greedy" else {**sampling, "stop": ["\n"]}
@@ -324,7 +324,7 @@ def consistency_filter(kept: pa.Table, images_path: str, cfg: Config) -> tuple[p
         spec,
         resolve(spec.name_or_path),
         {"temperature": 0.0, "max_tokens": cfg.eval.max_new_tokens},
-        engine_settings(cfg),
+        engine_settings(cfg, role),  # the settings of the model that answers (72B teacher: its tensor parallel)
         keep=("pseudo_id",),
         endpoint=teacher_endpoint(cfg) if role == "teacher" else None,
     )
@@ -391,5 +391,13 @@ PSEUDO_QA = Stage(
     run=pseudo_qa_stage,
     inputs=pseudo_qa_inputs,
     outputs=("pseudo_qa.parquet", "pseudo_qa.jsonl", "pseudo_qa_rejects.parquet", "pseudo_qa_images"),
-    config_keys=("pseudo_qa", "run.seed", "teacher.batch_size", "teacher.max_model_len"),
+    config_keys=(
+        "pseudo_qa",
+        "run.seed",
+        "generator.max_pixels",
+        "generator.max_model_len",
+        "teacher.model",  # the consistency filter's models and answer length
+        "target.model",
+        "eval.max_new_tokens",
+    ),
 )

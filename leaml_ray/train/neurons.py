@@ -18,8 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from leaml_ray.models import chat
-from leaml_ray.train.loop import Objective, TrainJob
+from leaml_ray.train.core import Objective, TrainJob, collective_device, encode_rows
 
 CAPTION_COLUMNS = ("cap_image", "cap_instruction", "cap_response")
 LAYER = re.compile(r"(.*layers\.\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(?:(lora_[AB])\.(?:\w+\.)?)?weight$")
@@ -72,6 +71,7 @@ def _check_same_on_all_ranks(masks: dict[str, torch.Tensor]) -> None:
         return
     flat = torch.cat([masks[k].flatten().double() for k in sorted(masks)])
     digest = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum()])
+    digest = digest.to(collective_device())  # nccl reduces only GPU tensors
     gathered = [torch.zeros_like(digest) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, digest)
     if any(not torch.equal(g, gathered[0]) for g in gathered):
@@ -155,8 +155,9 @@ class NeuronDistillation(Objective):
         if seen == 0:
             raise ValueError("neuron scoring saw no labeled batch: fewer labeled rows than one batch per worker")
         if dist.is_initialized():
-            packed = torch.cat([scores[layer] for layer in sorted(scores)])
+            packed = torch.cat([scores[layer] for layer in sorted(scores)]).to(collective_device())
             dist.all_reduce(packed)
+            packed = packed.cpu()
             scores = dict(zip(sorted(scores), torch.split(packed, [sizes[k] for k in sorted(scores)]), strict=True))
         return scores
 
@@ -186,14 +187,7 @@ class NeuronDistillation(Objective):
         qa = engine(**batch["model_inputs"]).loss
         engine.backward(qa * self.qa_weight)
         engine.step()  # inside the accumulation window: no optimizer step yet
-        pad = self.processor.tokenizer.pad_token_id
-        captions = chat.collate(
-            [
-                chat.encode(self.processor, chat.open_image(img), ins, resp)
-                for img, ins, resp in zip(*(batch[c] for c in CAPTION_COLUMNS), strict=True)
-            ],
-            pad,
-        )
+        captions = encode_rows(self.processor, *(batch[c] for c in CAPTION_COLUMNS), engine.device)
         self.caption_pass = True
         try:
             cap = engine(**captions).loss

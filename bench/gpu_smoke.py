@@ -1,0 +1,269 @@
+"""GPU smoke test of the training core, in one process without Ray (torch.distributed world size 1).
+
+Ray's wheel cannot travel to the one-GPU check machine, so this exercises what runs inside a Ray Train worker:
+`leaml_ray.train.core` (model + DeepSpeed engine + Objective) on a random-init Qwen2.5-VL-architecture model built
+from a config (no download): bf16 on the GPU, ZeRO-2 and ZeRO-3 over NCCL, full and LoRA target finetune steps, and
+the generator objective (neuron scoring, masks, the two-pass step) with a check that the caption gradient left every
+unselected neuron bit-identical. Prints tokens/s, model FLOPs utilisation and peak memory per run; the last line is
+one JSON object.
+
+    python bench/gpu_smoke.py                  # a GPU if there is one: the ~1.3 B "smoke-1b" model
+    python bench/gpu_smoke.py --device cpu     # the tiny model over gloo (CI runs this: tests/test_gpu_smoke.py)
+
+Needs torch, transformers, peft, deepspeed (+ its pure-Python deps), safetensors, tokenizers, pillow, numpy,
+pydantic and pyyaml; not ray, vllm or pyarrow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_world(device: str) -> None:
+    """A one-process torch.distributed group: nccl on the GPU, gloo on the CPU."""
+    import torch.distributed as dist
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1"})
+    os.environ["LOCAL_RANK"] = "0"
+    if device == "gpu":
+        torch.cuda.set_device(0)
+    dist.init_process_group(backend="nccl" if device == "gpu" else "gloo")
+
+
+def rows(n: int, image_size: int, seed: int = 0) -> list[dict]:
+    """Synthetic images with a QA pair and a caption each (the generator's row layout)."""
+    from leaml_ray.data import synthetic
+    from leaml_ray.models import chat
+
+    out = []
+    for i in range(n):
+        scene, image = synthetic.sample("target", seed, i, image_size)
+        _, question, answer = synthetic.questions(scene, seed, i)[0]
+        out.append(
+            {
+                "image": synthetic.png_bytes(image),
+                "instruction": question,
+                "response": answer,
+                "qa_response": chat.qa_target(question, answer),
+                "caption": synthetic.caption(scene),
+            }
+        )
+    return out
+
+
+def _batch(trainee, data: list[dict], k: int, size: int, generator: bool) -> dict:
+    from leaml_ray.models.registry import CAPTION_PROMPT, QA_GEN_PROMPT
+    from leaml_ray.train.core import encode_rows
+
+    chunk = [data[(k * size + j) % len(data)] for j in range(size)]
+    images = [r["image"] for r in chunk]
+    if not generator:
+        inputs = encode_rows(
+            trainee.processor,
+            images,
+            [r["instruction"] for r in chunk],
+            [r["response"] for r in chunk],
+            trainee.engine.device,
+        )
+        return {"model_inputs": inputs}
+    inputs = encode_rows(
+        trainee.processor, images, [QA_GEN_PROMPT] * size, [r["qa_response"] for r in chunk], trainee.engine.device
+    )
+    # caption rows: other images (as in the generator stage, captions come from unlabeled images)
+    caps = [data[(k * size + j + len(data) // 2) % len(data)] for j in range(size)]
+    return {
+        "model_inputs": inputs,
+        "cap_image": [r["image"] for r in caps],
+        "cap_instruction": [CAPTION_PROMPT] * size,
+        "cap_response": [r["caption"] for r in caps],
+    }
+
+
+def _param_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(language model + head, vision tower) parameters, counting ZeRO-3's partitioned ones at full size."""
+    text = vision = 0
+    for name, p in model.named_parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        if ".visual." in f".{name}":
+            vision += n
+        else:
+            text += n
+    return text, vision
+
+
+def _memory_mib(device: str) -> float:
+    if device == "gpu":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_run(name: str, job, objective, data: list[dict], steps: int, device: str, generator: bool) -> dict:
+    """`steps` optimizer steps of one job through the training core; throughput, MFU, memory, losses."""
+    from leaml_ray.train.core import build_trainee
+
+    if device == "gpu":
+        torch.cuda.reset_peak_memory_stats()
+    trainee = build_trainee(job, objective, world=1)
+    engine = trainee.engine
+    if generator:
+        score = (_batch(trainee, data, k, job.batch_size, False) for k in range(objective.score_batches))
+        objective.setup(engine, job, trainee.processor, lambda: score)
+    text_params, vision_params = _param_counts(engine.module)
+    losses, tokens, patches, seconds = [], 0, 0, 0.0
+    for k in range(steps + 1):  # step 0 warms up kernels and allocators; not timed
+        batch = _batch(trainee, data, k, job.batch_size, generator)
+        if device == "gpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        metrics = objective.step(engine, batch)
+        engine.step()
+        if device == "gpu":
+            torch.cuda.synchronize()
+        if k:
+            seconds += time.perf_counter() - t0
+            passes = 2 if generator else 1  # the generator's QA and caption passes each see a batch this size
+            tokens += passes * int(batch["model_inputs"]["attention_mask"].sum())
+            patches += passes * int(batch["model_inputs"]["pixel_values"].shape[0])
+        losses.append(metrics["loss_cap"] if generator else metrics["loss"])
+    # model FLOPs: forward + backward = 6 per parameter per token (4 with frozen base weights: no weight gradients)
+    per = 4 if job.finetune == "lora" else 6
+    flops = per * (text_params * tokens + vision_params * patches)
+    name_of = torch.cuda.get_device_name(0) if device == "gpu" else "cpu"
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name_of), None)
+    result = {
+        "run": name,
+        "tokens_per_s": round(tokens / seconds, 1),
+        "mfu": round(flops / seconds / peak, 4) if peak else None,
+        "peak_memory_mib": round(_memory_mib(device), 1),
+        "loss_first": round(losses[0], 4),
+        "loss_last": round(losses[-1], 4),
+        "params": text_params + vision_params,
+    }
+    return result, trainee
+
+
+def neurons_confined(before: dict, after: dict, masks: dict) -> dict:
+    """Whether the caption gradient moved selected neurons and left every unselected one bit-identical."""
+    from leaml_ray.train.neurons import LAYER
+
+    moved_selected = untouched_unselected = 0
+    broken = []
+    for key, w0 in before.items():
+        m = LAYER.match(key)
+        if not m or "language_model" not in key or m.group(3):
+            continue
+        mask = masks[m.group(1)]
+        axis = 1 if m.group(2) == "down_proj" else 0
+        w1 = after[key]
+        sel = (w0 != w1).any(dim=1 - axis)
+        untouched_unselected += int((~sel[~mask]).sum())
+        moved_selected += int(sel[mask].sum())
+        if sel[~mask].any():
+            broken.append(key)
+    return {
+        "unselected_unchanged": not broken,
+        "selected_moved": moved_selected,
+        "unselected_checked": untouched_unselected,
+        "broken": broken[:5],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every smoke case; exit 1 when a check fails."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto")
+    parser.add_argument("--size", default=None, help="model size of leaml_ray.models.tiny.SIZES (default by device)")
+    parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--runs", default=None, help="comma-separated subset of the run names (default: all)")
+    args = parser.parse_args(argv)
+    device = args.device if args.device != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    size = args.size or ("smoke-1b" if device == "gpu" else "base")
+    steps = args.steps or (5 if device == "gpu" else 2)
+    batch_size = args.batch_size or 4
+    image_size = 448 if device == "gpu" else 56
+    wanted = lambda run: not args.runs or run in args.runs.split(",")  # noqa: E731
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from leaml_ray.models.tiny import build_random
+    from leaml_ray.train.core import Objective, TrainJob, build_trainee, full_state_dict, prepare_environment
+    from leaml_ray.train.neurons import NeuronDistillation
+
+    data = rows(4 * batch_size, image_size)
+    results, checks = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        model_dir = str(build_random(Path(tmp) / "model", size, seed=0))
+        print(f"built {size} in {time.perf_counter() - t0:.1f} s", flush=True)
+        base = {
+            "model_path": model_dir,
+            "output": str(Path(tmp) / "out"),
+            "num_rows": 10**6,
+            "batch_size": batch_size,
+            "device": device,
+            "gradient_checkpointing": device == "gpu",
+            "max_pixels": image_size * image_size,
+            "warmup_ratio": 0.0,
+            "lr": 1e-4,
+        }
+        prepare_environment(TrainJob(**base))
+        init_world(device)
+        for zero in (2, 3):
+            for finetune in ("full", "lora"):
+                if not wanted(f"target_{finetune}_zero{zero}"):
+                    continue
+                job = TrainJob(**base, zero_stage=zero, finetune=finetune, lora_r=16)
+                result, trainee = train_run(
+                    f"target_{finetune}_zero{zero}", job, Objective(), data, steps, device, False
+                )
+                print(json.dumps(result), flush=True)
+                results.append(result)
+                del trainee
+        # the generator objective: caption loss only (qa_weight 0), so any moved unselected neuron is the masks' fault
+        for zero in (2, 3):
+            if not wanted(f"generator_zero{zero}"):
+                continue
+            job = TrainJob(**base, zero_stage=zero)
+            objective = NeuronDistillation(score="gradient", ratio=0.1, qa_weight=0.0, score_batches=2)
+            # the starting weights, gathered the same way as the trained ones (ZeRO-3 partitions them)
+            probe = build_trainee(job, Objective(), world=1)
+            before = full_state_dict(probe.engine, job, rank=0)
+            del probe
+            result, trainee = train_run(f"generator_zero{zero}", job, objective, data, steps, device, True)
+            after = full_state_dict(trainee.engine, job, rank=0)
+            check = neurons_confined(before, after, objective.masks)
+            result.update({k: v for k, v in check.items() if k != "broken"})
+            print(json.dumps(result), flush=True)
+            results.append(result)
+            checks[f"generator_zero{zero}"] = check
+            del trainee
+    ok = all(c["unselected_unchanged"] and c["selected_moved"] > 0 for c in checks.values())
+    ok = ok and all(r["loss_last"] == r["loss_last"] for r in results)  # no NaN
+    name = torch.cuda.get_device_name(0) if device == "gpu" else "cpu"
+    print(json.dumps({"device": name, "size": size, "ok": ok, "runs": results}))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""Formats every layer shares (no dependencies): the option letters of multiple-choice questions."""
+
+LETTERS = "ABCDEFGHIJ"
