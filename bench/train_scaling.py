@@ -28,7 +28,8 @@ from leaml_ray.data import synthetic  # noqa: E402
 from leaml_ray.models import chat, tiny  # noqa: E402
 from leaml_ray.models.registry import CAPTION_PROMPT, QA_GEN_PROMPT  # noqa: E402
 from leaml_ray.placement import TrainPlacement  # noqa: E402
-from leaml_ray.train.loop import Objective, TrainJob, run_training  # noqa: E402
+from leaml_ray.train.core import Objective, TrainJob  # noqa: E402
+from leaml_ray.train.loop import run_training  # noqa: E402
 from leaml_ray.train.neurons import NeuronDistillation  # noqa: E402
 
 

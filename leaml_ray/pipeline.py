@@ -120,6 +120,10 @@ def run_pipeline(
         raise StageError(f"unknown stage(s) {', '.join(unknown)}; available: {', '.join(names)}")
     producers = {out: s.name for s in stages for out in s.outputs}
     run_dir = cfg.run.dir
+    try:
+        storage.check_reachable(run_dir)  # seconds, not pyarrow's ~100 s of retries, on a wrong endpoint or bucket
+    except storage.StorageError as e:
+        raise StageError(str(e)) from None
     with run_lock(run_dir):
         return _run_stages(cfg, stages, only, before_first_run, producers)
 

@@ -6,10 +6,16 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 import uuid
 from typing import Any
 
 import pyarrow.fs as pafs
+
+
+class StorageError(OSError):
+    """An object store or remote folder that cannot be used, said in one line."""
 
 
 def _is_uri(path: str) -> bool:
@@ -18,9 +24,46 @@ def _is_uri(path: str) -> bool:
 
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or URI."""
+    # from_uri reads AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL, at each call (measured with pyarrow 26), so
+    # S3-compatible stores need nothing here; S3FileSystem() built directly would ignore both.
     if not _is_uri(path):
         path = os.path.abspath(os.path.expanduser(path))
     return pafs.FileSystem.from_uri(path)
+
+
+def _short(error: BaseException) -> str:
+    """The useful part of a pyarrow / AWS SDK error on one line, without request ids."""
+    text = " ".join(str(error).split())
+    text = re.sub(r"\s*\(Request ID: [^)]*\)", "", text)
+    match = re.search(r"AWS Error (.*?)(?:; Details:|$)", text)
+    return (match.group(1) if match else text)[:200]
+
+
+def _fail_fast(fs: pafs.FileSystem) -> pafs.FileSystem:
+    """The same S3 filesystem with short timeouts and one attempt (the defaults wait ~100 s on a silent endpoint)."""
+    if not isinstance(fs, pafs.S3FileSystem):
+        return fs
+    options = fs.__reduce__()[1][0]  # everything from_uri resolved: endpoint, region, credentials, URI options
+    options.update(connect_timeout=3, request_timeout=5, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+    return pafs.S3FileSystem(**options)
+
+
+def check_reachable(path: str) -> None:
+    """Raise StorageError (one line, within seconds) unless the bucket behind a URI answers; local paths pass."""
+    if not _is_uri(path):
+        return
+    hint = "check AWS_ENDPOINT_URL / credentials / the bucket name"
+    try:
+        fs, p = resolve(path)
+        if isinstance(fs, pafs.LocalFileSystem):  # file:// URIs
+            return
+        bucket = p.split("/", 1)[0]
+        found = _fail_fast(fs).get_file_info(bucket).type != pafs.FileType.NotFound
+    except (OSError, ValueError) as e:
+        raise StorageError(f"run dir {path}: cannot reach the object store ({_short(e)}); {hint}") from None
+    if not found:
+        reason = f"bucket {bucket!r} does not exist"
+        raise StorageError(f"run dir {path}: cannot reach the object store ({reason}); {hint}")
 
 
 def join(base: str, *parts: str) -> str:
@@ -148,3 +191,64 @@ def copy_dir(src: str, dst: str) -> None:
     _, d = resolve(dst)
     fs.create_dir(d, recursive=True)
     pafs.copy_files(s, d, source_filesystem=fs, destination_filesystem=fs)
+
+
+def _model_cache_root(cache_root: str | None) -> str:
+    """Where remote model folders are copied: cache_root, $LEAML_CACHE/models or ~/.cache/leaml-ray/models."""
+    if cache_root is None:
+        base = os.environ.get("LEAML_CACHE") or os.path.join("~", ".cache", "leaml-ray")
+        cache_root = os.path.join(base, "models")
+    return os.path.abspath(os.path.expanduser(cache_root))
+
+
+def _download(fs: pafs.FileSystem, root: str, listing: list[tuple[str, int, int | None]], dest: str) -> None:
+    """Copy the listed files under root to the local folder dest, checking each size."""
+    local = pafs.LocalFileSystem()
+    for rel, size, _ in listing:
+        target = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        pafs.copy_files(f"{root}/{rel}", target, source_filesystem=fs, destination_filesystem=local)
+        if os.path.getsize(target) != size:  # the remote folder changed under us: a mixed copy must not be kept
+            raise StorageError(f"{root}/{rel} changed while it was copied; try again")
+
+
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def local_model_dir(path: str, cache_root: str | None = None, weights: bool = True) -> str:
+    """A local folder with the model at path: a URI is copied once per node, anything else is returned as is.
+    `weights=False` copies only the small files (configs, tokenizer, processor): what a driver needs for prompts."""
+    if not _is_uri(path):
+        return path  # a local folder or a hub id
+    try:
+        fs, root = resolve(path)
+        root = root.rstrip("/")
+        selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+        files = [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
+    except (OSError, ValueError) as e:
+        raise StorageError(f"model {path}: cannot list it ({_short(e)})") from None
+    if not weights:
+        files = [i for i in files if not i.path.endswith(WEIGHT_FILES)]
+    if not files:
+        raise StorageError(f"model {path}: no files there; check the URI")
+    # object stores give size and last-modified (no ETag through pyarrow): enough to notice a replaced folder
+    listing = sorted((i.path[len(root) + 1 :], i.size, i.mtime_ns) for i in files)
+    key = hashlib.sha256(json.dumps([path.rstrip("/"), listing]).encode()).hexdigest()[:16]
+    cache = _model_cache_root(cache_root)
+    final = os.path.join(cache, f"{root.rsplit('/', 1)[-1]}-{key}{'' if weights else '-noweights'}")
+    if os.path.isdir(final):
+        return final
+    os.makedirs(cache, exist_ok=True)
+    # a hidden temp sibling renamed at the end: a crash never leaves a half copy under the final name
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=cache)
+    try:
+        _download(fs, root, listing, tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.isdir(final):
+                raise
+            # another process on this node finished first: its copy is as good as ours
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,7 +1,9 @@
-"""Shared fixtures: one private local Ray instance for the whole session."""
+"""Shared fixtures: one private local Ray instance and one local S3 server for the whole session."""
 
 from __future__ import annotations
 
+import os
+import socket
 import tempfile
 
 import pytest
@@ -9,10 +11,72 @@ import ray
 
 from leaml_ray.config import Config, load_config
 
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A Ray instance in its own temp dir on 127.0.0.1; only this one is shut down afterwards."""
+def s3_server():
+    """A moto S3 server on 127.0.0.1, exported through AWS_ENDPOINT_URL and test credentials; yields the endpoint.
+
+    In its own process: inside the test process its request handling would share the GIL with the Ray driver."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the moto S3 server did not start") from None
+            time.sleep(0.2)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
+    saved = {name: os.environ.get(name) for name in [*env, "AWS_ENDPOINT_URL_S3"]}
+    os.environ.update(env)
+    os.environ.pop("AWS_ENDPOINT_URL_S3", None)  # it would win over AWS_ENDPOINT_URL and send tests elsewhere
+    yield endpoint
+    server.terminate()
+    server.wait(timeout=30)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture
+def s3_run_dir(s3_server) -> str:
+    """A run dir in a fresh bucket of the session's S3 server."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    bucket = f"run-{uuid.uuid4().hex[:12]}"
+    pafs.S3FileSystem(endpoint_override=s3_server, region="us-east-1", allow_bucket_creation=True).create_dir(bucket)
+    return f"s3://{bucket}/run"
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """A Ray instance in its own temp dir on 127.0.0.1; only this one is shut down afterwards. Workers inherit the
+    environment at ray.init, so the S3 server's endpoint and credentials are set first."""
     if ray.is_initialized():
         yield
         return

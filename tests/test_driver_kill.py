@@ -1,7 +1,9 @@
 """The driver (jobs/adapt.py) SIGKILLed right after a stage finished and again in the middle of a stage: the same
 command, rerun, skips what finished, resumes the interrupted stage from its parts and ends with the outputs of an
-uninterrupted run. Each driver starts its own local Ray instance in the test's temp dir; a kill takes the driver's
-process group and every process of that instance with it, as losing the head would."""
+uninterrupted run. The run dir is on a local S3-compatible server (moto): the lock, the manifest, the resumable
+parts and the stage outputs all live in a bucket, as on a cluster. Each driver starts its own local Ray instance in
+the test's temp dir; a kill takes the driver's process group and every process of that instance with it, as losing
+the head would."""
 
 import json
 import os
@@ -13,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -26,13 +29,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _overrides(run_dir: Path, model: str) -> list[str]:
+def _overrides(run_dir: str | Path, model: str) -> list[str]:
     # 144 images to caption in parts of 4 engine batches (64): the second kill lands between two parts
     return [
         f"run.dir={run_dir}",
         "data.num_images=160",
         "data.test_ratio=0.1",
-        "teacher.batch_size=16",
+        "teacher.engine_batch_size=16",
         f"teacher.model={model}",
         "teacher.dtype=float32",
         "teacher.max_new_tokens=8",
@@ -55,10 +58,10 @@ def _tail(proc: subprocess.Popen) -> str:
     return "\n".join(proc.log.read_text(errors="replace").splitlines()[-40:])
 
 
-def _stage(run_dir: Path, name: str) -> dict:
+def _stage(run_dir: str, name: str) -> dict:
     try:
-        return json.loads((run_dir / "manifest.json").read_text())["stages"].get(name, {})
-    except (FileNotFoundError, json.JSONDecodeError):
+        return json.loads(storage.read_bytes(storage.join(run_dir, "manifest.json")))["stages"].get(name, {})
+    except (FileNotFoundError, OSError, json.JSONDecodeError):
         return {}
 
 
@@ -80,20 +83,22 @@ def _kill(proc: subprocess.Popen, ray_dir: str) -> None:
     stop_processes_of(ray_dir)  # Ray processes that left the group
 
 
-def _caption_parts(run_dir: Path) -> list[Path]:
-    return list((run_dir / "_resume" / "caption").glob("*/parts/part-*.parquet"))
+def _caption_parts(run_dir: str) -> list[str]:
+    fs, root = storage.resolve(storage.join(run_dir, "_resume", "caption"))
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return [i.path for i in infos if "/parts/part-" in i.path and i.path.endswith(".parquet")]
 
 
-def test_killed_driver_resumes_and_matches_an_uninterrupted_run(tmp_path, greedy_reference):
+def test_killed_driver_resumes_and_matches_an_uninterrupted_run(tmp_path, greedy_reference, s3_run_dir):
     model = greedy_reference[0].name_or_path  # outputs depend on the image: a mixed-up caption would show
-    run_dir = tmp_path / "killed"
+    run_dir = s3_run_dir
     overrides = _overrides(run_dir, model)
     ray_dir = tempfile.mkdtemp(prefix="lrk-", dir="/tmp")  # short: Ray's socket paths have a length limit
     try:
         # 1. killed right after prepare finished (between stages)
         prepared = lambda: _stage(run_dir, "prepare").get("status") == "done"  # noqa: E731
         _kill_when(_adapt(overrides, ray_dir, tmp_path / "driver1.log"), ray_dir, prepared, "prepare finished")
-        assert (run_dir / ".lock").exists()  # the killed driver could not release its lock
+        assert storage.exists(storage.join(run_dir, ".lock"))  # the killed driver could not release its lock
 
         # 2. killed in the middle of caption, after its first part was written
         proc = _adapt(overrides, ray_dir, tmp_path / "driver2.log")
@@ -115,15 +120,16 @@ def test_killed_driver_resumes_and_matches_an_uninterrupted_run(tmp_path, greedy
     assert prepare["last_action"] == "skipped" and caption["status"] == "done"
     assert caption["counts"]["resumed"] >= 64  # the killed attempt's parts were kept, not recaptioned
     assert caption["counts"]["duplicates_dropped"] == 0
-    assert not (run_dir / ".lock").exists() and not (run_dir / "_resume" / "caption").exists()
+    assert not storage.exists(storage.join(run_dir, ".lock"))
+    assert not storage.exists(storage.join(run_dir, "_resume", "caption"))
 
     # the outputs equal an uninterrupted run of the same config
     reference = make_config(tmp_path, *_overrides(tmp_path / "reference", model))
     run_pipeline(reference, ALL_STAGES, ["prepare", "caption"])
     for rel, key in (("prepared/qa.parquet", "qa_id"), ("prepared/images.parquet", "image_id")):
-        ours, theirs = (pq.read_table(d / rel).sort_by(key) for d in (run_dir, tmp_path / "reference"))
+        ours, theirs = (pq.read_table(storage.join(d, rel)).sort_by(key) for d in (run_dir, reference.run.dir))
         assert ours.equals(theirs), rel
-    killed = pq.read_table(run_dir / "captions.parquet").to_pylist()
+    killed = pq.read_table(storage.join(run_dir, "captions.parquet")).to_pylist()
     uninterrupted = pq.read_table(storage.join(reference.run.dir, "captions.parquet")).to_pylist()
     assert len(killed) == caption["counts"]["captioned"] == 144
     assert {r["image_id"]: r["caption"] for r in killed} == {r["image_id"]: r["caption"] for r in uninterrupted}

@@ -10,7 +10,8 @@ from leaml_ray.data import synthetic
 from leaml_ray.models import chat
 from leaml_ray.models.registry import CAPTION_PROMPT, QA_GEN_PROMPT, ModelSpec, load_model
 from leaml_ray.placement import TrainPlacement
-from leaml_ray.train.loop import TrainJob, run_training
+from leaml_ray.train.core import TrainJob
+from leaml_ray.train.loop import run_training
 from leaml_ray.train.neurons import NeuronDistillation, masks_from_scores, neuron_params, select_neurons
 
 TWO_WORKERS = TrainPlacement(workers=2, cpus_per_worker=0.5)

@@ -178,3 +178,16 @@ def test_plan_cli_prints_a_table_and_a_json_last_line_without_starting_ray(tmp_p
     bad = _plan_cli("--config", "kvasir-vqa-1pct", "--cluster", str(tmp_path / "small.yaml"))
     assert bad.returncode == 1 and "problem: caption: needs 8 GPUs" in bad.stdout
     assert not json.loads(bad.stdout.strip().splitlines()[-1])["fits"]
+
+
+def test_a_local_run_dir_is_refused_where_other_nodes_would_write(ray_local, tmp_path):
+    from leaml_ray.pipeline import StageError
+    from leaml_ray.runtime import check_run_dir_for_cluster
+
+    local = f"run.dir={tmp_path / 'run'}"
+    check_run_dir_for_cluster(load_config(None, [local]))  # one CPU node: every stage runs here
+    # GPU stages on a cluster without GPUs yet: the autoscaler will add nodes that cannot see this disk
+    with pytest.raises(StageError, match="run.dir .* is a local path on a cluster"):
+        check_run_dir_for_cluster(load_config(None, [local, "train.device=gpu"]))
+    check_run_dir_for_cluster(load_config(None, [local, "train.device=gpu", "run.shared_fs=true"]))
+    check_run_dir_for_cluster(load_config(None, ["run.dir=s3://bucket/run", "target.device=gpu"]))

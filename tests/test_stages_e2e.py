@@ -1,6 +1,6 @@
 """The whole pipeline through the real engines (Ray Data + vLLM, Ray Train + DeepSpeed) on random-init tiny
-models: contracts between stages, counts, the report schema, resume of the caption stage from a crashed
-attempt's parts, and skip on rerun.
+models, with its run dir on a local S3-compatible server (moto, through AWS_ENDPOINT_URL): contracts between
+stages, counts, the report schema, resume of the caption stage from a crashed attempt's parts, and skip on rerun.
 (Model quality is the zoo's business: bench/ and the demo measure it.)"""
 
 import json
@@ -22,9 +22,10 @@ from tests.conftest import make_config
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 
-def _config(tmp_path, model):
+def _config(tmp_path, model, run_dir):
     return make_config(
         tmp_path,
+        f"run.dir={run_dir}",
         "data.num_images=48",
         "data.label_ratio=0.05",  # 2 labeled images, 8 QA pairs: fewer than the neuron scoring's batches
         "data.test_ratio=0.25",
@@ -83,9 +84,10 @@ class MetricsScraper(threading.Thread):
         return sum(v for k, v in self.series.items() if k[:3] == (name, run, stage))
 
 
-def test_pipeline_end_to_end(tmp_path, tiny_model_dir):
-    cfg = _config(tmp_path, tiny_model_dir)
+def test_pipeline_end_to_end(tmp_path, tiny_model_dir, s3_run_dir):
+    cfg = _config(tmp_path, tiny_model_dir, s3_run_dir)
     run = cfg.run.dir
+    assert run.startswith("s3://")
 
     # 1. a crashed caption attempt left 5 captions in its resume parts: the run keeps them and captions the rest
     run_pipeline(cfg, ALL_STAGES, ["prepare"])

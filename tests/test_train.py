@@ -11,7 +11,8 @@ from leaml_ray.data import synthetic
 from leaml_ray.models import chat
 from leaml_ray.models.registry import ModelSpec, load_model, load_processor
 from leaml_ray.placement import TrainPlacement
-from leaml_ray.train.loop import TrainJob, run_training
+from leaml_ray.train.core import TrainJob
+from leaml_ray.train.loop import run_training
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

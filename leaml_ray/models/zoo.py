@@ -28,7 +28,8 @@ from leaml_ray.models import chat
 from leaml_ray.models.registry import CAPTION_PROMPT, QA_GEN_PROMPT
 from leaml_ray.models.tiny import build_random
 from leaml_ray.placement import TrainPlacement
-from leaml_ray.train.loop import CACHE, TrainJob, run_training
+from leaml_ray.train.core import CACHE, TrainJob
+from leaml_ray.train.loop import run_training
 
 log = logging.getLogger("leaml_ray")
 ZOO_VERSION = 1

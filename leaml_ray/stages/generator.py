@@ -19,7 +19,8 @@ from leaml_ray.data import examples
 from leaml_ray.models.zoo import resolve
 from leaml_ray.pipeline import Stage, StageContext, StageError
 from leaml_ray.plots import neuron_scores
-from leaml_ray.train.loop import Objective, job_for, train_on
+from leaml_ray.train.core import Objective
+from leaml_ray.train.loop import job_for, train_on
 from leaml_ray.train.neurons import NeuronDistillation, mask_summary, score_arrays
 
 log = logging.getLogger("leaml_ray")

@@ -29,7 +29,6 @@ from leaml_ray.config import Config, TrainableModelSection
 from leaml_ray.data import examples
 from leaml_ray.placement import TrainPlacement, scaling_config, torch_config, train_placement
 from leaml_ray.train.core import (
-    CACHE,
     Objective,
     TrainJob,
     build_trainee,
@@ -42,7 +41,6 @@ from leaml_ray.train.core import (
 log = logging.getLogger("leaml_ray")
 LOG_NAME = "train_log.jsonl"
 OBJECTIVE_STATE = "objective.safetensors"
-__all__ = ["CACHE", "Objective", "TrainJob", "job_for", "run_training", "train_on"]
 
 
 def _batches(shard: Any, processor: Any, job: TrainJob, epoch: int, device: Any, skip: int = 0):
