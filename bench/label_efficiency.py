@@ -7,9 +7,10 @@ For each seed and label ratio, one run dir `<root>/seed<S>/ratio<R>` runs the pi
   - at `--variant-ratios` (default 1%, the paper's setting) the `--variants`: leaml with one thing changed, on the
     same run dir with `eval.methods=[leaml]`, so the manifest reuses prepare and caption and only generator,
     pseudo_qa, finetune and evaluate run again. Default: the paper's ablations leaml_no_caption
-    (generator.caption_distill=false), leaml_all_neurons (generator.score=all), leaml_random_neurons
-    (generator.score=random); also known: leaml_generated_questions (the paper's pseudo QA: the generator writes
-    the question too, answers sampled), leaml_sampled_answers, leaml_caption_filter;
+    (generator.caption_distill=false), leaml_full_distill (generator.distill_scope=full: the caption gradient on
+    every parameter, no selection), leaml_all_neurons (generator.score=all: every neuron in scope),
+    leaml_random_neurons (generator.score=random); also known: leaml_generated_questions (the paper's pseudo QA:
+    the generator writes the question too, answers sampled), leaml_sampled_answers, leaml_caption_filter;
   - ratio 1.0 is the upper bound: lora and full on every label (no unlabeled images are left to caption), each
     labeled pair seen `target.epochs` times (labeled_upsample 1).
 Writes bench/results/<name>.{json,md,png} (default name label_efficiency): mean, standard deviation and the runs of
@@ -44,6 +45,7 @@ VARIANTS = {
     "leaml_no_caption": ["generator.caption_distill=false"],
     "leaml_all_neurons": ["generator.score=all"],
     "leaml_random_neurons": ["generator.score=random"],
+    "leaml_full_distill": ["generator.distill_scope=full"],
     # the paper's pseudo QA: the generator writes the question too, answers sampled (the default until session 6)
     "leaml_generated_questions": ["pseudo_qa.questions=generated", "pseudo_qa.answer_decoding=sampled"],
     "leaml_sampled_answers": ["pseudo_qa.answer_decoding=sampled"],
@@ -56,7 +58,7 @@ VARIANTS = {
     "leaml_generator_x3": ["generator.epochs=15"],
     "leaml_generator_x3_labeled_x16": ["generator.epochs=15", "target.labeled_upsample=16"],
 }
-ABLATIONS = ["leaml_no_caption", "leaml_all_neurons", "leaml_random_neurons"]
+ABLATIONS = ["leaml_no_caption", "leaml_full_distill", "leaml_all_neurons", "leaml_random_neurons"]
 METHOD_ORDER = ["zero_shot", "lora", "full", "leaml", *VARIANTS]
 # The paper's headline (Kvasir-VQA, 1% labels, accuracy %), quoted next to ours in the README and the .md.
 PAPER_1PCT = {"lora": 62.4, "full": 63.1, "leaml": 76.7}

@@ -41,6 +41,9 @@ class DataSection(Section):
     max_pixels: int = Field(1024 * 1024, ge=28 * 28, description="larger images are resized down (recorded)")
     domain: Literal["general", "wide", "target"] = Field("target", description="synthetic: which domain")
     num_images: int = Field(400, ge=1, description="synthetic: number of images")
+    val_images: int = Field(
+        0, ge=0, description="synthetic: extra images with labels (split val) for choosing settings, never trained on"
+    )
     image_size: int = Field(56, ge=28, le=448, multiple_of=28, description="synthetic: image side in pixels")
 
 
@@ -102,7 +105,14 @@ class GeneratorSection(TrainableModelSection):
     model: str = "zoo:generator"
     caption_distill: bool = True
     caption_weight: float = Field(1.0, ge=0, description="lambda of L_cap")
-    score: Literal["gradient", "taylor", "random", "all"] = "gradient"
+    distill_scope: Literal["lm_mlp", "all_mlp", "full"] = Field(
+        "lm_mlp",
+        description="where the caption gradient may go: selected neurons of the language model's MLP blocks, of"
+        " every MLP block (vision tower included), or every trainable parameter (full: no selection)",
+    )
+    score: Literal["gradient", "taylor", "random", "all"] = Field(
+        "gradient", description="how neurons in scope are chosen (random / all: ablations)"
+    )
     neuron_ratio: float = Field(0.1, gt=0.0, le=1.0, description="top fraction of MLP neurons per layer")
     score_batches: int = Field(4, ge=1)
 
@@ -152,12 +162,20 @@ class TrainSection(Section):
 
 
 EvalMethod = Literal[
-    "zero_shot", "lora", "full", "leaml", "leaml_no_caption", "leaml_all_neurons", "leaml_random_neurons"
+    "zero_shot",
+    "lora",
+    "full",
+    "leaml",
+    "leaml_no_caption",
+    "leaml_full_distill",
+    "leaml_all_neurons",
+    "leaml_random_neurons",
 ]
 
 
 class EvalSection(Section):
     methods: list[EvalMethod] = ["leaml", "lora", "full", "zero_shot"]
+    split: Literal["test", "val"] = Field("test", description="val: the validation split (choosing settings)")
     max_new_tokens: int = Field(16, ge=1)
 
 

@@ -36,6 +36,28 @@ def test_neuron_params_full_and_lora(tiny_model_dir):
         assert kinds == [("down_proj", "lora_A", 1), ("gate_proj", "lora_B", 0), ("up_proj", "lora_B", 0)]
 
 
+def test_distill_scope_decides_which_mlp_blocks_hold_neurons(tiny_model_dir):
+    model = load_model(ModelSpec("g", tiny_model_dir, dtype="float32"), tiny_model_dir)
+    lm, every = neuron_params(model, "lm_mlp"), neuron_params(model, "all_mlp")
+    vision = {layer: params for layer, params in every.items() if ".visual.blocks." in layer}
+    assert set(every) == set(lm) | set(vision) and len(vision) == model.config.vision_config.depth
+    for params in vision.values():
+        # the vision MLP has biases: gate/up hold one element per neuron, down_proj's is shared (left out)
+        assert sorted((n.split(".mlp.")[1], axis) for n, _, axis in params) == [
+            ("down_proj.weight", 1),
+            ("gate_proj.bias", 0),
+            ("gate_proj.weight", 0),
+            ("up_proj.bias", 0),
+            ("up_proj.weight", 0),
+        ]
+    assert neuron_params(model, "full") == {}
+    full = NeuronDistillation(scope="full")
+    assert full.setup(None, None, None, None) is False and full.masks == {}  # nothing scored, nothing masked
+    assert len(full.param_groups(model, 0.1)) == 1
+    with pytest.raises(ValueError, match="distill scope"):
+        NeuronDistillation(scope="vision")
+
+
 def test_select_neurons_takes_top_ratio_per_layer():
     scores = torch.tensor([0.1, 5.0, 0.3, 2.0, 2.0, 0.0, 9.0, 1.0, 0.2, 0.4])
     assert select_neurons(scores, 0.3).nonzero().flatten().tolist() == [1, 3, 6]
@@ -75,8 +97,8 @@ def _weights(folder) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_caption_loss_moves_only_selected_neurons(ray_local, tiny_model_dir, tmp_path, zero_stage):
+@pytest.mark.parametrize("zero_stage, scope", [(2, "lm_mlp"), (3, "all_mlp")])
+def test_caption_loss_moves_only_selected_neurons(ray_local, tiny_model_dir, tmp_path, zero_stage, scope):
     rows = _rows(64)
     job = TrainJob(
         model_path=tiny_model_dir,
@@ -89,7 +111,7 @@ def test_caption_loss_moves_only_selected_neurons(ray_local, tiny_model_dir, tmp
         zero_stage=zero_stage,
         checkpoint_every=1000,
     )
-    objective = NeuronDistillation(score="gradient", ratio=0.25, qa_weight=0.0)  # caption loss only
+    objective = NeuronDistillation(score="gradient", ratio=0.25, qa_weight=0.0, scope=scope)  # caption loss only
     score = ray.data.from_items([{k: r[k] for k in ("image", "instruction", "response")} for r in rows])
     result = run_training(
         job, ray.data.from_items(rows), f"nd{zero_stage}", str(tmp_path / "ckpt"), TWO_WORKERS, 0, objective, score
@@ -99,15 +121,20 @@ def test_caption_loss_moves_only_selected_neurons(ray_local, tiny_model_dir, tmp
     neurons = load_file(str(tmp_path / "out" / "neurons" / "neurons.safetensors"))
     masks = {k[5:]: v.bool() for k, v in neurons.items() if k.startswith("mask.")}
     assert masks and all(m.sum() == round(0.25 * m.numel()) for m in masks.values())
+    assert any(".visual." in layer for layer in masks) == (scope == "all_mlp")
     checked = 0
     for layer, mask in masks.items():
         for proj, axis in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
-            name = f"{layer}.mlp.{proj}.weight"
-            moved = (after[name] != before[name]).any(dim=1 - axis)
-            assert not moved[~mask].any(), f"{name}: an unselected neuron moved"
-            assert moved[mask].any(), f"{name}: no selected neuron moved"
-            checked += 1
-    assert checked == 3 * len(masks)
+            for kind in ("weight", "bias"):
+                name = f"{layer}.mlp.{proj}.{kind}"
+                if name not in before or (kind == "bias" and proj == "down_proj"):
+                    continue
+                changed = after[name] != before[name]
+                moved = changed if changed.dim() == 1 else changed.any(dim=1 - axis)
+                assert not moved[~mask].any(), f"{name}: an unselected neuron moved"
+                assert moved[mask].any(), f"{name}: no selected neuron moved"
+                checked += 1
+    assert checked == sum(5 if ".visual." in layer else 3 for layer in masks)
 
 
 @pytest.mark.slow

@@ -55,6 +55,17 @@ def test_synthetic_split_is_by_image_and_hides_unlabeled_answers(tmp_path):
     again, _ = prepare(tmp_path / "again", "data.num_images=80", "data.label_ratio=0.1", "data.test_ratio=0.25")
     assert {r["image_id"]: r["split"] for r in table(again, "images.parquet")} == split_of
 
+    # validation images: extra scenes with labels, none of them among the 80, and the 80 split exactly as before
+    with_val, _ = prepare(
+        tmp_path / "val", "data.num_images=80", "data.val_images=12", "data.label_ratio=0.1", "data.test_ratio=0.25"
+    )
+    val_split = {r["image_id"]: r["split"] for r in table(with_val, "images.parquet")}
+    val_ids = {i for i, s in val_split.items() if s == "val"}
+    assert len(val_ids) == 12 and not val_ids & set(split_of)
+    assert {i: s for i, s in val_split.items() if i not in val_ids} == split_of
+    val_qa = [r for r in table(with_val, "qa.parquet") if r["split"] == "val"]
+    assert len(val_qa) == 12 * 4 and all(r["question"] and r["answer"] for r in val_qa)
+
 
 def test_kvasir_vqa_layout(tmp_path):
     folder = datasets.write_kvasir(tmp_path / "kvasir", test_images=8)
@@ -225,7 +236,7 @@ def test_generic_parquet_with_inline_images(tmp_path):
         "data.test_ratio=0.25",
     )
     assert result.counts["rejects_by_reason"] == {"undecodable_image": 1}
-    assert result.counts["images_by_split"] == {"test": 3, "labeled": 2, "unlabeled": 7}
+    assert result.counts["images_by_split"] == {"test": 3, "labeled": 2, "unlabeled": 7, "val": 0}
 
 
 def test_unusable_sources_fail_with_one_clear_line(tmp_path):

@@ -93,3 +93,14 @@ def test_caption_matches_the_questions():
         for category, _, answer in synthetic.questions(scene, 0, i):
             if category in ("shape", "color", "size", "background"):
                 assert answer in text
+
+
+def test_validation_images_stay_out_of_train_and_test():
+    imgs = {**images({"a": 100, "b": 100}), **{f"v-{k}": ImageInfo({"a"}, "val", True) for k in range(30)}}
+    splits = assign_splits(imgs, label_ratio=0.1, test_ratio=0.2, seed=0)
+    assert {i for i, s in splits.items() if s == "val"} == {f"v-{k}" for k in range(30)}
+    counts = Counter(splits.values())
+    # test and labeled shares are of the 200 non-validation images, exactly as without them
+    assert counts["test"] == 40 and counts["labeled"] == 16
+    without = assign_splits(images({"a": 100, "b": 100}), 0.1, 0.2, 0)
+    assert splits == {**without, **{f"v-{k}": "val" for k in range(30)}}

@@ -36,7 +36,14 @@ RAW_SCHEMA = pa.schema(
         ("detail", pa.string()),
     ]
 )
-SPLIT_HINTS = {"train": "train", "labeled": "train", "test": "test", "unlabeled": "unlabeled", None: None}
+SPLIT_HINTS = {
+    "train": "train",
+    "labeled": "train",
+    "test": "test",
+    "val": "val",
+    "unlabeled": "unlabeled",
+    None: None,
+}
 
 
 class SourceError(ValueError):
@@ -339,26 +346,34 @@ def read_sportu(data: DataSection) -> ray.data.Dataset:
 # --- synthetic ----------------------------------------------------------------------------------------
 
 
-def _synthetic_rows(batch: dict, domain: str, seed: int, size: int) -> pa.Table:
+def _synthetic_rows(batch: dict, domain: str, seed: int, size: int, first_val: int) -> pa.Table:
     rows = []
     for index in batch["id"].tolist():
         scene, img = synthetic.sample(domain, seed, index, size)
         iid, png = synthetic.image_id(domain, seed, index), synthetic.png_bytes(img)
+        hint = "val" if index >= first_val else None
         for k, (category, question, answer) in enumerate(synthetic.questions(scene, seed, index)):
             rows.append(
                 raw_row(
-                    f"synthetic:{iid}#{k}", image_id=iid, image=png, question=question, answer=answer, category=category
+                    f"synthetic:{iid}#{k}",
+                    image_id=iid,
+                    image=png,
+                    question=question,
+                    answer=answer,
+                    category=category,
+                    split_hint=hint,
                 )
             )
     return to_table(rows)
 
 
 def read_synthetic(data: DataSection, seed: int) -> ray.data.Dataset:
-    return ray.data.range(data.num_images).map_batches(
+    """`num_images` scenes, then `val_images` more (indices after them: disjoint) marked as the validation split."""
+    return ray.data.range(data.num_images + data.val_images).map_batches(
         _synthetic_rows,
         batch_size=128,
         batch_format="numpy",
-        fn_kwargs={"domain": data.domain, "seed": seed, "size": data.image_size},
+        fn_kwargs={"domain": data.domain, "seed": seed, "size": data.image_size, "first_val": data.num_images},
     )
 
 

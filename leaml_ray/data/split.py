@@ -12,7 +12,7 @@ class ImageInfo:
     """What the split needs to know about one image."""
 
     categories: set[str] = field(default_factory=set)
-    hint: str | None = None  # "train" | "test" | "unlabeled" from the source
+    hint: str | None = None  # "train" | "test" | "val" | "unlabeled" from the source
     has_qa: bool = False
 
 
@@ -46,13 +46,15 @@ def stratified_pick(strata: dict[str, list[str]], ratio: float, seed: int, salt:
 
 
 def assign_splits(images: dict[str, ImageInfo], label_ratio: float, test_ratio: float, seed: int) -> dict[str, str]:
-    """image_id -> "labeled" | "unlabeled" | "test".
+    """image_id -> "labeled" | "unlabeled" | "test" | "val".
 
     The test split is the source's own where it has one, else a seeded stratified hold-out of `test_ratio`.
+    Validation images (for choosing settings, never trained on) are only ever the source's own ("val" rows).
     `label_ratio` of the remaining images with QA keep their labels; every category present in training keeps
     at least one labeled image. Images without QA (image-only rows) are always unlabeled.
     """
-    with_qa = {i for i, info in images.items() if info.has_qa and info.hint != "unlabeled"}
+    val = {i for i, info in images.items() if info.has_qa and info.hint == "val"}
+    with_qa = {i for i, info in images.items() if info.has_qa and info.hint not in ("unlabeled", "val")}
     source_test = {i for i in with_qa if images[i].hint == "test"}
     if source_test:
         test = source_test
@@ -64,4 +66,6 @@ def assign_splits(images: dict[str, ImageInfo], label_ratio: float, test_ratio: 
         if not any(category in images[i].categories for i in labeled):
             with_category = (i for i in train if category in images[i].categories)
             labeled.add(min(with_category, key=lambda i: unit_hash(seed, "label", i)))
-    return {i: "test" if i in test else "labeled" if i in labeled else "unlabeled" for i in images}
+    return {
+        i: "val" if i in val else "test" if i in test else "labeled" if i in labeled else "unlabeled" for i in images
+    }

@@ -31,10 +31,13 @@ log = logging.getLogger("leaml_ray")
 def evaluate_model(
     prepared: str, spec: ModelSpec, path: str, cfg: Config, name: str
 ) -> tuple[dict[str, Any], pa.Table]:
-    """Accuracy of one model folder on the test split of a prepared run, and its predictions."""
-    test = examples.read_table(storage.join(prepared, "qa.parquet"), split="test")
+    """Accuracy of one model folder on the `eval.split` (test, or val when choosing settings) of a prepared run,
+    and its predictions."""
+    split = cfg.eval.split
+    test = examples.read_table(storage.join(prepared, "qa.parquet"), split=split)
     if test.num_rows == 0:
-        raise StageError(f"{prepared}: the test split is empty")
+        hint = "; synthetic data: set data.val_images" if split == "val" else ""
+        raise StageError(f"{prepared}: the {split} split is empty{hint}")
     asked = examples.answer_examples(test).append_column("qa_id", test["qa_id"])
     rows = examples.with_images(storage.join(prepared, "images.parquet"), asked.drop_columns(["response"]))
     sampling = {"temperature": 0.0, "max_tokens": cfg.eval.max_new_tokens}

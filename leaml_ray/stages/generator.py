@@ -54,6 +54,7 @@ def generator_stage(ctx: StageContext) -> dict[str, Any]:
             caption_weight=gen.caption_weight,
             score_batches=gen.score_batches,
             seed=cfg.run.seed,
+            scope=gen.distill_scope,
         )
     else:
         objective = Objective()

@@ -115,9 +115,9 @@ def _norm_question(q: str) -> str:
     return " ".join(q.lower().split())
 
 
-HINTS = {None: 0, "train": 0, "unlabeled": 1, "test": 2}
-HINT_NAMES = (None, "unlabeled", "test")
-SPLITS = ("labeled", "unlabeled", "test")
+HINTS = {None: 0, "train": 0, "unlabeled": 1, "test": 2, "val": 3}
+HINT_NAMES = (None, "unlabeled", "test", "val")
+SPLITS = ("labeled", "unlabeled", "test", "val")
 
 
 def _staging_rows(staging: str, columns: list[str]):
@@ -209,7 +209,7 @@ def decide(rows: dict[str, np.ndarray], categories: list[str], cfg: Config) -> t
         strict=True,
     ):
         image = info.setdefault(i, ImageInfo())
-        image.hint = max(image.hint, HINT_NAMES[h], key=HINT_NAMES.index)  # test > unlabeled > none
+        image.hint = max(image.hint, HINT_NAMES[h], key=HINT_NAMES.index)  # val > test > unlabeled > none
         if has_q:
             image.has_qa = True
             image.categories.add(categories[c])
@@ -293,7 +293,7 @@ def plan(staging: str, cfg: Config, rejects_path: str) -> tuple[dict | None, dic
         decisions, dropped = decide(rows, categories, cfg)
         rejects += _dropped_records(staging, dropped)
     _write_jsonl(rejects_path, sorted(rejects, key=lambda r: r["source_ref"]) + list(resized.values()))
-    split_images = np.bincount(decisions["split"], minlength=3) if decisions else np.zeros(3, int)
+    split_images = np.bincount(decisions["split"], minlength=len(SPLITS)) if decisions else np.zeros(len(SPLITS), int)
     counts = {
         "rows_read": rows_read,
         "images": int(split_images.sum()),

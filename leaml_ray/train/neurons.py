@@ -1,7 +1,10 @@
 """Selective neuron caption distillation (DESIGN.md section 4): the objective of the QA generator.
 
-A neuron is one intermediate unit of a language-model MLP block: row j of gate_proj and up_proj, column j of
-down_proj (with LoRA: row j of their lora_B, column j of down_proj's lora_A). Before training, every rank
+A neuron is one intermediate unit of an MLP block: row j of gate_proj and up_proj (and element j of their biases),
+column j of down_proj (with LoRA: row j of their lora_B, column j of down_proj's lora_A). `scope` says which MLP
+blocks count: the language model's (lm_mlp, the paper's reading), every block including the vision tower's
+(all_mlp), or none, the caption gradient then reaching every trainable parameter (full, the ablation without
+selection). Before training, every rank
 accumulates |dL_QA/dW| per neuron over a few labeled batches; the scores are all-reduced so all ranks select the
 same top `neuron_ratio` per layer. Each micro batch then runs two backward passes inside one DeepSpeed
 accumulation window: L_QA unrestricted, then lambda * L_cap through gradient hooks that zero every gradient
@@ -21,18 +24,32 @@ import torch.distributed as dist
 from leaml_ray.train.core import Objective, TrainJob, collective_device, encode_rows
 
 CAPTION_COLUMNS = ("cap_image", "cap_instruction", "cap_response")
-LAYER = re.compile(r"(.*layers\.\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(?:(lora_[AB])\.(?:\w+\.)?)?weight$")
+# where the caption gradient may go: the language model's MLP neurons (the paper's reading), the neurons of every
+# MLP block (vision tower included: a weak base may lack what it needs there), or every trainable parameter
+# (`full`: distillation without selection, the true ablation of selective neurons)
+SCOPES = ("lm_mlp", "all_mlp", "full")
+LAYER = re.compile(
+    r"(.*(?:layers|blocks)\.\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(?:(lora_[AB])\.(?:\w+\.)?)?(weight|bias)$"
+)
 
 
-def neuron_params(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.Parameter, int]]]:
-    """Trainable params that hold neurons, by layer: (name, param, axis of the neuron index)."""
+def neuron_params(
+    model: torch.nn.Module, scope: str = "lm_mlp"
+) -> dict[str, list[tuple[str, torch.nn.Parameter, int]]]:
+    """Trainable params that hold neurons in `scope`, by layer: (name, param, axis of the neuron index)."""
     layers: dict[str, list[tuple[str, torch.nn.Parameter, int]]] = {}
+    if scope == "full":
+        return layers
     for name, param in model.named_parameters():
         m = LAYER.match(name)
-        if not m or not param.requires_grad or "language_model" not in name:
+        if not m or not param.requires_grad or (scope == "lm_mlp" and "language_model" not in name):
             continue
-        proj, lora = m.group(2), m.group(3)
-        if lora is None:
+        proj, lora, kind = m.group(2), m.group(3), m.group(4)
+        if kind == "bias":
+            if lora is not None or proj == "down_proj":
+                continue  # down_proj's bias is shared by all neurons (gets no caption gradient)
+            axis = 0
+        elif lora is None:
             axis = 1 if proj == "down_proj" else 0
         elif (proj == "down_proj") == (lora == "lora_A"):
             axis = 1 if proj == "down_proj" else 0
@@ -40,6 +57,13 @@ def neuron_params(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.
             continue  # the LoRA factor shared by all neurons (gets no caption gradient)
         layers.setdefault(m.group(1), []).append((name, param, axis))
     return layers
+
+
+def _neuron_mask(mask: torch.Tensor, grad: torch.Tensor, axis: int) -> torch.Tensor:
+    """A layer's neuron mask shaped to broadcast over one of its parameters (rows, columns or a bias)."""
+    if grad.dim() == 1:
+        return mask
+    return mask[:, None] if axis == 0 else mask[None, :]
 
 
 def _shape(param: torch.nn.Parameter) -> torch.Size:
@@ -62,6 +86,8 @@ def masks_from_scores(scores: dict[str, torch.Tensor], mode: str, ratio: float) 
 
 
 def _neuron_reduce(grad: torch.Tensor, axis: int) -> torch.Tensor:
+    if grad.dim() == 1:
+        return grad.abs().float().cpu()
     return grad.abs().sum(dim=1 - axis).float().cpu()
 
 
@@ -92,7 +118,11 @@ class NeuronDistillation(Objective):
         score_batches: int = 4,
         seed: int = 0,
         qa_weight: float = 1.0,
+        scope: str = "lm_mlp",
     ):
+        if scope not in SCOPES:
+            raise ValueError(f"distill scope {scope!r}; one of {', '.join(SCOPES)}")
+        self.scope = scope
         self.score, self.ratio, self.caption_weight = score, ratio, caption_weight
         self.score_batches, self.seed, self.qa_weight = score_batches, seed, qa_weight
         self.scores: dict[str, torch.Tensor] = {}
@@ -103,8 +133,10 @@ class NeuronDistillation(Objective):
         self.scoring_seconds = 0.0
 
     def param_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict]:
+        if self.scope == "full":
+            return super().param_groups(model, weight_decay)  # nothing masked (an empty group breaks ZeRO)
         # decoupled weight decay would move unselected rows between caption updates: none on neuron params
-        masked = {id(p) for params in neuron_params(model).values() for _, p, _ in params}
+        masked = {id(p) for params in neuron_params(model, self.scope).values() for _, p, _ in params}
         trainable = [p for p in model.parameters() if p.requires_grad]
         return [
             {"params": [p for p in trainable if id(p) not in masked], "weight_decay": weight_decay},
@@ -113,7 +145,9 @@ class NeuronDistillation(Objective):
 
     def setup(self, engine: Any, job: TrainJob, processor: Any, score_batches: Any) -> bool:
         self.processor = processor
-        layers = neuron_params(engine.module)
+        if self.scope == "full":
+            return False  # the caption gradient reaches every trainable parameter: nothing to score or mask
+        layers = neuron_params(engine.module, self.scope)
         if not layers:
             raise ValueError("no MLP neuron parameters found to distill into (gate_proj/up_proj/down_proj)")
         scored = False
@@ -174,8 +208,7 @@ class NeuronDistillation(Objective):
                 if where is None:
                     return torch.zeros_like(grad)
                 layer, axis = where
-                mask = self.masks[layer].to(grad.device, grad.dtype)
-                return grad * (mask[:, None] if axis == 0 else mask[None, :])
+                return grad * _neuron_mask(self.masks[layer].to(grad.device, grad.dtype), grad, axis)
 
             return hook
 
