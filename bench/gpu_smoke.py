@@ -73,7 +73,7 @@ def rows(n: int, image_size: int, seed: int = 0) -> list[dict]:
 
 
 def _batch(trainee, data: list[dict], k: int, size: int, generator: bool) -> dict:
-    from leaml_ray.models.registry import CAPTION_PROMPT, QA_GEN_PROMPT
+    from leaml_ray.models.registry import CAPTION_PROMPT
     from leaml_ray.train.core import encode_rows
 
     chunk = [data[(k * size + j) % len(data)] for j in range(size)]
@@ -87,17 +87,32 @@ def _batch(trainee, data: list[dict], k: int, size: int, generator: bool) -> dic
             trainee.engine.device,
         )
         return {"model_inputs": inputs}
-    inputs = encode_rows(
-        trainee.processor, images, [QA_GEN_PROMPT] * size, [r["qa_response"] for r in chunk], trainee.engine.device
-    )
-    # caption rows: other images (as in the generator stage, captions come from unlabeled images)
+    # the train rows are caption rows of other images (the generator stage's captions come from unlabeled
+    # images); the objective draws the QA pairs from the labeled table it was set up with
     caps = [data[(k * size + j + len(data) // 2) % len(data)] for j in range(size)]
-    return {
-        "model_inputs": inputs,
-        "cap_image": [r["image"] for r in caps],
-        "cap_instruction": [CAPTION_PROMPT] * size,
-        "cap_response": [r["caption"] for r in caps],
-    }
+    inputs = encode_rows(
+        trainee.processor,
+        [r["image"] for r in caps],
+        [CAPTION_PROMPT] * size,
+        [r["caption"] for r in caps],
+        trainee.engine.device,
+    )
+    return {"model_inputs": inputs, "micro": k}
+
+
+def labeled_table(data: list[dict]):
+    """The generator's labeled pairs (image, ask-and-answer instruction, "Question: ...\nAnswer: ...")."""
+    import pyarrow as pa
+
+    from leaml_ray.models.registry import QA_GEN_PROMPT
+
+    return pa.table(
+        {
+            "image": [r["image"] for r in data],
+            "instruction": [QA_GEN_PROMPT] * len(data),
+            "response": [r["qa_response"] for r in data],
+        }
+    )
 
 
 def _param_counts(model: torch.nn.Module) -> tuple[int, int]:
@@ -127,8 +142,7 @@ def train_run(name: str, job, objective, data: list[dict], steps: int, device: s
     trainee = build_trainee(job, objective, world=1)
     engine = trainee.engine
     if generator:
-        score = (_batch(trainee, data, k, job.batch_size, False) for k in range(objective.score_batches))
-        objective.setup(engine, job, trainee.processor, lambda: score)
+        objective.setup(engine, job, trainee.processor, lambda: labeled_table(data))
     text_params, vision_params = _param_counts(engine.module)
     losses, tokens, patches, seconds = [], 0, 0, 0.0
     for k in range(steps + 1):  # step 0 warms up kernels and allocators; not timed

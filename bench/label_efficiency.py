@@ -14,8 +14,10 @@ For each seed and label ratio, one run dir `<root>/seed<S>/ratio<R>` runs the pi
   - ratio 1.0 is the upper bound: lora and full on every label (no unlabeled images are left to caption), each
     labeled pair seen `target.epochs` times (labeled_upsample 1).
 Writes bench/results/<name>.{json,md,png} (default name label_efficiency): mean, standard deviation and the runs of
-every cell. A full run starts the table afresh; `--quick` (seed 0 at 1%), `--variants-only` and `--merge` replace
-only the cells they measure and keep the rest.
+every cell; per ratio also `precondition` (the generator's and the labeled-only target's accuracy on the unlabeled
+images' hidden questions) and `diagnostics` (leaml's caption fidelity and kept-pair precision), means over seeds.
+A full run starts the table afresh; `--quick` (seed 0 at 1%), `--variants-only` and `--merge` replace only the
+cells they measure and keep the rest.
 key=value overrides pass through to every run, e.g. `data.source=jsonl data.path=my.jsonl --name my_data`.
 Last line: {"ratios": {...}, "seconds": f}.
 """
@@ -52,11 +54,12 @@ VARIANTS = {
     "leaml_caption_filter": ["pseudo_qa.consistency_filter=caption"],
     # the mixing factor: labeled pairs repeated 16x instead of 4x next to ~1,000 pseudo pairs
     "leaml_labeled_x16": ["target.labeled_upsample=16"],
-    # the generator's QA training: its epochs run over the captioned images, so with more labels each labeled pair
-    # is seen less often (10%: ~11 times vs ~39 for full finetuning); 3x the epochs. Measured against 5 epochs;
-    # since session 7 the tiny-cpu default is 15, so with that preset these two equal leaml and leaml_labeled_x16
-    "leaml_generator_x3": ["generator.epochs=15"],
-    "leaml_generator_x3_labeled_x16": ["generator.epochs=15", "target.labeled_upsample=16"],
+    # candidates for the defaults, compared on the validation split (eval.split=val, data.val_images)
+    "leaml_all_mlp": ["generator.distill_scope=all_mlp"],
+    "leaml_pmi": ["pseudo_qa.min_question_pmi=-1.0"],
+    "leaml_confident": ["pseudo_qa.min_answer_confidence=0.5"],
+    "leaml_pmi_confident": ["pseudo_qa.min_question_pmi=-1.0", "pseudo_qa.min_answer_confidence=0.5"],
+    "leaml_qa_x3": ["generator.epochs=120"],  # 3x the passes over the labeled pairs
 }
 ABLATIONS = ["leaml_no_caption", "leaml_full_distill", "leaml_all_neurons", "leaml_random_neurons"]
 METHOD_ORDER = ["zero_shot", "lora", "full", "leaml", *VARIANTS]
@@ -64,14 +67,32 @@ METHOD_ORDER = ["zero_shot", "lora", "full", "leaml", *VARIANTS]
 PAPER_1PCT = {"lora": 62.4, "full": 63.1, "leaml": 76.7}
 
 
-def run_methods(config: str | None, overrides: list[str], methods: list[str], stages: list[str] | None = None) -> dict:
-    """Run the pipeline with these overrides and eval.methods; accuracy per method from its report.json."""
+DIAGNOSTICS = {  # name -> (section, key) of pseudo_qa_diagnostics.json
+    "caption_fidelity": ("caption_fidelity", "share_of_teacher"),
+    "caption_f1_vs_teacher": ("caption_fidelity", "generator_vs_teacher"),
+    "pair_precision": ("pairs", "precision"),
+    "absent_share": ("pairs", "absent_share"),
+}
+
+
+def run_methods(
+    config: str | None, overrides: list[str], methods: list[str], stages: list[str] | None = None
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Run the pipeline with these overrides and eval.methods; accuracy per method from its report.json, and
+    the run's precondition and leaml diagnostics."""
     cfg = load_config(config, [*overrides, f"eval.methods={json.dumps(methods)}"])
     t0 = time.perf_counter()
     run_pipeline(cfg, ALL_STAGES, stages, before_first_run=lambda: connect(cfg.cluster))
     report = storage.read_json(storage.join(cfg.run.dir, "report.json"))
     log.info("bench %s: %s in %.0f s", cfg.run.dir, methods, time.perf_counter() - t0)
-    return {m: report["methods"][m]["accuracy"] for m in methods}
+    extras: dict[str, dict[str, float]] = {}
+    found = report.get("precondition", {})
+    extras["precondition"] = {k: found[k] for k in ("generator", "labeled_only") if k in found}
+    if "leaml" in methods:
+        diag = storage.read_json(storage.join(cfg.run.dir, "pseudo_qa_diagnostics.json"))
+        values = {name: diag.get(section, {}).get(key) for name, (section, key) in DIAGNOSTICS.items()}
+        extras["diagnostics"] = {k: v for k, v in values.items() if v is not None}
+    return {m: report["methods"][m]["accuracy"] for m in methods}, extras
 
 
 def one_seed(
@@ -85,7 +106,7 @@ def one_seed(
     baselines: bool = True,
 ) -> dict[float, dict[str, float]]:
     """Every (ratio, method) accuracy of one seed."""
-    out: dict[float, dict[str, float]] = {}
+    out: dict[float, dict] = {}
     zero_shot = None
     for ratio in ratios:
         base = [f"run.dir={root}/seed{seed}/ratio{ratio:g}", f"run.seed={seed}", f"data.label_ratio={ratio}", *extra]
@@ -98,28 +119,37 @@ def one_seed(
                 methods, stages = ["leaml", "lora", "full"], None
             if zero_shot is None:
                 methods.append("zero_shot")
-            acc = run_methods(config, base, methods, stages)
+            acc, extras = run_methods(config, base, methods, stages)
             zero_shot = acc.get("zero_shot", zero_shot)
             acc["zero_shot"] = zero_shot
+            acc.update(extras)
         if ratio in variant_ratios and ratio < 1.0:
             for name in variants:
-                acc[name] = run_methods(config, [*base, *VARIANTS[name]], ["leaml"])["leaml"]
+                acc[name] = run_methods(config, [*base, *VARIANTS[name]], ["leaml"])[0]["leaml"]
         out[ratio] = acc
     return out
 
 
-def summarise(runs: dict[float, dict[str, list[float]]]) -> dict[str, dict]:
-    """{ratio: {method: {mean, std, runs}}} with string ratio keys (the JSON contract)."""
+EXTRAS = ("precondition", "diagnostics")  # per-ratio entries that are not methods
+
+
+def _order(key: str) -> int:
+    return METHOD_ORDER.index(key) if key in METHOD_ORDER else len(METHOD_ORDER) + EXTRAS.index(key)
+
+
+def summarise(runs: dict[float, dict[str, list]]) -> dict[str, dict]:
+    """{ratio: {method: {mean, std, runs}, "precondition": {...}, "diagnostics": {...}}} with string ratio keys
+    (the JSON contract); the extras are means over seeds."""
     cells = {}
     for ratio, methods in sorted(runs.items()):
-        cells[f"{ratio:g}"] = {
-            m: {
-                "mean": statistics.fmean(v),
-                "std": statistics.stdev(v) if len(v) > 1 else 0.0,
-                "runs": v,
-            }
-            for m, v in sorted(methods.items(), key=lambda kv: METHOD_ORDER.index(kv[0]))
-        }
+        row: dict[str, dict] = {}
+        for m, v in sorted(methods.items(), key=lambda kv: _order(kv[0])):
+            if m in EXTRAS:
+                names = sorted({k for seed in v for k in seed})
+                row[m] = {k: statistics.fmean(seed[k] for seed in v if k in seed) for k in names}
+            else:
+                row[m] = {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "runs": v}
+        cells[f"{ratio:g}"] = row
     return cells
 
 
@@ -127,6 +157,22 @@ def markdown(table: dict) -> str:
     """The results table: accuracy % mean ± std (n runs) per label ratio and method, the paper's 1% row below."""
     cells = table["ratios"]
     methods = [m for m in METHOD_ORDER if any(m in row for row in cells.values())]
+    extra = [
+        f"| {100 * float(r):g}% | "
+        + " | ".join(
+            f"{100 * row[e][k]:.1f}" if k in row.get(e, {}) else "-"
+            for e, k in (
+                ("precondition", "generator"),
+                ("precondition", "labeled_only"),
+                ("diagnostics", "caption_fidelity"),
+                ("diagnostics", "pair_precision"),
+                ("diagnostics", "absent_share"),
+            )
+        )
+        + " |"
+        for r, row in sorted(cells.items(), key=lambda kv: float(kv[0]))
+        if set(EXTRAS) & set(row)
+    ]
     lines = [
         "| label ratio | " + " | ".join(methods) + " |",
         "|---" * (len(methods) + 1) + "|",
@@ -141,6 +187,16 @@ def markdown(table: dict) -> str:
     paper = [f"{PAPER_1PCT[m]:.1f}" if m in PAPER_1PCT else "-" for m in methods]
     lines.append("| paper, Kvasir-VQA 1% | " + " | ".join(paper) + " |")
     lines += ["", f"Macro accuracy (%) on the test split, mean ± standard deviation (runs); {table['note']}", ""]
+    if extra:
+        lines += [
+            "| label ratio | generator on hidden questions | labeled-only target on them | caption fidelity"
+            " (share of teacher's) | kept-pair precision | kept pairs asking about something absent |",
+            "|---|---|---|---|---|---|",
+            *extra,
+            "",
+            "Diagnostics (%), means over seeds (leaml's default configuration).",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -151,7 +207,7 @@ def merge(previous: dict | None, cells: dict[str, dict], scope: str, seconds: fl
     for ratio, row in cells.items():
         ratios.setdefault(ratio, {}).update(row)
     table["ratios"] = {
-        r: dict(sorted(row.items(), key=lambda kv: METHOD_ORDER.index(kv[0])))
+        r: dict(sorted(row.items(), key=lambda kv: _order(kv[0])))
         for r, row in sorted(ratios.items(), key=lambda kv: float(kv[0]))
     }
     runs = table.setdefault("runs", {})

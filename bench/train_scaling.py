@@ -41,6 +41,8 @@ class UnmaskedDistillation(NeuronDistillation):
 
 
 def rows(n: int) -> list[dict]:
+    """Caption rows (image, instruction, response: the generator's train rows) with a labeled QA pair each
+    (qa_image, qa_response: the generator's labeled table)."""
     out = []
     for k in range(n):
         scene, image = synthetic.sample("general", 5, k, 56)
@@ -48,12 +50,11 @@ def rows(n: int) -> list[dict]:
         _, q, a = synthetic.questions(scene, 5, k)[0]
         out.append(
             {
-                "image": synthetic.png_bytes(image),
-                "instruction": QA_GEN_PROMPT,
-                "response": chat.qa_target(q, a),
-                "cap_image": synthetic.png_bytes(cap_image),
-                "cap_instruction": CAPTION_PROMPT,
-                "cap_response": synthetic.caption(cap_scene),
+                "image": synthetic.png_bytes(cap_image),
+                "instruction": CAPTION_PROMPT,
+                "response": synthetic.caption(cap_scene),
+                "qa_image": synthetic.png_bytes(image),
+                "qa_response": chat.qa_target(q, a),
             }
         )
     return out
@@ -62,7 +63,9 @@ def rows(n: int) -> list[dict]:
 def train(model: str, data: list[dict], tmp: str, name: str, workers: int, objective=None, zero=2, cols=None):
     keep = cols or list(data[0])
     ds = ray.data.from_items([{k: r[k] for k in keep} for r in data])
-    score = ray.data.from_items([{k: r[k] for k in ("image", "instruction", "response")} for r in data])
+    labeled = ray.data.from_items(
+        [{"image": r["qa_image"], "instruction": QA_GEN_PROMPT, "response": r["qa_response"]} for r in data]
+    )
     job = TrainJob(
         model_path=model,
         output=f"{tmp}/{name}",
@@ -81,7 +84,7 @@ def train(model: str, data: list[dict], tmp: str, name: str, workers: int, objec
         TrainPlacement(workers=workers, cpus_per_worker=1.0),
         0,
         objective,
-        score if isinstance(objective, NeuronDistillation) else None,
+        labeled if isinstance(objective, NeuronDistillation) else None,
     )
     history = [r for r in result["history"] if "seconds" in r]
     first, last = history[0], history[-1]

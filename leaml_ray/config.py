@@ -103,6 +103,12 @@ class TrainableModelSection(ModelSection):
 
 class GeneratorSection(TrainableModelSection):
     model: str = "zoo:generator"
+    # the QA budget follows the labeled pairs, the caption budget the captioned images: steps cover both
+    epochs: float = Field(1.0, gt=0, description="passes over the labeled QA pairs (each pair seen equally often)")
+    caption_epochs: float = Field(1.0, gt=0, description="passes over the captioned unlabeled images (at least)")
+    heldout_captions: int = Field(
+        32, ge=0, description="captioned images kept out of training to measure the generator's own captions"
+    )
     caption_distill: bool = True
     caption_weight: float = Field(1.0, ge=0, description="lambda of L_cap")
     distill_scope: Literal["lm_mlp", "all_mlp", "full"] = Field(
@@ -139,6 +145,15 @@ class PseudoQASection(Section):
         " that the teacher's captions use as a word must be named in this image's caption",
     )
     closed_vocabulary: Literal["auto", "on", "off"] = "auto"
+    # pseudo-pair precision (questions=labeled): both measured per pair and kept in pseudo_qa.parquet either way
+    min_question_pmi: float | None = Field(
+        None,
+        description="drop a pair whose question is this much less likely (nats) given its image than given the average"
+        " image (pointwise mutual information; asks about something the image lacks); null: off",
+    )
+    min_answer_confidence: float = Field(
+        0.0, ge=0.0, le=1.0, description="drop a pair whose answer the generator gives with a lower probability"
+    )
 
 
 class TargetSection(TrainableModelSection):

@@ -63,7 +63,10 @@ def generate(
     endpoint: str | None = None,
 ) -> ray.data.Dataset:
     """Rows {"image": bytes, "instruction": str, *keep[, "sampling_seed", "response_prefix"]} -> {*keep, "text",
-    "tokens"}; with `endpoint`, the model served there under the id `spec.name_or_path` answers instead."""
+    "tokens"}; with `endpoint`, the model served there under the id `spec.name_or_path` answers instead.
+
+    With `logprobs` / `prompt_logprobs` in `sampling` (offline engines), rows also get "logprob" (of the generated
+    tokens) and "prefix_logprob" (of the response_prefix tokens given the image and instruction), in nats."""
     # one engine batch per block: results then stream out batch by batch (resumable parts), not per input file
     ds = examples.in_blocks_of(ds, settings.batch_size)
     if endpoint:
@@ -85,18 +88,32 @@ def generate(
         detokenize_stage=True,
     )
     template = prompt_template(spec, path)
+    tokenizer = load_processor(spec, path).tokenizer if _scored(sampling) else None
 
     def preprocess(row: dict) -> dict:
         prompt, image, params = _request(template, row, sampling)
+        extra = {"prefix_tokens": _prefix_tokens(tokenizer, row)} if tokenizer is not None else {}
         return {
             "prompt": prompt,
             "multimodal_data": {"image": image},
             "sampling_params": params,
             **{k: row[k] for k in keep},
+            **extra,
         }
 
     def postprocess(row: dict) -> dict:
-        return {**{k: row[k] for k in keep}, "text": row["generated_text"], "tokens": list(row["generated_tokens"])}
+        out = {**{k: row[k] for k in keep}, "text": row["generated_text"], "tokens": list(row["generated_tokens"])}
+        if tokenizer is not None:
+            out.update(
+                sequence_scores(
+                    row.get("prompt_token_ids"),
+                    row.get("prompt_logprobs"),
+                    row["generated_tokens"],
+                    row.get("logprobs"),
+                    row["prefix_tokens"],
+                )
+            )
+        return out
 
     return build_processor(config, preprocess=preprocess, postprocess=postprocess)(ds)
 
@@ -109,6 +126,40 @@ def _request(template: str, row: dict, sampling: dict[str, Any]) -> tuple[str, A
     # an optional start of the reply the model continues (e.g. "Question: ...\nAnswer:")
     prompt = template.replace(PLACEHOLDER, row["instruction"]) + (row.get("response_prefix") or "")
     return prompt, image, _row_sampling(row, sampling)
+
+
+def _scored(sampling: dict[str, Any]) -> bool:
+    return sampling.get("logprobs") is not None or sampling.get("prompt_logprobs") is not None
+
+
+def _prefix_tokens(tokenizer: Any, row: dict) -> int:
+    """Tokens of the row's response_prefix (the end of its prompt)."""
+    prefix = row.get("response_prefix") or ""
+    return len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
+
+
+def _chosen(entry: Any, token_id: int) -> float:
+    """The logprob of `token_id` in one position's logprob entry (vLLM objects or ray.data.llm's dicts)."""
+    if entry is None:
+        return float("nan")
+    lp = entry.get(int(token_id), entry.get(str(token_id)))
+    if lp is None:
+        return float("nan")
+    return float(lp["logprob"] if isinstance(lp, dict) else lp.logprob)
+
+
+def sequence_scores(
+    prompt_ids: Any, prompt_logprobs: Any, generated_ids: Any, logprobs: Any, prefix_tokens: int
+) -> dict[str, float]:
+    """{"logprob": sum over the generated tokens, "prefix_logprob": sum over the prompt's last `prefix_tokens`}."""
+    nan = float("nan")
+    out = {"logprob": nan, "prefix_logprob": nan}
+    if logprobs is not None:
+        out["logprob"] = sum(_chosen(e, t) for e, t in zip(logprobs, generated_ids, strict=False))
+    if prompt_logprobs is not None and prompt_ids is not None and prefix_tokens:
+        tail = zip(list(prompt_logprobs)[-prefix_tokens:], list(prompt_ids)[-prefix_tokens:], strict=True)
+        out["prefix_logprob"] = sum(_chosen(e, t) for e, t in tail)
+    return out
 
 
 def _row_sampling(row: dict, sampling: dict[str, Any]) -> dict[str, Any]:
@@ -136,11 +187,25 @@ class _EngineActor:
             prompts.append({"prompt": prompt, "multi_modal_data": {"image": image}})
             params.append(SamplingParams(**p))
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return {
+        out = {
             **{k: batch[k] for k in self.keep},
             "text": [o.outputs[0].text for o in outputs],
             "tokens": [list(o.outputs[0].token_ids) for o in outputs],
         }
+        if _scored(self.sampling):
+            tokenizer = self.llm.get_tokenizer()
+            scores = [
+                sequence_scores(
+                    o.prompt_token_ids,
+                    o.prompt_logprobs,
+                    o.outputs[0].token_ids,
+                    o.outputs[0].logprobs,
+                    _prefix_tokens(tokenizer, row),
+                )
+                for o, row in zip(outputs, rows, strict=True)
+            ]
+            out.update({k: [s[k] for s in scores] for k in ("logprob", "prefix_logprob")})
+        return out
 
 
 def _generate_actor_pool(

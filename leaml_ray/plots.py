@@ -65,7 +65,7 @@ def accuracy_bars(methods: dict[str, dict]) -> bytes:
 def label_efficiency(cells: dict[str, dict[str, dict]]) -> bytes:
     """Accuracy vs label ratio per method (mean, error bars one standard deviation), log-scaled ratios."""
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    methods = sorted({m for row in cells.values() for m in row})
+    methods = sorted({m for row in cells.values() for m, cell in row.items() if "mean" in cell})
     for k, method in enumerate(methods):
         points = sorted(((float(r), row[method]) for r, row in cells.items() if method in row), key=lambda p: p[0])
         ratios, means, stds = [r for r, _ in points], [c["mean"] for _, c in points], [c["std"] for _, c in points]

@@ -29,6 +29,25 @@ def test_cells_hold_mean_std_and_runs_per_ratio_and_method(bench):
     assert cells["1"]["full"] == {"mean": 0.9, "std": 0.0, "runs": [0.9]}
 
 
+def test_precondition_and_diagnostics_are_means_over_seeds_next_to_the_methods(bench, tmp_path):
+    seeds = {
+        "leaml": [0.4, 0.6],
+        "full": [0.5, 0.5],
+        "precondition": [{"generator": 0.5, "labeled_only": 0.4}, {"generator": 0.7, "labeled_only": 0.4}],
+        "diagnostics": [{"pair_precision": 0.6, "absent_share": 0.2}, {"pair_precision": 0.8}],
+    }
+    cells = bench.summarise({0.01: seeds})
+    row = cells["0.01"]
+    assert list(row) == ["full", "leaml", "precondition", "diagnostics"]
+    assert row["precondition"] == {"generator": pytest.approx(0.6), "labeled_only": pytest.approx(0.4)}
+    assert row["diagnostics"] == {"absent_share": pytest.approx(0.2), "pair_precision": pytest.approx(0.7)}
+    table = bench.merge(None, cells, "2 seeds", 10)
+    bench.write_results(table)
+    md = (tmp_path / "label_efficiency.md").read_text()
+    assert "| 1% | 60.0 | 40.0 | - | 70.0 | 20.0 |" in md
+    assert (tmp_path / "label_efficiency.png").exists()
+
+
 def test_a_partial_run_replaces_only_the_cells_it_measured_and_writes_all_three_files(bench, tmp_path):
     first = {0.01: {"leaml": [0.1, 0.2], "full": [0.5, 0.5]}, 0.05: {"leaml": [0.3, 0.4]}}
     full = bench.merge(None, bench.summarise(first), "3 seeds", 60)

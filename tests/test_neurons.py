@@ -1,6 +1,8 @@
 """Selective neuron distillation: which params hold neurons, top-k selection, and masked caption updates
 under ZeRO-2/3 with two Ray Train workers."""
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import ray.data
 import torch
@@ -12,7 +14,14 @@ from leaml_ray.models.registry import CAPTION_PROMPT, QA_GEN_PROMPT, ModelSpec, 
 from leaml_ray.placement import TrainPlacement
 from leaml_ray.train.core import TrainJob
 from leaml_ray.train.loop import run_training
-from leaml_ray.train.neurons import NeuronDistillation, masks_from_scores, neuron_params, select_neurons
+from leaml_ray.train.neurons import (
+    NeuronDistillation,
+    QASchedule,
+    masks_from_scores,
+    neuron_params,
+    pair_views,
+    select_neurons,
+)
 
 TWO_WORKERS = TrainPlacement(workers=2, cpus_per_worker=0.5)
 
@@ -52,7 +61,9 @@ def test_distill_scope_decides_which_mlp_blocks_hold_neurons(tiny_model_dir):
         ]
     assert neuron_params(model, "full") == {}
     full = NeuronDistillation(scope="full")
-    assert full.setup(None, None, None, None) is False and full.masks == {}  # nothing scored, nothing masked
+    job = TrainJob(model_path="", output="", num_rows=1)
+    pairs = pa.table({"image": [b""], "instruction": ["q"], "response": ["a"]})
+    assert full.setup(None, job, None, lambda: pairs) is False and full.masks == {}  # nothing scored, nothing masked
     assert len(full.param_groups(model, 0.1)) == 1
     with pytest.raises(ValueError, match="distill scope"):
         NeuronDistillation(scope="vision")
@@ -71,23 +82,66 @@ def test_all_neurons_ablation_selects_every_neuron():
     assert all(m.sum() == 4 for m in masks_from_scores(scores, "gradient", 0.1).values())
 
 
-def _rows(n: int) -> list[dict]:
-    rows = []
+def test_qa_schedule_shows_every_labeled_pair_equally_often_in_a_new_order_each_pass():
+    # the bug it replaces: each caption row carried the pair a hash of its image id chose, the same every epoch,
+    # so some pairs were never trained on and others many times
+    n, batch, world = 12, 4, 2
+    schedule = QASchedule(n, seed=3)
+    seen = [schedule.take(m, r, world, batch) for m in range(9) for r in range(world)]  # 72 positions = 6 passes
+    flat = np.concatenate(seen)
+    assert np.bincount(flat, minlength=n).tolist() == [6] * n
+    passes = flat.reshape(6, n)
+    assert all(sorted(p) == list(range(n)) for p in passes)  # each pass shows every pair once
+    assert len({tuple(p) for p in passes}) == 6  # in a new order each time
+    # the ranks split one sequence: no pair twice in a step unless the pass wraps, and a resume continues it
+    assert np.array_equal(
+        np.concatenate([schedule.take(4, 0, world, batch), schedule.take(4, 1, world, batch)]), flat[32:40]
+    )
+    assert np.array_equal(QASchedule(n, seed=3).take(7, 1, world, batch), seen[15])
+    views = pair_views(n, 100, seed=3)
+    assert views.sum() == 100 and views.max() - views.min() <= 1
+
+
+def test_objective_draws_its_qa_batches_from_the_schedule_not_from_the_caption_rows():
+    pairs = pa.table(
+        {
+            "image": [b"x"] * 5,
+            "instruction": ["q"] * 5,
+            "response": [str(k) for k in range(5)],
+            "pair": list(range(5))[::-1],
+        }
+    )
+    job = TrainJob(model_path="", output="", num_rows=1, batch_size=2)
+    views = np.zeros(5, int)
+    for rank in range(2):
+        objective = NeuronDistillation(caption_distill=False, seed=1)
+        objective.setup(None, job, None, lambda: pairs.take([4, 2, 0, 3, 1]))  # any arrival order
+        objective.rank, objective.world = rank, 2
+        for micro in range(5):  # 2 ranks x 5 micro batches x 2 = 20 pairs = 4 passes
+            for p in objective.qa_rows(micro)["pair"].to_pylist():
+                views[p] += 1
+    assert views.tolist() == [4] * 5
+    assert objective.backward_passes == 1 and NeuronDistillation().backward_passes == 2
+
+
+def _rows(n: int) -> tuple[list[dict], list[dict]]:
+    """n caption rows (the train rows) and n labeled QA pairs."""
+    captions, labeled = [], []
     for k in range(n):
         scene, image = synthetic.sample("general", 3, k, 56)
         cap_scene, cap_image = synthetic.sample("target", 3, 10_000 + k, 56)
         _, q, a = synthetic.questions(scene, 3, k)[0]
-        rows.append(
+        labeled.append(
+            {"image": synthetic.png_bytes(image), "instruction": QA_GEN_PROMPT, "response": chat.qa_target(q, a)}
+        )
+        captions.append(
             {
-                "image": synthetic.png_bytes(image),
-                "instruction": QA_GEN_PROMPT,
-                "response": chat.qa_target(q, a),
-                "cap_image": synthetic.png_bytes(cap_image),
-                "cap_instruction": CAPTION_PROMPT,
-                "cap_response": synthetic.caption(cap_scene),
+                "image": synthetic.png_bytes(cap_image),
+                "instruction": CAPTION_PROMPT,
+                "response": synthetic.caption(cap_scene),
             }
         )
-    return rows
+    return captions, labeled
 
 
 def _weights(folder) -> dict[str, torch.Tensor]:
@@ -99,7 +153,7 @@ def _weights(folder) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage, scope", [(2, "lm_mlp"), (3, "all_mlp")])
 def test_caption_loss_moves_only_selected_neurons(ray_local, tiny_model_dir, tmp_path, zero_stage, scope):
-    rows = _rows(64)
+    rows, labeled = _rows(64)
     job = TrainJob(
         model_path=tiny_model_dir,
         output=str(tmp_path / "out"),
@@ -112,9 +166,15 @@ def test_caption_loss_moves_only_selected_neurons(ray_local, tiny_model_dir, tmp
         checkpoint_every=1000,
     )
     objective = NeuronDistillation(score="gradient", ratio=0.25, qa_weight=0.0, scope=scope)  # caption loss only
-    score = ray.data.from_items([{k: r[k] for k in ("image", "instruction", "response")} for r in rows])
     result = run_training(
-        job, ray.data.from_items(rows), f"nd{zero_stage}", str(tmp_path / "ckpt"), TWO_WORKERS, 0, objective, score
+        job,
+        ray.data.from_items(rows),
+        f"nd{zero_stage}",
+        str(tmp_path / "ckpt"),
+        TWO_WORKERS,
+        0,
+        objective,
+        ray.data.from_items(labeled),
     )
     assert result["history"][-1]["loss_cap"] > 0
     before, after = _weights(tiny_model_dir), _weights(tmp_path / "out")
@@ -139,7 +199,7 @@ def test_caption_loss_moves_only_selected_neurons(ray_local, tiny_model_dir, tmp
 
 @pytest.mark.slow
 def test_worker_lost_mid_training_resumes_from_the_checkpoint_with_the_saved_masks(ray_local, tiny_model_dir, tmp_path):
-    rows = _rows(48)
+    rows, labeled = _rows(48)
     job = TrainJob(
         model_path=tiny_model_dir,
         output=str(tmp_path / "out"),
@@ -149,10 +209,16 @@ def test_worker_lost_mid_training_resumes_from_the_checkpoint_with_the_saved_mas
         checkpoint_every=2,
         fault={"step": 5, "marker": str(tmp_path / "fault")},  # a worker dies mid-epoch, after scoring
     )
-    score = ray.data.from_items([{k: r[k] for k in ("image", "instruction", "response")} for r in rows])
     objective = NeuronDistillation(score="gradient", ratio=0.5)
     result = run_training(
-        job, ray.data.from_items(rows), "ndf", str(tmp_path / "ckpt"), TWO_WORKERS, 1, objective, score
+        job,
+        ray.data.from_items(rows),
+        "ndf",
+        str(tmp_path / "ckpt"),
+        TWO_WORKERS,
+        1,
+        objective,
+        ray.data.from_items(labeled[:10]),
     )
     assert (tmp_path / "fault").exists()  # the worker did die
     history = result["history"]

@@ -1,11 +1,17 @@
 """Parsing and filtering generator output (DESIGN.md section 4) on adversarial text."""
 
+import math
+
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from leaml_ray import diagnostics
+from leaml_ray.data import synthetic
 from leaml_ray.models import chat
 from leaml_ray.stages.pseudo_qa import (
     AnswerRules,
+    _filter_parts,
     _join_reply,
     _requests,
     answer_rules,
@@ -13,7 +19,6 @@ from leaml_ray.stages.pseudo_qa import (
     check_pair,
     draw_questions,
     parse_qa,
-    pseudo_qa_inputs,
     question_bank,
 )
 
@@ -96,11 +101,83 @@ def test_caption_filter_keeps_answers_the_caption_names_and_those_it_cannot_chec
     assert rejects["text"][0].as_py() == "Question: what color is the shape?\nAnswer: blue"
 
 
-def test_the_caption_filter_makes_captions_an_input_of_the_stage(tmp_path):
-    from tests.conftest import make_config
+def _part(tmp_path, rows: list[dict]) -> str:
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), parts / "part-0.parquet")
+    return str(parts)
 
-    assert "captions.parquet" not in pseudo_qa_inputs(make_config(tmp_path))
-    assert "captions.parquet" in pseudo_qa_inputs(make_config(tmp_path, "pseudo_qa.consistency_filter=caption"))
+
+def test_question_pmi_and_answer_confidence_filter_pairs_and_say_why(tmp_path):
+    # "on the right?" is likely given 5 images (log p = -1) and unlikely given a sixth (-6): that one lacks it
+    rows = []
+    for k in range(6):
+        q = "what shape is on the right?"
+        rows.append(
+            {
+                "image_id": f"img{k}",
+                "key": f"img{k}#0",
+                "text": f"Question: {q}\nAnswer: circle",
+                "response_prefix": f"Question: {q}\nAnswer:",
+                "logprob": math.log(0.9 if k else 0.2),
+                "prefix_logprob": -6.0 if k == 5 else -1.0,
+            }
+        )
+    rows.append(
+        {
+            **rows[1],
+            "key": "img1#1",
+            "text": "Question: how many?\nAnswer: 2",
+            "logprob": math.log(0.3),
+            "response_prefix": "Question: how many?\nAnswer:",
+            "prefix_logprob": -2.0,
+        }
+    )
+    rows.append({"image_id": "img0", "key": "diagnostic:caption:img0", "text": "a red circle.", "response_prefix": ""})
+    parts = _part(tmp_path, rows)
+    rules = AnswerRules(max_answer_words=3, max_question_words=20, vocabulary=None)
+    skip = {"diagnostic:caption:img0"}
+    kept, rejects = _filter_parts(parts, rules, skip)
+    assert kept.num_rows == 7 and rejects.num_rows == 0  # measured, nothing filtered by default
+    pmi = dict(zip(kept["pseudo_id"].to_pylist(), kept["question_pmi"].to_pylist(), strict=True))
+    assert pmi["img5#0"] < -4 < 0 < pmi["img1#0"] and pmi["img1#1"] is None  # one image: no average to compare
+    assert kept["answer_confidence"][0].as_py() == pytest.approx(0.2)
+    kept, rejects = _filter_parts(parts, rules, skip, min_question_pmi=-1.0, min_answer_confidence=0.5)
+    reasons = dict(zip(rejects["pseudo_id"].to_pylist(), rejects["reason"].to_pylist(), strict=True))
+    assert reasons == {"img5#0": "implausible_question", "img0#0": "low_confidence", "img1#1": "low_confidence"}
+    assert sorted(kept["pseudo_id"].to_pylist()) == ["img1#0", "img2#0", "img3#0", "img4#0"]
+
+
+def test_pair_precision_knows_what_a_synthetic_image_lacks():
+    scene = synthetic.make_scene("target", 0, 5)  # one small blue triangle on the left, checkered background
+    iid = synthetic.image_id("target", 0, 5)
+    kept = pa.table(
+        {
+            "image_id": [iid] * 4,
+            "question": [
+                "what shape is on the left?",
+                "what color is the shape on the left?",
+                "what shape is on the right?",  # there is nothing on the right
+                "what pattern is the background?",
+            ],
+            "answer": [scene.items[0].shape, "red", "circle", scene.pattern],
+        }
+    )
+    found = diagnostics.pair_precision(kept, None)
+    assert (found["audited"], found["audited_correct"], found["absent"]) == (4, 2, 1)
+    assert found["precision_by_category"]["shape"] == {"n": 2, "precision": 0.5}
+    assert found["precision_by_category"]["color"]["precision"] == 0.0
+
+
+def test_caption_fidelity_compares_the_generator_with_the_teacher_and_the_truth():
+    ids = [synthetic.image_id("target", 0, k) for k in range(4)]
+    truth = {i: synthetic.caption(synthetic.make_scene("target", 0, k)) for k, i in enumerate(ids)}
+    half = {i: " ".join(t.split()[:3]) for i, t in truth.items()}
+    found = diagnostics.caption_fidelity(half, truth)
+    assert found["n"] == 4 and found["teacher_vs_truth"] == 1.0
+    assert 0 < found["generator_vs_truth"] == found["share_of_teacher"] < 1
+    assert diagnostics.word_f1("a red circle", "the red circle.") == 1.0
+    assert diagnostics.word_f1("blue", "red") == 0.0
 
 
 def test_labeled_questions_are_distinct_per_image_and_drawn_as_often_as_labeled():

@@ -37,6 +37,7 @@ def _config(tmp_path, model, run_dir):
         "pseudo_qa.samples_per_image=2",
         "pseudo_qa.max_new_tokens=12",
         "generator.epochs=1",
+        "generator.caption_epochs=1",
         "target.epochs=1",
         "train.batch_size=4",
         "train.cpus_per_worker=0.5",
@@ -129,8 +130,12 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, s3_run_dir):
     assert storage.exists(storage.join(run, "generator/config.json"))
     assert storage.exists(storage.join(run, "generator/neurons/neurons.safetensors"))
     assert results["generator"].counts["neurons_selected"] > 0
+    gen = results["generator"].counts
     # fewer labeled pairs than `score_batches` batches per worker (as at 1% labels): scoring cycles them
-    assert results["generator"].counts["labeled_qa"] < 4 * 2 * cfg.generator.score_batches
+    assert gen["labeled_qa"] < 4 * 2 * cfg.generator.score_batches
+    # the labeled pairs are scheduled apart from the captions: each one trained on equally often
+    assert gen["pair_views_max"] - gen["pair_views_min"] <= 1 and gen["pair_views_min"] >= 1
+    assert gen["heldout_captions"] == len(unlabeled) // 10  # kept out for the caption-fidelity diagnostic
 
     pseudo = results["pseudo_qa"].counts
     assert pseudo["generated"] == 2 * len(unlabeled)
@@ -139,6 +144,13 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, s3_run_dir):
     kept = pq.read_table(storage.join(run, "pseudo_qa.parquet"))
     rejects = pq.read_table(storage.join(run, "pseudo_qa_rejects.parquet"))
     assert kept.num_rows == pseudo["kept"] and rejects.num_rows == pseudo["rejected"]
+    # each pair scored in the same engine pass: answer confidence and the question's PMI with its image
+    assert all(0 < c <= 1 for c in kept["answer_confidence"].to_pylist())
+    assert any(p is not None for p in kept["question_pmi"].to_pylist()) or kept.num_rows < 5
+    diag = storage.read_json(storage.join(run, "pseudo_qa_diagnostics.json"))
+    assert diag["caption_fidelity"]["n"] == gen["heldout_captions"]  # the held-out images, captioned
+    assert 0 <= diag["precondition"]["generator"] <= 1  # the hidden questions, answered
+    assert diag["pairs"]["audited"] > 0 and pseudo["audited"] == diag["pairs"]["audited"]
     lines = storage.read_bytes(storage.join(run, "pseudo_qa.jsonl")).decode().splitlines()
     assert len(lines) == kept.num_rows
     for line in lines:

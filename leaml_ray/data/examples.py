@@ -2,14 +2,13 @@
 
 Text (QA pairs, captions) is small and read on the driver; images stay in prepared/images.parquet and are
 attached inside Ray Data tasks, so the driver never holds the unlabeled images. Only the labeled images (a few
-percent of the data by construction) are read on the driver, to pair them with caption rows.
+percent of the data by construction) are read on the driver, for the generator's labeled pairs.
 """
 
 from __future__ import annotations
 
 import hashlib
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -87,25 +86,6 @@ def labeled_with_images(images_path: str, rows: pa.Table) -> pa.Table:
 def stable_int(key: str, seed: int) -> int:
     """A deterministic pseudo-random 64-bit integer for a key (the same on every machine and run)."""
     return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "little")
-
-
-def stable_index(keys: list[str], n: int, seed: int) -> np.ndarray:
-    """A deterministic pseudo-random index in [0, n) per key (pairs each caption with a labeled example)."""
-    return np.array([stable_int(k, seed) % n for k in keys])
-
-
-def pair_with(ds: ray.data.Dataset, partners: pa.Table, prefix: str, seed: int) -> ray.data.Dataset:
-    """Give each row of `ds` a partner example (its columns prefixed), chosen by a hash of the row's image_id."""
-    refs = [ray.put(partners.combine_chunks())]
-
-    def attach(batch: pa.Table, refs: list) -> pa.Table:
-        partners = ray.get(refs[0])
-        picked = partners.take(pa.array(stable_index(batch["image_id"].to_pylist(), partners.num_rows, seed)))
-        for name in EXAMPLE_COLUMNS:
-            batch = batch.append_column(f"{prefix}{name}", picked[name])
-        return batch
-
-    return ds.map_batches(attach, batch_format="pyarrow", fn_kwargs={"refs": refs}, num_cpus=0.25)
 
 
 def cycled(table: pa.Table, rows: int) -> pa.Table:

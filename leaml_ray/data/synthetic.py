@@ -154,3 +154,52 @@ def sample(domain: str, seed: int, index: int, size: int) -> tuple[Scene, Image.
     """Scene and rendered image of one synthetic sample."""
     scene = make_scene(domain, seed, index)
     return scene, render(scene, size, index)
+
+
+def parse_image_id(image_id: str) -> tuple[str, int, int] | None:
+    """(domain, seed, index) of a synthetic image id; None for any other id."""
+    parts = image_id.split("-")
+    if len(parts) != 4 or parts[0] != "syn" or parts[1] not in DOMAINS:
+        return None
+    try:
+        return parts[1], int(parts[2]), int(parts[3])
+    except ValueError:
+        return None
+
+
+def askable(domain: str) -> dict[str, str]:
+    """Every question the domain's templates can ask (about either slot), with its category."""
+    out = {}
+    for category in DOMAINS[domain][3]:
+        for slot in SLOTS:
+            if category == "shape":
+                out[f"what shape is on the {slot}?"] = category
+            elif category == "color":
+                out[f"what color is the shape on the {slot}?"] = category
+            elif category == "size":
+                out[f"what size is the shape on the {slot}?"] = category
+        if category == "count":
+            out["how many shapes are there?"] = category
+        elif category == "background":
+            out["what pattern is the background?"] = category
+    return out
+
+
+def facts(image_id: str) -> tuple[Scene, dict[str, tuple[str, str]]] | None:
+    """The scene of a synthetic image and every question it can answer -> (category, answer); None when the id
+    is not synthetic. A question of `askable` missing here asks about something the image does not have."""
+    parsed = parse_image_id(image_id)
+    if parsed is None:
+        return None
+    scene = make_scene(*parsed)
+    out: dict[str, tuple[str, str]] = {}
+    for question, category in askable(scene.domain).items():
+        if category == "count":
+            out[question] = (category, str(len(scene.items)))
+        elif category == "background":
+            out[question] = (category, scene.pattern)
+        else:
+            item = next((i for i in scene.items if f" on the {i.slot}?" in question), None)
+            if item is not None:
+                out[question] = (category, getattr(item, category))
+    return scene, out

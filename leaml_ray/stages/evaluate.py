@@ -1,7 +1,8 @@
 """evaluate: every selected method answers the test split through the generation engine (greedy) -> report.
 
 Scoring is DESIGN.md section 4 (leaml_ray/metrics.py). Writes report.json, report.md, plots/ and
-predictions.parquet (every answer, for error analysis).
+predictions.parquet (every answer, for error analysis). The report's `precondition` (diagnostics.py) puts the
+labeled-only target (`full`) and the QA generator side by side on the unlabeled images' hidden questions.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from leaml_ray import dashboard, storage
+from leaml_ray import dashboard, diagnostics, storage
 from leaml_ray.config import Config
 from leaml_ray.data import examples
 from leaml_ray.generation import generate
@@ -29,12 +30,14 @@ log = logging.getLogger("leaml_ray")
 
 
 def evaluate_model(
-    prepared: str, spec: ModelSpec, path: str, cfg: Config, name: str
+    prepared: str, spec: ModelSpec, path: str, cfg: Config, name: str, questions: pa.Table | None = None
 ) -> tuple[dict[str, Any], pa.Table]:
-    """Accuracy of one model folder on the `eval.split` (test, or val when choosing settings) of a prepared run,
-    and its predictions."""
+    """Accuracy of one model folder on the `eval.split` (test, or val when choosing settings) of a prepared run
+    (or on `questions`), and its predictions."""
     split = cfg.eval.split
-    test = examples.read_table(storage.join(prepared, "qa.parquet"), split=split)
+    test = (
+        questions if questions is not None else examples.read_table(storage.join(prepared, "qa.parquet"), split=split)
+    )
     if test.num_rows == 0:
         hint = "; synthetic data: set data.val_images" if split == "val" else ""
         raise StageError(f"{prepared}: the {split} split is empty{hint}")
@@ -80,6 +83,7 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
         elapsed[f"evaluate:{method}"] = time.perf_counter() - t0
         log.info("evaluate %s: accuracy %.3f (macro over categories), n=%d", method, metrics["accuracy"], metrics["n"])
     report = build_report(ctx.run_dir, cfg.model_dump(mode="json"), methods, elapsed)
+    report["precondition"] = precondition(ctx, spec, trained)
     storage.write_json_atomic(ctx.output("report.json"), report)
     storage.write_bytes_atomic(ctx.output("report.md"), render_markdown(report).encode())
     write_plots(ctx.run_dir, ctx.output("plots"), methods)
@@ -87,6 +91,28 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
     pq.write_table(pa.concat_tables(predictions), p, filesystem=fs)
     print(method_table(methods))
     return {m: round(v["accuracy"], 4) for m, v in methods.items()}
+
+
+def precondition(ctx: StageContext, spec: ModelSpec, trained: set[str]) -> dict[str, Any]:
+    """Accuracy on the unlabeled images' hidden questions of the labeled-only target (`full`, when trained) and of
+    the generator (from pseudo_qa's diagnostics): LEAML can help only when the generator is ahead."""
+    out: dict[str, Any] = {}
+    hidden_path = storage.join(ctx.input("prepared"), "hidden", "unlabeled_qa.parquet")
+    if "full" in trained and storage.exists(hidden_path):
+        hidden = diagnostics.hidden_sample(examples.read_table(hidden_path), ctx.cfg.run.seed)
+        if hidden.num_rows:
+            metrics, _ = evaluate_model(ctx.input("prepared"), spec, ctx.input("target/full"), ctx.cfg, "full", hidden)
+            out.update(labeled_only=metrics["accuracy"], labeled_only_per_category=metrics["per_category"])
+    if "leaml" in ctx.cfg.eval.methods:
+        found = storage.read_json(ctx.input("pseudo_qa_diagnostics.json")).get("precondition", {})
+        out.update({k: v for k, v in found.items() if k.startswith("generator")})
+    if "generator" in out and "labeled_only" in out:
+        log.info(
+            "precondition: generator %.1f%% vs labeled-only target %.1f%% on the unlabeled images' hidden questions",
+            100 * out["generator"],
+            100 * out["labeled_only"],
+        )
+    return out
 
 
 def method_table(methods: dict[str, dict]) -> str:
@@ -98,7 +124,9 @@ def method_table(methods: dict[str, dict]) -> str:
 
 
 def evaluate_inputs(cfg: Config) -> tuple[str, ...]:
-    return ("prepared", "target") if set(cfg.eval.methods) - {"zero_shot"} else ("prepared",)
+    trained = ("target",) if set(cfg.eval.methods) - {"zero_shot"} else ()
+    diagnosed = ("pseudo_qa_diagnostics.json",) if "leaml" in cfg.eval.methods else ()
+    return ("prepared", *trained, *diagnosed)
 
 
 EVALUATE = Stage(

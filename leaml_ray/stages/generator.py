@@ -1,29 +1,47 @@
 """generator: the QA generator trained on labeled QA with selective neuron caption distillation.
 
-Each training row pairs one captioned unlabeled image (cap_*) with a labeled QA example chosen by a hash of the
-image id, so an epoch covers every caption once and cycles the labeled pairs. With `caption_distill: off`
-(the ablation) the same QA sequence trains without the caption pass.
+The train rows are the captioned unlabeled images (teacher captions); the labeled QA pairs go to every worker
+whole and the objective schedules them independently of the captions (each pair once per pass, a new order each
+pass; train/neurons.py). Steps cover `epochs` passes over the labeled pairs and at least `caption_epochs` passes
+over the captions. `heldout_captions` captioned images stay out of training: pseudo_qa measures the generator's
+own captions on them. With `caption_distill: off` (the ablation) the same QA batches train without the caption pass.
 Outputs `generator/` (HF folder that vLLM loads), `generator/neurons/neurons.safetensors` (scores + masks; in a
 subfolder because vLLM loads every top-level *.safetensors file as weights) and `generator/neurons/neuron_scores.png`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from leaml_ray import storage
+from leaml_ray.config import Config
 from leaml_ray.data import examples
 from leaml_ray.models.zoo import resolve
 from leaml_ray.pipeline import Stage, StageContext, StageError
 from leaml_ray.plots import neuron_scores
-from leaml_ray.train.core import Objective
 from leaml_ray.train.loop import job_for, train_on
-from leaml_ray.train.neurons import NeuronDistillation, mask_summary, score_arrays
+from leaml_ray.train.neurons import NeuronDistillation, mask_summary, pair_views, score_arrays
 
 log = logging.getLogger("leaml_ray")
+
+
+def heldout_caption_ids(image_ids: list[str], cfg: Config) -> set[str]:
+    """The captioned images kept out of the generator's training (at most a tenth of them), chosen by a seeded hash."""
+    k = min(cfg.generator.heldout_captions, len(image_ids) // 10)
+    return set(sorted(image_ids, key=lambda i: examples.stable_int(i, cfg.run.seed + 17))[:k])
+
+
+def unlabeled_captions(images_path: str, captions_path: str) -> pa.Table:
+    """The teacher's captions of the unlabeled images."""
+    splits = examples.read_table(images_path, ["image_id", "split"])
+    unlabeled = splits.filter(pc.equal(splits["split"], "unlabeled"))["image_id"]
+    captions = examples.read_table(captions_path)
+    return captions.filter(pc.is_in(captions["image_id"], value_set=unlabeled))
 
 
 def generator_stage(ctx: StageContext) -> dict[str, Any]:
@@ -34,42 +52,38 @@ def generator_stage(ctx: StageContext) -> dict[str, Any]:
     if qa.num_rows == 0:
         raise StageError("generator: no labeled QA pairs to train on")
     labeled = examples.labeled_with_images(images_path, qa).drop_columns(["image_id"])
+    labeled = labeled.append_column("pair", pa.array(range(labeled.num_rows), pa.int64()))
 
-    splits = examples.read_table(images_path, ["image_id", "split"])
-    unlabeled = splits.filter(pc.equal(splits["split"], "unlabeled"))["image_id"]
-    captions = examples.read_table(ctx.input("captions.parquet"))
-    captions = captions.filter(pc.is_in(captions["image_id"], value_set=unlabeled))
+    captions = unlabeled_captions(images_path, ctx.input("captions.parquet"))
+    heldout = heldout_caption_ids(captions["image_id"].to_pylist(), cfg)
+    captions = captions.filter(pc.invert(pc.is_in(captions["image_id"], value_set=pa.array(sorted(heldout)))))
     if captions.num_rows == 0:
         raise StageError("generator: no captioned unlabeled images (run the caption stage on unlabeled images)")
-    cap_rows = examples.with_images(images_path, examples.caption_examples(captions)).rename_columns(
-        {"image": "cap_image", "instruction": "cap_instruction", "response": "cap_response"}
-    )
-    rows = examples.pair_with(cap_rows, labeled, prefix="", seed=cfg.run.seed).drop_columns(["image_id"])
+    rows = examples.with_images(images_path, examples.caption_examples(captions)).drop_columns(["image_id"])
 
-    objective: Objective
-    if gen.caption_distill:
-        objective = NeuronDistillation(
-            score=gen.score,
-            ratio=gen.neuron_ratio,
-            caption_weight=gen.caption_weight,
-            score_batches=gen.score_batches,
-            seed=cfg.run.seed,
-            scope=gen.distill_scope,
-        )
-    else:
-        objective = Objective()
-        rows = rows.select_columns(examples.EXAMPLE_COLUMNS)
+    objective = NeuronDistillation(
+        score=gen.score,
+        ratio=gen.neuron_ratio,
+        caption_weight=gen.caption_weight,
+        score_batches=gen.score_batches,
+        seed=cfg.run.seed,
+        scope=gen.distill_scope,
+        caption_distill=gen.caption_distill,
+    )
     out = ctx.output("generator")
+    # the caption rows are the clock: enough of them for both budgets
+    budget = max(gen.epochs * labeled.num_rows, gen.caption_epochs * captions.num_rows)
     job = job_for(cfg, gen, resolve(gen.model), out, num_rows=captions.num_rows)
+    job = dataclasses.replace(job, epochs=budget / captions.num_rows)
     log.info(
-        "generator: %d captioned images paired with %d labeled QA, caption distillation %s",
+        "generator: %d captioned images (%d held out) and %d labeled QA pairs, %.1f passes over the pairs, "
+        "caption distillation %s",
         captions.num_rows,
+        len(heldout),
         labeled.num_rows,
+        budget / labeled.num_rows,
         "on" if gen.caption_distill else "off",
     )
-    # every worker needs `score_batches` full batches: a few labeled pairs (1% labels) are cycled to fill them
-    score_rows = max(labeled.num_rows, cfg.train.batch_size * cfg.train.num_workers * gen.score_batches)
-    score_ds = examples.ray_dataset(examples.cycled(labeled, score_rows)) if gen.caption_distill else None
     result = train_on(
         cfg,
         job,
@@ -77,14 +91,22 @@ def generator_stage(ctx: StageContext) -> dict[str, Any]:
         "generator",
         storage.join(ctx.resume_dir, "ray_train"),
         objective=objective,
-        score_dataset=score_ds,
+        labeled_dataset=examples.ray_dataset(labeled),
     )
     storage.write_json_atomic(storage.join(out, "train_log.json"), result["history"])
+    steps = result["history"][-1]["step"]
+    views = pair_views(
+        labeled.num_rows, steps * cfg.train.grad_accum * cfg.train.num_workers * job.batch_size, job.seed
+    )
     counts: dict[str, Any] = {
         "captions": captions.num_rows,
+        "heldout_captions": len(heldout),
         "labeled_qa": labeled.num_rows,
-        "steps": result["history"][-1]["step"],
+        "steps": steps,
         "final_loss": round(result["history"][-1]["loss"], 4),
+        # how often each labeled pair was trained on: equal up to one
+        "pair_views_min": int(views.min()),
+        "pair_views_max": int(views.max()),
     }
     neurons_path = storage.join(out, "neurons", "neurons.safetensors")
     if storage.exists(neurons_path):

@@ -4,12 +4,19 @@ Generations stream from the engine into resumable parts (keyed image_id#sample),
 parses and filters them (DESIGN.md section 4) into pseudo_qa.parquet, pseudo_qa.jsonl (OpenAI messages with an
 image path, as LLaMA-Factory, ms-swift and TRL load it; the images go to pseudo_qa_images/) and
 pseudo_qa_rejects.parquet with the reason of every rejected generation.
+
+With labeled questions each pair also gets the generator's answer confidence and the question's pointwise mutual
+information with its image (log p(question | image) - log p(question | average image)): a question about something
+the image lacks is unlikely given that image. `min_answer_confidence` and `min_question_pmi` filter on them.
+The same engine pass answers diagnostic requests (diagnostics.py): captions of the images the generator held out
+and the unlabeled images' hidden questions -> pseudo_qa_diagnostics.json.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import unicodedata
@@ -21,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from leaml_ray import dashboard, storage
+from leaml_ray import dashboard, diagnostics, storage
 from leaml_ray.config import Config
 from leaml_ray.data import examples
 from leaml_ray.generation import (
@@ -34,17 +41,27 @@ from leaml_ray.generation import (
 )
 from leaml_ray.metrics import normalize
 from leaml_ray.models import chat
-from leaml_ray.models.registry import QA_GEN_PROMPT, spec_for
+from leaml_ray.models.registry import CAPTION_PROMPT, QA_GEN_PROMPT, spec_for
 from leaml_ray.models.zoo import resolve
 from leaml_ray.pipeline import Stage, StageContext, StageError
 from leaml_ray.placement import engine_settings
+from leaml_ray.stages.generator import heldout_caption_ids, unlabeled_captions
 
 log = logging.getLogger("leaml_ray")
 QA_PATTERN = re.compile(r"^\s*Question:\s*(?P<q>.*?)\s*\n\s*Answer:\s*(?P<a>[^\n]*)", re.DOTALL)
 CONTROL = {"Cc", "Cf", "Cs", "Co", "Cn"}
 PSEUDO_SCHEMA = pa.schema(
-    [("pseudo_id", pa.string()), ("image_id", pa.string()), ("question", pa.string()), ("answer", pa.string())]
+    [
+        ("pseudo_id", pa.string()),
+        ("image_id", pa.string()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("answer_confidence", pa.float64()),  # null when the engine gave no logprobs
+        ("question_pmi", pa.float64()),  # null unless the question came from the labeled bank
+    ]
 )
+DIAGNOSTIC = "diagnostic:"  # key prefix of the diagnostic requests riding along in the same engine pass
+MIN_PMI_IMAGES = 5  # a question asked of fewer images has no usable average
 REJECT_SCHEMA = pa.schema(
     [("pseudo_id", pa.string()), ("image_id", pa.string()), ("text", pa.string()), ("reason", pa.string())]
 )
@@ -161,8 +178,18 @@ def _answer_requests(batch: pa.Table) -> pa.Table:
 
 
 def _join_reply(batch: pa.Table) -> pa.Table:
+    """Prefix + continuation as one reply; the prefix and the logprob scores (when scored) are kept."""
     texts = [p + t for p, t in zip(batch["response_prefix"].to_pylist(), batch["text"].to_pylist(), strict=True)]
-    return pa.table({"image_id": batch["image_id"], "key": batch["key"], "text": texts})
+    out = {
+        "image_id": batch["image_id"],
+        "key": batch["key"],
+        "text": texts,
+        "response_prefix": batch["response_prefix"],
+    }
+    for name in ("logprob", "prefix_logprob"):
+        if name in batch.column_names:
+            out[name] = batch[name]
+    return pa.table(out)
 
 
 def _image_file(image_id: str, data: bytes) -> str:
@@ -194,9 +221,19 @@ def pseudo_qa_stage(ctx: StageContext) -> dict[str, Any]:
     sampling = {"temperature": pq_cfg.temperature, "top_p": pq_cfg.top_p, "max_tokens": pq_cfg.max_new_tokens}
     greedy_answer = {"temperature": 0.0, "max_tokens": pq_cfg.max_new_tokens, "stop": ["\n"]}
     settings = engine_settings(cfg, "generator")
+    diagnostic = diagnostic_requests(ctx, images_path)
+    diagnostic_keys = set(diagnostic["key"].to_pylist()) if diagnostic is not None else set()
     if bank is not None:
-        # the question is given: the generator writes the answer line only
+        # the question is given: the generator writes the answer line only; logprobs score answer and question
         answer = greedy_answer if pq_cfg.answer_decoding == "greedy" else {**sampling, "stop": ["\n"]}
+        answer = {**answer, "logprobs": 0, "prompt_logprobs": 0}
+        if pq_cfg.answer_decoding == "greedy" and diagnostic is not None:
+            # greedy to the end of the line serves the diagnostic requests too: one engine start, resumable
+            answer["max_tokens"] = max(answer["max_tokens"], cfg.teacher.max_new_tokens)
+            columns = ["image_id", "key", "image", "instruction", "sampling_seed", "response_prefix"]
+            extra = examples.with_images(images_path, diagnostic).select_columns(columns)
+            requests = requests.select_columns(columns).union(skip_done(extra, "key", done))
+            diagnostic = None
         answered = generate(requests, spec, path, answer, settings, keep=("image_id", "key", "response_prefix"))
         stream_to_parts(
             answered.map_batches(_join_reply, batch_format="pyarrow", num_cpus=0.25), parts, settings.rows_per_part
@@ -220,7 +257,15 @@ def pseudo_qa_stage(ctx: StageContext) -> dict[str, Any]:
         out = generate(requests, spec, path, sampling, settings, keep=("image_id", "key"))
         stream_to_parts(out.select_columns(["image_id", "key", "text"]), parts, settings.rows_per_part)
 
-    kept, rejects = _filter_parts(parts, rules)
+    if diagnostic is not None:  # not answered in the main pass (other decoding modes)
+        rows = skip_done(examples.with_images(images_path, diagnostic), "key", done)
+        diag_sampling = {"temperature": 0.0, "max_tokens": cfg.teacher.max_new_tokens, "stop": ["\n"]}
+        answered = generate(rows, spec, path, diag_sampling, settings, keep=("image_id", "key", "response_prefix"))
+        stream_to_parts(
+            answered.map_batches(_join_reply, batch_format="pyarrow", num_cpus=0.25), parts, settings.rows_per_part
+        )
+
+    kept, rejects = _filter_parts(parts, rules, diagnostic_keys, pq_cfg.min_question_pmi, pq_cfg.min_answer_confidence)
     if pq_cfg.consistency_filter == "caption" and kept.num_rows:
         kept, ungrounded = caption_filter(kept, examples.read_table(ctx.input("captions.parquet")))
         rejects = pa.concat_tables([rejects, ungrounded])
@@ -228,7 +273,9 @@ def pseudo_qa_stage(ctx: StageContext) -> dict[str, Any]:
         kept, inconsistent = consistency_filter(kept, images_path, cfg)
         rejects = pa.concat_tables([rejects, inconsistent])
     _write_outputs(ctx, kept, rejects, images_path)
-    audit = audit_against_hidden(kept, ctx.input("prepared/hidden/unlabeled_qa.parquet"))
+    report = generator_diagnostics(ctx, parts, diagnostic_keys, kept)
+    storage.write_json_atomic(ctx.output("pseudo_qa_diagnostics.json"), report)
+    audit = {k: report["pairs"][k] for k in ("audited", "audited_correct", "absent")}
     by_reason = dict(Counter(rejects["reason"].to_pylist()))
     for reason, n in by_reason.items():
         dashboard.count("pseudo_qa_rejected", n, cfg.run.dir, "pseudo_qa", reason)
@@ -242,33 +289,108 @@ def pseudo_qa_stage(ctx: StageContext) -> dict[str, Any]:
         "closed_vocabulary": rules.vocabulary is not None,
         "resumed": len(done),
         **audit,
+        "generator_hidden_accuracy": report["precondition"].get("generator"),
+        "caption_fidelity": report["caption_fidelity"].get("share_of_teacher"),
     }
 
 
-def audit_against_hidden(kept: pa.Table, hidden_path: str) -> dict[str, Any]:
-    """Diagnostics only (never used to filter): pseudo pairs whose question matches a hidden labeled question of
-    the same image, and how many of those have the hidden answer."""
-    if not storage.exists(hidden_path) or kept.num_rows == 0:
-        return {"audited": 0, "audited_correct": 0}
-    hidden = examples.read_table(hidden_path, ["image_id", "question", "answer"])
-    truth = {
-        (i, normalize(q)): a
-        for i, q, a in zip(*(hidden[c].to_pylist() for c in ("image_id", "question", "answer")), strict=True)
-    }
-    audited = correct = 0
-    for i, q, a in zip(*(kept[c].to_pylist() for c in ("image_id", "question", "answer")), strict=True):
-        gold = truth.get((i, normalize(q)))
-        if gold is not None:
-            audited += 1
-            correct += normalize(a) == normalize(gold)
-    return {"audited": audited, "audited_correct": correct}
+def diagnostic_requests(ctx: StageContext, images_path: str) -> pa.Table | None:
+    """Requests the generator answers for the diagnostics only: captions of the images its training held out and
+    (a sample of) the unlabeled images' hidden questions; None when there are neither."""
+    cfg = ctx.cfg
+    captions = unlabeled_captions(images_path, ctx.input("captions.parquet"))
+    heldout = sorted(heldout_caption_ids(captions["image_id"].to_pylist(), cfg))
+    rows = [
+        {"image_id": i, "key": f"{DIAGNOSTIC}caption:{i}", "instruction": CAPTION_PROMPT, "response_prefix": ""}
+        for i in heldout
+    ]
+    hidden_path = ctx.input("prepared/hidden/unlabeled_qa.parquet")
+    if storage.exists(hidden_path):
+        hidden = diagnostics.hidden_sample(examples.read_table(hidden_path), cfg.run.seed)
+        for r in hidden.select(["image_id", "qa_id", "question", "choices"]).to_pylist():
+            rows.append(
+                {
+                    "image_id": r["image_id"],
+                    "key": f"{DIAGNOSTIC}qa:{r['qa_id']}",
+                    "instruction": QA_GEN_PROMPT,
+                    "response_prefix": diagnostics.hidden_prefix(r["question"], r["choices"]),
+                }
+            )
+    if not rows:
+        return None
+    return pa.Table.from_pylist(rows).append_column("sampling_seed", pa.array([0] * len(rows), pa.int64()))
 
 
-def _filter_parts(parts: str, rules: AnswerRules) -> tuple[pa.Table, pa.Table]:
-    """Parse and filter every generation, in key order so the result does not depend on arrival order."""
-    rows = [r for t in read_parts(parts) for r in t.to_pylist()]
+def generator_diagnostics(ctx: StageContext, parts: str, keys: set[str], kept: pa.Table) -> dict[str, Any]:
+    """pseudo_qa_diagnostics.json: caption fidelity, the generator's precondition accuracy, pair precision."""
+    replies: dict[str, str] = {}
+    for table in read_parts(parts, ["key", "text"]):
+        for key, text in zip(table["key"].to_pylist(), table["text"].to_pylist(), strict=True):
+            if key in keys:
+                replies[key[len(DIAGNOSTIC) :]] = text
+    captions = examples.read_table(ctx.input("captions.parquet"), ["image_id", "caption"])
+    teacher = dict(zip(captions["image_id"].to_pylist(), captions["caption"].to_pylist(), strict=True))
+    own = {k.split(":", 1)[1]: v.strip() for k, v in replies.items() if k.startswith("caption:")}
+    fidelity = diagnostics.caption_fidelity(own, teacher)
+    hidden_path = ctx.input("prepared/hidden/unlabeled_qa.parquet")
+    hidden = examples.read_table(hidden_path) if storage.exists(hidden_path) else None
+    precondition: dict[str, Any] = {}
+    if hidden is not None:
+        sample = diagnostics.hidden_sample(hidden, ctx.cfg.run.seed)
+        answers = {}
+        for k, text in replies.items():
+            if k.startswith("qa:"):
+                parsed = parse_qa(text)
+                answers[k[3:]] = parsed[1] if isinstance(parsed, tuple) else ""
+        result = diagnostics.hidden_accuracy(sample, answers)
+        precondition = {"generator": result["accuracy"], "generator_per_category": result["per_category"]}
+    pairs = diagnostics.pair_precision(kept, hidden)
+    log.info(
+        "pseudo_qa diagnostics: caption fidelity %s, generator on hidden questions %s, kept-pair precision %s "
+        "(%s asking about something absent)",
+        _pct(fidelity.get("share_of_teacher", fidelity.get("generator_vs_teacher"))),
+        _pct(precondition.get("generator")),
+        _pct(pairs["precision"]),
+        _pct(pairs["absent_share"]),
+    )
+    return {"caption_fidelity": fidelity, "precondition": precondition, "pairs": pairs}
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def question_pmi(rows: list[dict]) -> dict[str, float]:
+    """Pointwise mutual information of each row's question with its image, by key: log p(q | image) minus the
+    log of p(q | image') averaged over the images asked the same question (rows need "question",
+    "prefix_logprob"); questions asked of fewer than MIN_PMI_IMAGES images get none."""
+    by_question: dict[str, list[tuple[str, float]]] = {}
+    for r in rows:
+        lp = r.get("prefix_logprob")
+        if lp is not None and not math.isnan(lp):
+            by_question.setdefault(normalize(r["question"]), []).append((r["key"], lp))
+    out = {}
+    for scored in by_question.values():
+        if len(scored) < MIN_PMI_IMAGES:
+            continue
+        top = max(lp for _, lp in scored)
+        marginal = top + math.log(sum(math.exp(lp - top) for _, lp in scored) / len(scored))
+        out.update({key: lp - marginal for key, lp in scored})
+    return out
+
+
+def _filter_parts(
+    parts: str,
+    rules: AnswerRules,
+    skip: set[str] = frozenset(),
+    min_question_pmi: float | None = None,
+    min_answer_confidence: float = 0.0,
+) -> tuple[pa.Table, pa.Table]:
+    """Parse and filter every generation (but the `skip` keys), in key order so the result does not depend on
+    arrival order."""
+    rows = [r for t in read_parts(parts) for r in t.to_pylist() if r["key"] not in skip]
     rows.sort(key=lambda r: (r["image_id"], int(r["key"].rsplit("#", 1)[1])))
-    kept, rejected = [], []
+    parsed_rows, rejected = [], []
     seen: dict[str, set[str]] = {}
     for r in rows:
         parsed = parse_qa(r["text"])
@@ -279,7 +401,29 @@ def _filter_parts(parts: str, rules: AnswerRules) -> tuple[pa.Table, pa.Table]:
         if reason:
             rejected.append({"pseudo_id": r["key"], "image_id": r["image_id"], "text": r["text"], "reason": reason})
         else:
-            kept.append({"pseudo_id": r["key"], "image_id": r["image_id"], "question": parsed[0], "answer": parsed[1]})
+            parsed_rows.append({**r, "question": parsed[0], "answer": parsed[1]})
+    # the question's likelihood is scored on every well-formed pair asking it (labeled questions only)
+    pmi = question_pmi([r for r in parsed_rows if r.get("response_prefix")])
+    kept = []
+    for r in parsed_rows:
+        lp = r.get("logprob")
+        confidence = math.exp(lp) if lp is not None and not math.isnan(lp) else None
+        row = {
+            "pseudo_id": r["key"],
+            "image_id": r["image_id"],
+            "question": r["question"],
+            "answer": r["answer"],
+            "answer_confidence": confidence,
+            "question_pmi": pmi.get(r["key"]),
+        }
+        if min_question_pmi is not None and row["question_pmi"] is not None and row["question_pmi"] < min_question_pmi:
+            reason = "implausible_question"
+        elif min_answer_confidence > 0 and confidence is not None and confidence < min_answer_confidence:
+            reason = "low_confidence"
+        else:
+            kept.append(row)
+            continue
+        rejected.append({"pseudo_id": r["key"], "image_id": r["image_id"], "text": r["text"], "reason": reason})
     return pa.Table.from_pylist(kept, PSEUDO_SCHEMA), pa.Table.from_pylist(rejected, REJECT_SCHEMA)
 
 
@@ -381,19 +525,22 @@ def _write_outputs(ctx: StageContext, kept: pa.Table, rejects: pa.Table, images_
     storage.write_bytes_atomic(ctx.output("pseudo_qa.jsonl"), ("\n".join(lines) + "\n" if lines else "").encode())
 
 
-def pseudo_qa_inputs(cfg: Config) -> tuple[str, ...]:
-    caption = cfg.pseudo_qa.consistency_filter == "caption"
-    return ("prepared", "generator", "captions.parquet") if caption else ("prepared", "generator")
-
-
 PSEUDO_QA = Stage(
     name="pseudo_qa",
     run=pseudo_qa_stage,
-    inputs=pseudo_qa_inputs,
-    outputs=("pseudo_qa.parquet", "pseudo_qa.jsonl", "pseudo_qa_rejects.parquet", "pseudo_qa_images"),
+    inputs=("prepared", "generator", "captions.parquet"),  # captions: the caption filter and the diagnostics
+    outputs=(
+        "pseudo_qa.parquet",
+        "pseudo_qa.jsonl",
+        "pseudo_qa_rejects.parquet",
+        "pseudo_qa_images",
+        "pseudo_qa_diagnostics.json",
+    ),
     config_keys=(
         "pseudo_qa",
         "run.seed",
+        "generator.heldout_captions",  # which held-out images the diagnostics caption
+        "teacher.max_new_tokens",
         "generator.max_pixels",
         "generator.max_model_len",
         "teacher.model",  # the consistency filter's models and answer length

@@ -80,13 +80,14 @@ class Objective:
     def param_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict]:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
 
-    def setup(self, engine: Any, job: TrainJob, processor: Any, score_batches: Any) -> bool:
-        """Called once the DeepSpeed engine exists (`score_batches()` iterates encoded labeled batches);
+    def setup(self, engine: Any, job: TrainJob, processor: Any, labeled: Any) -> bool:
+        """Called once the DeepSpeed engine exists (`labeled()` returns the run's unsplit labeled table, or None);
         returns True when it computed state worth checkpointing."""
         return False
 
     def step(self, engine: Any, batch: dict[str, Any]) -> dict[str, float]:
-        """Forward and backward one micro batch (its `model_inputs` are on the engine's device)."""
+        """Forward and backward one micro batch (its `model_inputs` are on the engine's device; `micro` is its
+        index in the run, the same on every rank)."""
         out = engine(**batch["model_inputs"])
         engine.backward(out.loss)
         return {"loss": out.loss.item()}

@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import ray
 import ray.train
 import torch
@@ -102,8 +103,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         print(f"[rank {rank}] resumed at optimizer step {step}/{total}", flush=True)
 
     shard = ray.train.get_dataset_shard("train")
-    score_batches = lambda: _batches(ray.train.get_dataset_shard("score"), processor, job, 0, device)  # noqa: E731
-    if objective.setup(engine, job, processor, score_batches) and not checkpoint:
+    if objective.setup(engine, job, processor, lambda: _whole("labeled")) and not checkpoint:
         # e.g. neuron masks: a worker lost from here on resumes with them instead of recomputing them
         _report(engine, {"step": 0, "setup": True}, history, 0, rank, objective)
 
@@ -120,7 +120,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue  # consumed before the restart
             if k >= micro_per_epoch or step >= total:
                 break
-            metrics = objective.step(engine, batch)
+            metrics = objective.step(engine, {**batch, "micro": micro})  # micro: the same on every rank
             engine.step()
             micro += 1
             if micro % job.grad_accum:
@@ -155,6 +155,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     save_hf(trainee, job, rank, objective)
 
 
+def _whole(name: str) -> pa.Table | None:
+    """An unsplit dataset (e.g. the labeled pairs), whole, on this worker; None when the run has none."""
+    try:
+        it = ray.train.get_dataset_shard(name)
+    except KeyError:
+        return None
+    if it is None:
+        return None
+    return pa.concat_tables(list(it.iter_batches(batch_size=None, batch_format="pyarrow")))
+
+
 def _show(record: dict, run_dir: str, name: str) -> None:
     """Rank 0's latest step on the dashboard's Metrics tab (the gauges live while the worker does)."""
     for key in ("samples_per_s", "loss", "step"):
@@ -180,10 +191,12 @@ def run_training(
     placement: TrainPlacement,
     max_failures: int,
     objective: Objective | None = None,
-    score_dataset: ray.data.Dataset | None = None,
+    labeled_dataset: ray.data.Dataset | None = None,
 ) -> dict:
     """Run one training job to completion; returns its final metrics and the step log.
 
+    `labeled_dataset` reaches every worker whole (not split): the objective draws from it (the QA generator's
+    labeled pairs).
     A rerun with the same `name` and `storage_path` resumes from the latest checkpoint (Ray Train restores its
     state from storage), so a killed driver loses at most `checkpoint_every` steps.
     """
@@ -212,8 +225,8 @@ def run_training(
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": dataset, **({"score": score_dataset} if score_dataset is not None else {})},
-        dataset_config=DataConfig(execution_options=ingest),
+        datasets={"train": dataset, **({"labeled": labeled_dataset} if labeled_dataset is not None else {})},
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:

@@ -4,11 +4,15 @@ A neuron is one intermediate unit of an MLP block: row j of gate_proj and up_pro
 column j of down_proj (with LoRA: row j of their lora_B, column j of down_proj's lora_A). `scope` says which MLP
 blocks count: the language model's (lm_mlp, the paper's reading), every block including the vision tower's
 (all_mlp), or none, the caption gradient then reaching every trainable parameter (full, the ablation without
-selection). Before training, every rank
-accumulates |dL_QA/dW| per neuron over a few labeled batches; the scores are all-reduced so all ranks select the
-same top `neuron_ratio` per layer. Each micro batch then runs two backward passes inside one DeepSpeed
-accumulation window: L_QA unrestricted, then lambda * L_cap through gradient hooks that zero every gradient
-except the selected neurons' rows/columns.
+selection).
+
+The train rows are the captioned images; the labeled QA pairs reach every worker whole (they are few by
+construction) and `QASchedule` picks each micro batch's pairs: every pair once per pass, in a fresh seeded order
+each pass, whatever the number of captions. Before training, every rank accumulates |dL_QA/dW| per neuron over a
+few labeled batches; the scores are all-reduced so all ranks select the same top `neuron_ratio` per layer. Each
+micro batch then runs two backward passes inside one DeepSpeed accumulation window: L_QA unrestricted, then
+lambda * L_cap through gradient hooks that zero every gradient except the selected neurons' rows/columns. With
+`caption_distill=False` (the ablation) the same QA batches train alone.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ import time
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 
 from leaml_ray.train.core import Objective, TrainJob, collective_device, encode_rows
 
-CAPTION_COLUMNS = ("cap_image", "cap_instruction", "cap_response")
+QA_COLUMNS = ("image", "instruction", "response")
 # where the caption gradient may go: the language model's MLP neurons (the paper's reading), the neurons of every
 # MLP block (vision tower included: a weak base may lack what it needs there), or every trainable parameter
 # (`full`: distillation without selection, the true ablation of selective neurons)
@@ -104,10 +109,49 @@ def _check_same_on_all_ranks(masks: dict[str, torch.Tensor]) -> None:
         raise RuntimeError("neuron masks differ between ranks; refusing to train with inconsistent masks")
 
 
-class NeuronDistillation(Objective):
-    """L_QA on the labeled pairs + lambda * L_cap on captions, L_cap reaching only the selected neurons."""
+class QASchedule:
+    """Which labeled pairs each micro batch trains on: position p of one endless sequence made of seeded random
+    permutations of the n pairs (pass p // n uses permutation p // n), so every pair is seen once per pass and in
+    a new order each pass. Micro batch m of rank r takes positions [(m * world + r) * batch, ... + batch): the
+    ranks together consume the sequence without gaps or overlap, and a resumed run continues where it stopped."""
 
-    backward_passes = 2
+    def __init__(self, n: int, seed: int):
+        if n < 1:
+            raise ValueError("no labeled pairs to schedule")
+        self.n, self.seed = n, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def positions(self, micro: int, rank: int, world: int, batch: int) -> np.ndarray:
+        start = (micro * world + rank) * batch
+        return np.arange(start, start + batch)
+
+    def pairs(self, positions: np.ndarray) -> np.ndarray:
+        """Pair indices at these sequence positions."""
+        passes, offsets = np.divmod(positions, self.n)
+        return np.array([self._perm(int(p))[o] for p, o in zip(passes, offsets, strict=True)], dtype=np.int64)
+
+    def take(self, micro: int, rank: int, world: int, batch: int) -> np.ndarray:
+        """Pair indices of one rank's micro batch."""
+        return self.pairs(self.positions(micro, rank, world, batch))
+
+    def _perm(self, p: int) -> np.ndarray:
+        if p not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.clear()  # batches span at most two passes: keep memory flat over long runs
+            self._perms[p] = np.random.default_rng([self.seed, p]).permutation(self.n)
+        return self._perms[p]
+
+
+def pair_views(n: int, total: int, seed: int) -> np.ndarray:
+    """How often each of n labeled pairs is trained on over the first `total` schedule positions."""
+    schedule = QASchedule(n, seed)
+    return np.bincount(schedule.pairs(np.arange(total)), minlength=n)
+
+
+class NeuronDistillation(Objective):
+    """L_QA on scheduled labeled pairs + lambda * L_cap on the caption rows, L_cap reaching only the selected
+    neurons (or every parameter with scope `full`, or nowhere with caption_distill=False)."""
+
     state_name = "neurons"
 
     def __init__(
@@ -119,21 +163,26 @@ class NeuronDistillation(Objective):
         seed: int = 0,
         qa_weight: float = 1.0,
         scope: str = "lm_mlp",
+        caption_distill: bool = True,
     ):
         if scope not in SCOPES:
             raise ValueError(f"distill scope {scope!r}; one of {', '.join(SCOPES)}")
-        self.scope = scope
+        self.scope, self.caption_distill = scope, caption_distill
+        self.backward_passes = 2 if caption_distill else 1
         self.score, self.ratio, self.caption_weight = score, ratio, caption_weight
         self.score_batches, self.seed, self.qa_weight = score_batches, seed, qa_weight
         self.scores: dict[str, torch.Tensor] = {}
         self.masks: dict[str, torch.Tensor] = {}
         self.processor: Any = None
+        self.labeled: pa.Table | None = None
+        self.schedule: QASchedule | None = None
+        self.rank, self.world, self.batch_size = 0, 1, 1
         self.caption_pass = False
         self.restored = False  # masks came from a checkpoint (a restarted worker does not re-score)
         self.scoring_seconds = 0.0
 
     def param_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict]:
-        if self.scope == "full":
+        if self.scope == "full" or not self.caption_distill:
             return super().param_groups(model, weight_decay)  # nothing masked (an empty group breaks ZeRO)
         # decoupled weight decay would move unselected rows between caption updates: none on neuron params
         masked = {id(p) for params in neuron_params(model, self.scope).values() for _, p, _ in params}
@@ -143,24 +192,40 @@ class NeuronDistillation(Objective):
             {"params": [p for p in trainable if id(p) in masked], "weight_decay": 0.0},
         ]
 
-    def setup(self, engine: Any, job: TrainJob, processor: Any, score_batches: Any) -> bool:
-        self.processor = processor
-        if self.scope == "full":
-            return False  # the caption gradient reaches every trainable parameter: nothing to score or mask
+    def setup(self, engine: Any, job: TrainJob, processor: Any, labeled: Any) -> bool:
+        self.processor, self.batch_size = processor, job.batch_size
+        table = labeled()
+        if table is None or table.num_rows == 0:
+            raise ValueError("the QA generator's objective needs the labeled pairs (run_training's labeled_dataset)")
+        # every rank must hold the pairs in the same order: the schedule indexes them
+        self.labeled = table.sort_by("pair") if "pair" in table.column_names else table
+        if dist.is_initialized():
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.schedule = QASchedule(self.labeled.num_rows, self.seed)
+        if self.scope == "full" or not self.caption_distill:
+            return False  # nothing to score or mask (full: the caption gradient reaches every parameter)
         layers = neuron_params(engine.module, self.scope)
         if not layers:
             raise ValueError("no MLP neuron parameters found to distill into (gate_proj/up_proj/down_proj)")
         scored = False
         if not self.masks:
-            self.scores = self._score(engine, layers, score_batches)
+            self.scores = self._score(engine, layers)
             self.masks = masks_from_scores(self.scores, self.score, self.ratio)
             scored = True
         _check_same_on_all_ranks(self.masks)
         self._install_hooks(engine.module, layers)
         return scored
 
-    def _score(self, engine: Any, layers: dict, score_batches: Any) -> dict[str, torch.Tensor]:
-        """Per-neuron importance for L_QA, summed over ranks."""
+    def qa_rows(self, micro: int, schedule: QASchedule | None = None) -> pa.Table:
+        """The labeled pairs of this rank's micro batch `micro`."""
+        schedule = schedule or self.schedule
+        return self.labeled.take(pa.array(schedule.take(micro, self.rank, self.world, self.batch_size)))
+
+    def _qa_inputs(self, rows: pa.Table, device: Any) -> dict[str, Any]:
+        return encode_rows(self.processor, *(rows[c].to_pylist() for c in QA_COLUMNS), device)
+
+    def _score(self, engine: Any, layers: dict) -> dict[str, torch.Tensor]:
+        """Per-neuron importance for L_QA (on the answer tokens of labeled pairs), summed over ranks."""
         sizes = {layer: _shape(params[0][1])[params[0][2]] for layer, params in layers.items()}
         if self.score in ("random", "all"):
             gen = torch.Generator().manual_seed(self.seed)
@@ -172,22 +237,18 @@ class NeuronDistillation(Objective):
 
         scores = {layer: torch.zeros(n) for layer, n in sizes.items()}
         flat = [(layer, p, axis) for layer, params in layers.items() for _, p, axis in params]
-        seen = 0
-        for batch in score_batches():
-            if seen >= self.score_batches:
-                break
-            t0 = time.perf_counter()  # compute only: the wait for the first batch is data-pipeline start-up
-            loss = engine.module(**batch["model_inputs"]).loss  # the bare module: no DeepSpeed backward hooks
+        scoring = QASchedule(self.labeled.num_rows, self.seed + 1)  # its own order, independent of training's
+        for k in range(self.score_batches):
+            t0 = time.perf_counter()
+            inputs = self._qa_inputs(self.qa_rows(k, scoring), engine.device)
+            loss = engine.module(**inputs).loss  # the bare module: no DeepSpeed backward hooks
             # autograd.grad leaves .grad and DeepSpeed's reduction hooks untouched: scoring moves no weight
             grads = torch.autograd.grad(loss, [p for _, p, _ in flat], allow_unused=True)
             with deepspeed.zero.GatheredParameters([p for _, p, _ in flat], enabled=self.score == "taylor"):
                 for (layer, p, axis), g in zip(flat, grads, strict=True):
                     if g is not None:
                         scores[layer] += _neuron_reduce(g * p.detach() if self.score == "taylor" else g, axis)
-            seen += 1
             self.scoring_seconds += time.perf_counter() - t0
-        if seen == 0:
-            raise ValueError("neuron scoring saw no labeled batch: fewer labeled rows than one batch per worker")
         if dist.is_initialized():
             packed = torch.cat([scores[layer] for layer in sorted(scores)]).to(collective_device())
             dist.all_reduce(packed)
@@ -217,13 +278,15 @@ class NeuronDistillation(Objective):
                 param.register_hook(hook_for(param))
 
     def step(self, engine: Any, batch: dict[str, Any]) -> dict[str, float]:
-        qa = engine(**batch["model_inputs"]).loss
+        """`batch` holds the encoded caption rows and `micro`, the index of this micro batch in the run."""
+        qa = engine(**self._qa_inputs(self.qa_rows(batch["micro"]), engine.device)).loss
         engine.backward(qa * self.qa_weight)
+        if not self.caption_distill:
+            return {"loss": qa.item() * self.qa_weight, "loss_qa": qa.item()}
         engine.step()  # inside the accumulation window: no optimizer step yet
-        captions = encode_rows(self.processor, *(batch[c] for c in CAPTION_COLUMNS), engine.device)
         self.caption_pass = True
         try:
-            cap = engine(**captions).loss
+            cap = engine(**batch["model_inputs"]).loss
             engine.backward(cap * self.caption_weight)
         finally:
             self.caption_pass = False
