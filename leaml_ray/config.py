@@ -111,8 +111,9 @@ class GeneratorSection(TrainableModelSection):
     )
     caption_distill: bool = True
     caption_weight: float = Field(1.0, ge=0, description="lambda of L_cap")
+    # full: chosen on the validation split (README, label efficiency): 39.7 vs 36.7 (lm_mlp) and 38.5 (all_mlp)
     distill_scope: Literal["lm_mlp", "all_mlp", "full"] = Field(
-        "lm_mlp",
+        "full",
         description="where the caption gradient may go: selected neurons of the language model's MLP blocks, of"
         " every MLP block (vision tower included), or every trainable parameter (full: no selection)",
     )
@@ -183,6 +184,7 @@ EvalMethod = Literal[
     "leaml",
     "leaml_no_caption",
     "leaml_full_distill",
+    "leaml_selective",
     "leaml_all_neurons",
     "leaml_random_neurons",
 ]

@@ -23,7 +23,7 @@ from leaml_ray.train.loop import job_for, train_on
 
 log = logging.getLogger("leaml_ray")
 TRAINED = ("leaml", "lora", "full")
-ABLATIONS = ("leaml_no_caption", "leaml_full_distill", "leaml_all_neurons", "leaml_random_neurons")
+ABLATIONS = ("leaml_no_caption", "leaml_full_distill", "leaml_selective", "leaml_all_neurons", "leaml_random_neurons")
 RECIPE = "method.json"
 
 
@@ -33,7 +33,7 @@ def methods_to_train(cfg: Config) -> list[str]:
     if ablations:
         raise StageError(
             f"eval.methods {ablations}: an ablation needs its own generator; run it as its own run dir with "
-            "method leaml and generator.caption_distill=false / distill_scope=full / score=all / score=random "
+            "method leaml and generator.caption_distill=false / distill_scope=lm_mlp / score=all / score=random "
             "(bench/label_efficiency.py does this, reusing prepare and caption)"
         )
     return [m for m in cfg.eval.methods if m in TRAINED]
