@@ -197,7 +197,8 @@ def markdown(table: dict) -> str:
         lines.append(f"| {100 * float(ratio):g}% | " + " | ".join(values) + " |")
     paper = [f"{PAPER_1PCT[m]:.1f}" if m in PAPER_1PCT else "-" for m in methods]
     lines.append("| paper, Kvasir-VQA 1% | " + " | ".join(paper) + " |")
-    lines += ["", f"Macro accuracy (%) on the test split, mean ± standard deviation (runs); {table['note']}", ""]
+    split = "validation" if "eval.split=val" in table["note"] else "test"
+    lines += ["", f"Macro accuracy (%) on the {split} split, mean ± standard deviation (runs); {table['note']}", ""]
     if extra:
         lines += [
             "| label ratio | generator on hidden questions | labeled-only target on them | caption fidelity"
