@@ -100,19 +100,15 @@ def _batch(trainee, data: list[dict], k: int, size: int, generator: bool) -> dic
     return {"model_inputs": inputs, "micro": k}
 
 
-def labeled_table(data: list[dict]):
-    """The generator's labeled pairs (image, ask-and-answer instruction, "Question: ...\nAnswer: ...")."""
-    import pyarrow as pa
-
+def labeled_table(data: list[dict]) -> dict[str, list]:
+    """The generator's labeled pairs (image, ask-and-answer instruction, "Question: ...\nAnswer: ..."), by column."""
     from leaml_ray.models.registry import QA_GEN_PROMPT
 
-    return pa.table(
-        {
-            "image": [r["image"] for r in data],
-            "instruction": [QA_GEN_PROMPT] * len(data),
-            "response": [r["qa_response"] for r in data],
-        }
-    )
+    return {
+        "image": [r["image"] for r in data],
+        "instruction": [QA_GEN_PROMPT] * len(data),
+        "response": [r["qa_response"] for r in data],
+    }
 
 
 def _param_counts(model: torch.nn.Module) -> tuple[int, int]:

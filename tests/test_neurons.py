@@ -118,7 +118,7 @@ def test_objective_draws_its_qa_batches_from_the_schedule_not_from_the_caption_r
         objective.setup(None, job, None, lambda: pairs.take([4, 2, 0, 3, 1]))  # any arrival order
         objective.rank, objective.world = rank, 2
         for micro in range(5):  # 2 ranks x 5 micro batches x 2 = 20 pairs = 4 passes
-            for p in objective.qa_rows(micro)["pair"].to_pylist():
+            for p in objective.qa_rows(micro)["pair"]:
                 views[p] += 1
     assert views.tolist() == [4] * 5
     assert objective.backward_passes == 1 and NeuronDistillation().backward_passes == 2

@@ -22,7 +22,6 @@ import time
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.distributed as dist
 
@@ -174,7 +173,7 @@ class NeuronDistillation(Objective):
         self.scores: dict[str, torch.Tensor] = {}
         self.masks: dict[str, torch.Tensor] = {}
         self.processor: Any = None
-        self.labeled: pa.Table | None = None
+        self.labeled: dict[str, list] = {}  # column -> values, in `pair` order (plain lists: no pyarrow needed)
         self.schedule: QASchedule | None = None
         self.rank, self.world, self.batch_size = 0, 1, 1
         self.caption_pass = False
@@ -195,13 +194,16 @@ class NeuronDistillation(Objective):
     def setup(self, engine: Any, job: TrainJob, processor: Any, labeled: Any) -> bool:
         self.processor, self.batch_size = processor, job.batch_size
         table = labeled()
-        if table is None or table.num_rows == 0:
+        columns = table.to_pydict() if hasattr(table, "to_pydict") else dict(table or {})
+        n = len(columns.get("response", []))
+        if n == 0:
             raise ValueError("the QA generator's objective needs the labeled pairs (run_training's labeled_dataset)")
         # every rank must hold the pairs in the same order: the schedule indexes them
-        self.labeled = table.sort_by("pair") if "pair" in table.column_names else table
+        order = sorted(range(n), key=columns["pair"].__getitem__) if "pair" in columns else range(n)
+        self.labeled = {k: [v[i] for i in order] for k, v in columns.items()}
         if dist.is_initialized():
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.schedule = QASchedule(self.labeled.num_rows, self.seed)
+        self.schedule = QASchedule(n, self.seed)
         if self.scope == "full" or not self.caption_distill:
             return False  # nothing to score or mask (full: the caption gradient reaches every parameter)
         layers = neuron_params(engine.module, self.scope)
@@ -216,13 +218,13 @@ class NeuronDistillation(Objective):
         self._install_hooks(engine.module, layers)
         return scored
 
-    def qa_rows(self, micro: int, schedule: QASchedule | None = None) -> pa.Table:
-        """The labeled pairs of this rank's micro batch `micro`."""
-        schedule = schedule or self.schedule
-        return self.labeled.take(pa.array(schedule.take(micro, self.rank, self.world, self.batch_size)))
+    def qa_rows(self, micro: int, schedule: QASchedule | None = None) -> dict[str, list]:
+        """The labeled pairs of this rank's micro batch `micro` (column -> values)."""
+        picked = (schedule or self.schedule).take(micro, self.rank, self.world, self.batch_size)
+        return {k: [v[i] for i in picked] for k, v in self.labeled.items()}
 
-    def _qa_inputs(self, rows: pa.Table, device: Any) -> dict[str, Any]:
-        return encode_rows(self.processor, *(rows[c].to_pylist() for c in QA_COLUMNS), device)
+    def _qa_inputs(self, rows: dict[str, list], device: Any) -> dict[str, Any]:
+        return encode_rows(self.processor, *(rows[c] for c in QA_COLUMNS), device)
 
     def _score(self, engine: Any, layers: dict) -> dict[str, torch.Tensor]:
         """Per-neuron importance for L_QA (on the answer tokens of labeled pairs), summed over ranks."""
@@ -237,7 +239,7 @@ class NeuronDistillation(Objective):
 
         scores = {layer: torch.zeros(n) for layer, n in sizes.items()}
         flat = [(layer, p, axis) for layer, params in layers.items() for _, p, axis in params]
-        scoring = QASchedule(self.labeled.num_rows, self.seed + 1)  # its own order, independent of training's
+        scoring = QASchedule(self.schedule.n, self.seed + 1)  # its own order, independent of training's
         for k in range(self.score_batches):
             t0 = time.perf_counter()
             inputs = self._qa_inputs(self.qa_rows(k, scoring), engine.device)
