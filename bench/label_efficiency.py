@@ -261,22 +261,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     variant_ratios = {float(r) for r in args.variant_ratios.split(",") if r}
     t0 = time.perf_counter()
+    path = RESULTS / f"{args.name}.json"
+    partial = args.quick or args.variants_only or args.merge
+    previous = json.loads(path.read_text()) if partial and path.exists() else None
     runs: dict[float, dict[str, list[float]]] = {}
-    for seed in seeds:
+    for done, seed in enumerate(seeds, 1):
         per_ratio = one_seed(
             args.config, args.root, seed, ratios, variants, variant_ratios, args.overrides, not args.variants_only
         )
         for ratio, acc in per_ratio.items():
             for method, value in acc.items():
                 runs.setdefault(ratio, {}).setdefault(method, []).append(value)
-    seconds = time.perf_counter() - t0
-    cells = summarise(runs)
-    path = RESULTS / f"{args.name}.json"
-    partial = args.quick or args.variants_only or args.merge
-    previous = json.loads(path.read_text()) if partial and path.exists() else None
-    scope = f"{len(seeds)} seed(s), ratios {', '.join(cells)}, overrides {args.overrides or 'none'}"
-    table = merge(previous, cells, scope, seconds)
-    write_results(table, args.name)
+        # written after every seed: a run cut short keeps the seeds it finished (its run dirs resume the rest)
+        seconds = time.perf_counter() - t0
+        cells = summarise(runs)
+        seeds_done = f"{done} seed(s)" + ("" if done == len(seeds) else f" of {len(seeds)}")
+        scope = f"{seeds_done}, ratios {', '.join(cells)}, overrides {args.overrides or 'none'}"
+        table = merge(previous, cells, scope, seconds)
+        write_results(table, args.name)
     print(markdown(table))
     print(json.dumps({"ratios": cells, "seconds": round(seconds, 1)}))
     return 0

@@ -38,6 +38,8 @@ def _config(tmp_path, model, run_dir):
         "pseudo_qa.max_new_tokens=12",
         "generator.epochs=1",
         "generator.caption_epochs=1",
+        # the selective-neuron path (the default distils into every parameter): its masks go to the S3 run dir too
+        "generator.distill_scope=lm_mlp",
         "target.epochs=1",
         "train.batch_size=4",
         "train.cpus_per_worker=0.5",

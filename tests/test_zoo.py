@@ -1,10 +1,12 @@
-"""The zoo's pretraining path (real train loop, miniature recipes), its cache, and `zoo:` resolution."""
+"""The shipped zoo, the zoo's pretraining path (real train loop, miniature recipes), its cache, and `zoo:`
+resolution."""
 
 import json
 
 import numpy as np
 import pytest
 
+from leaml_ray.data import synthetic
 from leaml_ray.models import zoo
 from leaml_ray.models.registry import ModelSpec, load_model
 
@@ -22,10 +24,39 @@ def test_pretrain_rows_mix_captions_answers_and_questions():
     assert zoo.pretrain_rows({"id": np.arange(3)}, recipe, seed=5).to_pylist() == rows[:3]
 
 
+def test_the_base_reads_the_whole_worlds_words_in_text_with_no_image_to_match():
+    recipe = zoo.Recipe(size="base", domain="general", samples=600, images=600, caption_share=0.4, text_share=0.1)
+    rows = zoo.pretrain_rows({"id": np.arange(600)}, recipe, seed=5).to_pylist()
+    text = [r for r in rows if r["instruction"] == zoo.TEXT_PROMPT]
+    assert 0.06 < len(text) / 600 < 0.14
+    assert all(r["response"] == synthetic.vocabulary_sentence(5, i) for i, r in enumerate(rows) if r in text)
+    words = {w.strip(".") for i in range(300) for w in synthetic.vocabulary_sentence(5, i).split()}
+    # the target domain's words the general domain's images never show
+    assert {"small", "large", "striped", "checkered", "dotted", "purple", "orange", "black"} <= words
+    blank = synthetic.png_bytes(synthetic.blank(recipe.image_size))
+    assert all(r["image"] == blank for r in text)
+    captions = [r for r in rows if r["instruction"] == "Describe this image."]
+    assert 0.33 < len(captions) / 600 < 0.47 and all(r["image"] != blank for r in captions)
+
+
 def test_unknown_zoo_name_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown zoo model 'zoo:nope'; available: zoo:teacher"):
         zoo.resolve("zoo:nope")
     assert zoo.resolve("/models/x") == "/models/x"
+
+
+def test_the_shipped_zoo_is_the_recipe_in_code_and_is_used_as_is(monkeypatch):
+    # a recipe change fails here until `make zoo` rebuilds the zoo and the new folders are committed
+    assert zoo.shipped_key() == zoo.recipe_key(), (
+        "zoo recipe changed: run `make zoo`, commit leaml_ray/models/zoo_shipped"
+    )
+    monkeypatch.setattr(zoo, "pretrain", lambda *a, **k: pytest.fail("pretrained although a matching zoo ships"))
+    paths = zoo.ensure_zoo()
+    for role, folder in zoo.ROLE_FOLDERS.items():
+        assert paths[role] == str(zoo.SHIPPED / folder)
+        assert (zoo.SHIPPED / folder / "model.safetensors").stat().st_size > 100_000
+    teacher = load_model(ModelSpec("teacher", paths["teacher"], dtype="float32"), paths["teacher"])
+    assert teacher.config.text_config.num_hidden_layers == 3
 
 
 @pytest.mark.slow
@@ -39,9 +70,10 @@ def test_zoo_builds_through_the_train_loop_once_and_is_cached(tmp_path, monkeypa
             "base": zoo.Recipe(size="base", domain="general", samples=128, images=64, caption_share=0.4),
         },
     )
+    assert zoo.shipped_key() != zoo.recipe_key()  # the shipped zoo is another recipe's: built here instead
     paths = zoo.ensure_zoo()
     assert paths["generator"] == paths["target"] != paths["teacher"]
-    assert str(zoo.zoo_dir()).startswith(str(tmp_path))
+    assert str(zoo.zoo_dir()).startswith(str(tmp_path)) and paths["teacher"].startswith(str(zoo.zoo_dir()))
     for name in ("teacher", "base"):
         history = json.loads((zoo.zoo_dir() / f"{name}.train.json").read_text())
         assert [h["step"] for h in history] == [1, 2, 3, 4]  # 128 samples / (2 workers x 16)
@@ -51,3 +83,9 @@ def test_zoo_builds_through_the_train_loop_once_and_is_cached(tmp_path, monkeypa
     monkeypatch.setattr(zoo, "pretrain", lambda *a, **k: pytest.fail("the cached zoo was rebuilt"))
     assert zoo.ensure_zoo() == paths
     assert zoo.resolve("zoo:teacher") == paths["teacher"]
+
+    # shipping it: the package then holds this recipe's zoo and uses it in place of the cache
+    monkeypatch.setattr(zoo, "SHIPPED", tmp_path / "shipped")
+    zoo.ship(zoo.zoo_dir())
+    assert zoo.shipped_key() == zoo.recipe_key()
+    assert zoo.ensure_zoo() == {role: str(tmp_path / "shipped" / folder) for role, folder in zoo.ROLE_FOLDERS.items()}

@@ -146,6 +146,28 @@ def questions(scene: Scene, seed: int, index: int) -> list[tuple[str, str, str]]
     return out
 
 
+def vocabulary_sentence(seed: int, index: int) -> str:
+    """A sentence in the words of the whole world (every colour, size and background) about no image in particular:
+    the text-only exposure a production base gets to a domain's words without seeing its look."""
+    rng = np.random.default_rng([seed, index, 13])
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    color = tuple(COLORS)[int(rng.integers(len(COLORS)))]
+    size = tuple(SIZES)[int(rng.integers(len(SIZES)))]
+    pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
+    forms = (
+        f"a {size} {color} {shape} on a {pattern} background.",
+        f"the {shape} is {size}.",
+        f"the {shape} is {color}.",
+        f"the background is {pattern}.",
+    )
+    return forms[int(rng.integers(len(forms)))]
+
+
+def blank(size: int) -> Image.Image:
+    """An image with nothing on it, for text-only examples (every training row carries one image)."""
+    return Image.new("RGB", (size, size), (235, 235, 235))
+
+
 def image_id(domain: str, seed: int, index: int) -> str:
     return f"syn-{domain}-{seed}-{index:07d}"
 
