@@ -1,4 +1,5 @@
-"""Run the leaml-ray pipeline: python jobs/adapt.py [--config PRESET|PATH] [--stages a,b] [--plan] [key=value ...]
+"""Run the leaml-ray pipeline: python jobs/adapt.py [--config PRESET|PATH] [--stages a,b] [--force a,b] [--plan]
+[--print-config] [key=value ...]
 
 Without arguments it runs the embedded default (the tiny-cpu preset) on a private local Ray instance;
 under `ray job submit` it runs on the cluster it was submitted to. `--plan [--cluster YAML]` starts nothing: it
@@ -15,24 +16,36 @@ from pathlib import Path
 
 import yaml
 
-from leaml_ray.config import ConfigError, load_config
+from leaml_ray.config import DEFAULT_PRESET, PRESET_DIR, ConfigError, load_config
 from leaml_ray.data.sources import SourceError
 from leaml_ray.pipeline import StageError, run_pipeline, summary
 from leaml_ray.placement import check_cluster, format_plan, plan
 from leaml_ray.runtime import check_run_dir_for_cluster, connect, setup_logging
 from leaml_ray.stages import ALL_STAGES
+from leaml_ray.storage import redact
 
 log = logging.getLogger("leaml_ray")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run the selected stages, print the summary; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="adapt.py", description=__doc__.splitlines()[0])
+    presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+    parser = argparse.ArgumentParser(
+        prog="adapt.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=f"presets: {presets} (default {DEFAULT_PRESET}). Every key=value key and its default: "
+        "`python -m leaml_ray.config` (the README's configuration reference); the resolved config of a run: "
+        "--print-config, and config.yaml in its run dir.",
+    )
     parser.add_argument("--config", default=None, help="preset name (tiny-cpu, kvasir-vqa-1pct, ...) or YAML path")
     parser.add_argument(
         "--stages", default=None, help="comma-separated subset of: " + ",".join(s.name for s in ALL_STAGES)
     )
+    parser.add_argument(
+        "--force", default=None, help="comma-separated stages to rerun even if current, with every stage after them"
+    )
     parser.add_argument("--plan", action="store_true", help="print where each stage runs and exit (starts no Ray)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("--cluster", default=None, help="with --plan: check against this cluster launcher YAML")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.label_ratio=0.05"
@@ -43,18 +56,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"adapt.py: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(redact(cfg.to_yaml()), end="")
+        return 0
     if args.plan or args.cluster:
         return print_plan(cfg, args.cluster)
-    only = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    only, force = names(args.stages), names(args.force)
     setup_logging(cfg.run.log_level)
     log.info("run dir %s, stages %s", cfg.run.dir, ",".join(only or [s.name for s in ALL_STAGES]))
     try:
-        results = run_pipeline(cfg, ALL_STAGES, only, before_first_run=lambda: start_ray(cfg))
+        results = run_pipeline(cfg, ALL_STAGES, only, before_first_run=lambda: start_ray(cfg), force=force)
     except (StageError, SourceError) as e:
         print(f"adapt.py: {e}", file=sys.stderr)
         return 1
     print(summary(results))
     return 0
+
+
+def names(arg: str | None) -> list[str] | None:
+    """Stage names of a comma-separated option."""
+    return [s.strip() for s in arg.split(",") if s.strip()] if arg else None
 
 
 def start_ray(cfg) -> None:

@@ -215,23 +215,34 @@ class Config(Section):
     eval: EvalSection = EvalSection()
     cluster: ClusterSection = ClusterSection()
 
+    def unused_learning_rates(self) -> list[tuple[str, str, str]]:
+        """(section, field, finetuning mode) of each learning rate that no run of this config trains with."""
+        target_modes = {self.target.finetune} | ({"lora", "full"} & set(self.eval.methods))
+        unused = []
+        for name, modes in (("generator", {self.generator.finetune}), ("target", target_modes)):
+            unused += [(name, f, mode) for f, mode in (("lr", "full"), ("lora_lr", "lora")) if mode not in modes]
+        return unused
+
     @model_validator(mode="after")
     def _every_learning_rate_set_is_used(self) -> Config:
         # `lr` trains full finetuning and `lora_lr` LoRA: a preset that sets the one its runs never use would
         # silently train at the other's default (e.g. lr: 1e-4 with finetune: lora ran at 5e-3)
-        target_modes = {self.target.finetune} | ({"lora", "full"} & set(self.eval.methods))
-        for name, section, modes in (
-            ("generator", self.generator, {self.generator.finetune}),
-            ("target", self.target, target_modes),
-        ):
-            for field, mode in (("lr", "full"), ("lora_lr", "lora")):
-                if field in section.model_fields_set and mode not in modes:
-                    used = "lora_lr" if field == "lr" else "lr"
-                    raise ValueError(
-                        f"{name}.{field} is the learning rate of {mode} finetuning, which this config never runs "
-                        f"({name}.finetune={section.finetune}); set {name}.{used}"
-                    )
+        for name, field, mode in self.unused_learning_rates():
+            section = getattr(self, name)
+            if field in section.model_fields_set:
+                used = "lora_lr" if field == "lr" else "lr"
+                raise ValueError(
+                    f"{name}.{field} is the learning rate of {mode} finetuning, which this config never runs "
+                    f"({name}.finetune={section.finetune}); set {name}.{used}"
+                )
         return self
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML that `--config` reads back: every field except learning rates never used."""
+        data = self.model_dump(mode="json")
+        for name, field, _ in self.unused_learning_rates():
+            del data[name][field]
+        return yaml.safe_dump(data, sort_keys=False)
 
     def subset(self, keys: tuple[str, ...]) -> dict[str, Any]:
         """The values of dotted keys (sections or fields), for hashing a stage's dependencies."""

@@ -23,6 +23,7 @@ from leaml_ray.config import Config, stable_hash
 
 log = logging.getLogger("leaml_ray")
 MANIFEST = "manifest.json"
+CONFIG_YAML = "config.yaml"
 
 
 class StageError(RuntimeError):
@@ -108,14 +109,19 @@ def _is_current(entry: dict | None, key: dict, stage: Stage, run_dir: str) -> bo
 
 
 def run_pipeline(
-    cfg: Config, stages: list[Stage], only: list[str] | None = None, before_first_run: Callable[[], None] = lambda: None
+    cfg: Config,
+    stages: list[Stage],
+    only: list[str] | None = None,
+    before_first_run: Callable[[], None] = lambda: None,
+    force: list[str] | None = None,
 ) -> list[StageResult]:
     """Run the given stages in order (or the named subset), skipping those whose outputs are current.
 
+    `force` names stages to rerun even when current, together with every stage downstream of them.
     `before_first_run` (e.g. connecting to Ray) is called only when some stage has work to do.
     """
     names = [s.name for s in stages]
-    unknown = [n for n in only or [] if n not in names]
+    unknown = [n for n in [*(only or []), *(force or [])] if n not in names]
     if unknown:
         raise StageError(f"unknown stage(s) {', '.join(unknown)}; available: {', '.join(names)}")
     producers = {out: s.name for s in stages for out in s.outputs}
@@ -125,15 +131,33 @@ def run_pipeline(
     except storage.StorageError as e:
         raise StageError(str(e)) from None
     with run_lock(run_dir):
-        return _run_stages(cfg, stages, only, before_first_run, producers)
+        return _run_stages(cfg, stages, only, before_first_run, producers, downstream(cfg, stages, force or []))
+
+
+def downstream(cfg: Config, stages: list[Stage], names: list[str]) -> set[str]:
+    """The named stages and every stage that reads, directly or not, what one of them writes."""
+    out = set(names)
+    for stage in stages:  # in pipeline order, so one pass sees every chain
+        rels = stage.inputs(cfg) if callable(stage.inputs) else stage.inputs
+        writers = {s.name for s in stages for o in s.outputs for rel in rels if rel == o or rel.startswith(o + "/")}
+        if writers & out:
+            out.add(stage.name)
+    return out
 
 
 def _run_stages(
-    cfg: Config, stages: list[Stage], only: list[str] | None, before_first_run: Callable[[], None], producers: dict
+    cfg: Config,
+    stages: list[Stage],
+    only: list[str] | None,
+    before_first_run: Callable[[], None],
+    producers: dict,
+    forced: set[str],
 ) -> list[StageResult]:
     run_dir = cfg.run.dir
     manifest = load_manifest(run_dir)
     manifest["config"] = cfg.model_dump(mode="json")
+    # the resolved config of the latest invocation, beside its outputs (the manifest keeps it per stage hash)
+    storage.write_bytes_atomic(storage.join(run_dir, CONFIG_YAML), storage.redact(cfg.to_yaml()).encode())
     storage.delete(storage.join(run_dir, "_work"))  # left by a killed run
     results = []
     for stage in stages:
@@ -141,7 +165,7 @@ def _run_stages(
             continue
         key = stage_key(stage, cfg, run_dir, producers)
         entry = manifest["stages"].get(stage.name)
-        if _is_current(entry, key, stage, run_dir):
+        if stage.name not in forced and _is_current(entry, key, stage, run_dir):
             log.info("stage %s: outputs are current, skipped", stage.name)
             entry["last_action"] = "skipped"
             results.append(StageResult(stage.name, "skipped", 0.0, entry.get("counts", {})))

@@ -121,6 +121,26 @@ def test_cli_unknown_stage_is_one_line(tmp_path):
     )
 
 
+def test_cli_prints_the_resolved_config_and_its_help_names_the_presets(tmp_path):
+    adapt = [sys.executable, str(ROOT / "jobs" / "adapt.py")]
+    proc = subprocess.run(
+        [*adapt, "--config", "kvasir-vqa-1pct", "--print-config", "data.label_ratio=0.2", f"run.dir={tmp_path}/r"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(proc.stdout)
+    assert load_config(str(printed)) == load_config(
+        "kvasir-vqa-1pct", ["data.label_ratio=0.2", f"run.dir={tmp_path}/r"]
+    )
+    assert not (tmp_path / "r").exists()  # printing runs nothing
+    helped = subprocess.run([*adapt, "--help"], capture_output=True, text=True, timeout=120)
+    assert "presets: kvasir-vqa-1pct, sportu-1pct, tiny-cpu" in " ".join(helped.stdout.split())
+    assert "--force" in helped.stdout
+
+
 def test_caption_key_follows_what_changes_captions_not_how_they_are_computed():
     from leaml_ray.stages import CAPTION
 

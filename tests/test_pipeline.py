@@ -5,6 +5,7 @@ import json
 import pytest
 
 from leaml_ray import storage
+from leaml_ray.config import load_config
 from leaml_ray.pipeline import Stage, StageError, load_manifest, run_pipeline
 from tests.conftest import make_config
 
@@ -85,6 +86,41 @@ def test_config_change_reruns_the_dependent_stage_only(tmp_path):
     run_pipeline(make_config(tmp_path, "data.label_ratio=0.5", "run.seed=4"), toy_stages(calls))
     assert calls.names == ["first", "second"]  # new upstream output -> downstream input hash changed
     assert (tmp_path / "run" / "b.txt").read_text() == "seed=4|ratio=0.5"
+
+
+def test_force_reruns_the_named_stage_and_every_stage_that_reads_it(tmp_path):
+    calls, cfg = Calls(), make_config(tmp_path)
+
+    def apart(ctx):  # reads nothing the others write
+        calls.names.append("apart")
+        storage.write_bytes_atomic(ctx.output("c.txt"), b"c")
+        return {}
+
+    stages = [*toy_stages(calls), Stage("apart", apart, outputs=("c.txt",))]
+    run_pipeline(cfg, stages)
+    calls.names = []
+    results = run_pipeline(cfg, stages, force=["first"])
+    assert calls.names == ["first", "second"] and [r.action for r in results] == ["ran", "ran", "skipped"]
+    calls.names = []
+    run_pipeline(cfg, stages, force=["second", "apart"])
+    assert calls.names == ["second", "apart"]
+    calls.names = []
+    run_pipeline(cfg, stages)  # forcing is one invocation's: the next run skips again
+    assert calls.names == []
+    with pytest.raises(StageError, match="unknown stage\\(s\\) nope"):
+        run_pipeline(cfg, stages, force=["nope"])
+
+
+def test_the_resolved_config_is_saved_in_the_run_dir_and_loads_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token_123")
+    cfg = make_config(tmp_path, "data.label_ratio=0.2", "cluster.address=ray://u:hf_not_a_real_token_123@head:1")
+    run_pipeline(cfg, toy_stages(Calls()))
+    saved = tmp_path / "run" / "config.yaml"
+    assert "hf_not_a_real_token" not in saved.read_text()
+    again = load_config(str(saved))
+    assert again.data.label_ratio == 0.2 and again.model_dump(exclude={"cluster"}) == cfg.model_dump(
+        exclude={"cluster"}
+    )
 
 
 def test_deleted_output_is_rebuilt(tmp_path):
