@@ -44,12 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.detach and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
         print("serve.py: --detach needs a cluster (RAY_ADDRESS or cluster.address)", file=sys.stderr)
         return 2
+    local = not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+    try:
+        path = resolve(args.model)
+        serve.preflight(path, args.host, args.port, local)
+    except (serve.ServeError, ValueError) as e:
+        print(f"serve.py: {e}", file=sys.stderr)
+        return 2
     setup_logging(cfg.run.log_level)
     connect(cfg.cluster)
     model_id = args.id or args.model.rstrip("/").rsplit("/", 1)[-1]
     serve.serve_until_stopped(
         model_id,
-        resolve(args.model),
+        path,
         engine_settings(cfg, "target"),
         args.host,
         args.port,

@@ -36,15 +36,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.detach and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
         print("serve_teacher.py: --detach needs a cluster (RAY_ADDRESS or cluster.address)", file=sys.stderr)
         return 2
-    setup_logging(cfg.run.log_level)
     where = urlsplit(cfg.teacher.endpoint)
+    host, port = where.hostname or "127.0.0.1", where.port or 8000
+    local = not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+    try:
+        path = resolve(cfg.teacher.model)
+        serve.preflight(path, host, port, local)
+    except (serve.ServeError, ValueError) as e:
+        print(f"serve_teacher.py: {e}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.run.log_level)
     connect(cfg.cluster)
     serve.serve_until_stopped(
         cfg.teacher.model,
-        resolve(cfg.teacher.model),
+        path,
         engine_settings(cfg, "teacher"),
-        where.hostname or "127.0.0.1",
-        where.port or 8000,
+        host,
+        port,
         cfg.teacher.trust_remote_code,
         max_replicas=args.max_replicas or cfg.teacher.replicas,
         detach=args.detach,

@@ -9,13 +9,42 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from leaml_ray.placement import EngineSettings, serve_placement
 
 APP_NAME = "leaml"
+
+
+class ServeError(RuntimeError):
+    """Serving cannot start (missing model folder, port in use); one line for the user."""
+
+
+def preflight(path: str, host: str, port: int, local: bool) -> None:
+    """Fail in seconds, before Ray starts, on what would otherwise fail inside Serve's replicas (tracebacks, retries,
+    then a hang): a model folder that is missing or holds no model, and, on a local Ray instance, a port in use."""
+    if "://" not in path:
+        folder = Path(path)
+        if folder.is_dir():
+            try:
+                json.loads((folder / "config.json").read_text())
+            except (OSError, ValueError) as e:
+                raise ServeError(f"model {path}: no readable config.json there ({type(e).__name__})") from None
+            if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+                raise ServeError(f"model {path}: no weights there (*.safetensors or *.bin)")
+        elif folder.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
+            raise ServeError(f"model {path}: no such model folder (and not a hub id of the form org/name)")
+    if local:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Serve's proxy binds
+            try:
+                probe.bind((host, port))
+            except OSError as e:
+                raise ServeError(f"cannot serve on {host}:{port}: {e.strerror}; pick another port") from None
 
 
 def served_id(model: str) -> str:
