@@ -1,72 +1,10 @@
-"""Serve an adapted target with ray.serve.llm (OpenAI-compatible chat completions with images).
+"""`python jobs/serve.py ...`, the path `ray job submit --working-dir .` runs:
+leaml_ray/cli/serve.py
+(also installed as the `leaml-serve` command)."""
 
-  python jobs/serve.py --model runs/tiny-cpu/target/leaml [--run runs/tiny-cpu] [--id leaml] [--port 8000]
-
-Binds to 127.0.0.1 unless --host says otherwise. Under `ray job submit` (or with RAY_ADDRESS) it deploys onto that
-cluster; --detach then leaves the app running after the command returns. The README has an example request.
-"""
-
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 
-from leaml_ray import serve
-from leaml_ray.config import ConfigError, load_config
-from leaml_ray.models.zoo import resolve
-from leaml_ray.pipeline import load_manifest
-from leaml_ray.placement import engine_settings
-from leaml_ray.runtime import connect, setup_logging
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Parse the command line and serve until stopped; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="serve.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model folder (target/<method>), hub id or zoo:<role>")
-    parser.add_argument("--run", default=None, help="run dir whose config supplies engine settings")
-    parser.add_argument("--id", default=None, help="model id clients send (default: the folder name)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--min-replicas", type=int, default=1)
-    parser.add_argument("--max-replicas", type=int, default=1)
-    parser.add_argument("--detach", action="store_true", help="return once deployed; the app keeps running")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    try:
-        base = None
-        if args.run:
-            base = {k: v for k, v in load_manifest(args.run).get("config", {}).items() if k != "run"}
-        cfg = load_config(None, args.overrides, base=base)
-    except ConfigError as e:
-        print(f"serve.py: {e}", file=sys.stderr)
-        return 2
-    if args.detach and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
-        print("serve.py: --detach needs a cluster (RAY_ADDRESS or cluster.address)", file=sys.stderr)
-        return 2
-    local = not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
-    try:
-        path = resolve(args.model)
-        serve.preflight(path, args.host, args.port, local)
-    except (serve.ServeError, ValueError) as e:
-        print(f"serve.py: {e}", file=sys.stderr)
-        return 2
-    setup_logging(cfg.run.log_level)
-    connect(cfg.cluster)
-    model_id = args.id or args.model.rstrip("/").rsplit("/", 1)[-1]
-    serve.serve_until_stopped(
-        model_id,
-        path,
-        engine_settings(cfg, "target"),
-        args.host,
-        args.port,
-        cfg.target.trust_remote_code,
-        args.min_replicas,
-        args.max_replicas,
-        args.detach,
-    )
-    return 0
-
+from leaml_ray.cli.serve import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,64 +1,10 @@
-"""Serve the teacher with ray.serve.llm so several runs share it (`teacher.mode=serve` in their configs).
+"""`python jobs/serve_teacher.py ...`, the path `ray job submit --working-dir .` runs:
+leaml_ray/cli/serve_teacher.py
+(also installed as the `leaml-serve-teacher` command)."""
 
-  python jobs/serve_teacher.py [--config PRESET|PATH] [--max-replicas N] [--detach] [key=value ...]
-
-The teacher is served under the id `teacher.model`, at the host and port of `teacher.endpoint`
-(http://127.0.0.1:8000 by default), with the config's tensor/pipeline parallelism and dtype.
-"""
-
-from __future__ import annotations
-
-import argparse
-import os
 import sys
-from urllib.parse import urlsplit
 
-from leaml_ray import serve
-from leaml_ray.config import ConfigError, load_config
-from leaml_ray.models.zoo import resolve
-from leaml_ray.placement import engine_settings
-from leaml_ray.runtime import connect, setup_logging
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Parse the command line and serve the teacher until stopped; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="serve_teacher.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="preset name or YAML path")
-    parser.add_argument("--max-replicas", type=int, default=None, help="autoscale up to N (default: teacher.replicas)")
-    parser.add_argument("--detach", action="store_true", help="return once deployed; the app keeps running")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"serve_teacher.py: {e}", file=sys.stderr)
-        return 2
-    if args.detach and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
-        print("serve_teacher.py: --detach needs a cluster (RAY_ADDRESS or cluster.address)", file=sys.stderr)
-        return 2
-    where = urlsplit(cfg.teacher.endpoint)
-    host, port = where.hostname or "127.0.0.1", where.port or 8000
-    local = not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
-    try:
-        path = resolve(cfg.teacher.model)
-        serve.preflight(path, host, port, local)
-    except (serve.ServeError, ValueError) as e:
-        print(f"serve_teacher.py: {e}", file=sys.stderr)
-        return 2
-    setup_logging(cfg.run.log_level)
-    connect(cfg.cluster)
-    serve.serve_until_stopped(
-        cfg.teacher.model,
-        path,
-        engine_settings(cfg, "teacher"),
-        host,
-        port,
-        cfg.teacher.trust_remote_code,
-        max_replicas=args.max_replicas or cfg.teacher.replicas,
-        detach=args.detach,
-    )
-    return 0
-
+from leaml_ray.cli.serve_teacher import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -141,6 +141,20 @@ def test_cli_prints_the_resolved_config_and_its_help_names_the_presets(tmp_path)
     assert "--force" in helped.stdout
 
 
+def test_console_scripts_are_installed_and_run_the_same_mains(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    proc = subprocess.run(
+        [str(bin_dir / "leaml-adapt"), "--print-config", "data.label_ratio=0.3"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "label_ratio: 0.3" in proc.stdout, proc.stderr
+    proc = subprocess.run(
+        [str(bin_dir / "leaml-serve"), "--model", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith("leaml-serve: model "), proc.stderr
+    for name in ("leaml-evaluate", "leaml-serve-teacher"):
+        assert subprocess.run([str(bin_dir / name), "--help"], capture_output=True).returncode == 0
+
+
 def test_caption_key_follows_what_changes_captions_not_how_they_are_computed():
     from leaml_ray.stages import CAPTION
 

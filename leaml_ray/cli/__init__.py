@@ -1,0 +1,1 @@
+"""The command lines: `jobs/<name>.py` and the `leaml-<name>` console scripts both call these `main`s."""

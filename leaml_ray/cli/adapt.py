@@ -1,0 +1,110 @@
+"""Run the leaml-ray pipeline: python jobs/adapt.py [--config PRESET|PATH] [--stages a,b] [--force a,b] [--plan]
+[--print-config] [key=value ...]
+
+Without arguments it runs the embedded default (the tiny-cpu preset) on a private local Ray instance;
+under `ray job submit` it runs on the cluster it was submitted to. `--plan [--cluster YAML]` starts nothing: it
+prints where every stage would run (and whether that fits the cluster's node types) and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from leaml_ray.config import DEFAULT_PRESET, PRESET_DIR, ConfigError, load_config
+from leaml_ray.data.sources import SourceError
+from leaml_ray.pipeline import StageError, run_pipeline, summary
+from leaml_ray.placement import check_cluster, format_plan, plan
+from leaml_ray.runtime import check_run_dir_for_cluster, connect, setup_logging
+from leaml_ray.stages import ALL_STAGES
+from leaml_ray.storage import redact
+
+PROG = Path(sys.argv[0]).name  # adapt.py under `python jobs/adapt.py`, leaml-adapt as a console script
+
+log = logging.getLogger("leaml_ray")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, run the selected stages, print the summary; returns the exit code."""
+    presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        epilog=f"presets: {presets} (default {DEFAULT_PRESET}). Every key=value key and its default: "
+        "`python -m leaml_ray.config` (the README's configuration reference); the resolved config of a run: "
+        "--print-config, and config.yaml in its run dir.",
+    )
+    parser.add_argument("--config", default=None, help="preset name (tiny-cpu, kvasir-vqa-1pct, ...) or YAML path")
+    parser.add_argument(
+        "--stages", default=None, help="comma-separated subset of: " + ",".join(s.name for s in ALL_STAGES)
+    )
+    parser.add_argument(
+        "--force", default=None, help="comma-separated stages to rerun even if current, with every stage after them"
+    )
+    parser.add_argument("--plan", action="store_true", help="print where each stage runs and exit (starts no Ray)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("--cluster", default=None, help="with --plan: check against this cluster launcher YAML")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.label_ratio=0.05"
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(redact(cfg.to_yaml()), end="")
+        return 0
+    if args.plan or args.cluster:
+        return print_plan(cfg, args.cluster)
+    only, force = names(args.stages), names(args.force)
+    setup_logging(cfg.run.log_level)
+    log.info("run dir %s, stages %s", cfg.run.dir, ",".join(only or [s.name for s in ALL_STAGES]))
+    try:
+        results = run_pipeline(cfg, ALL_STAGES, only, before_first_run=lambda: start_ray(cfg), force=force)
+    except (StageError, SourceError) as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    print(summary(results))
+    return 0
+
+
+def names(arg: str | None) -> list[str] | None:
+    """Stage names of a comma-separated option."""
+    return [s.strip() for s in arg.split(",") if s.strip()] if arg else None
+
+
+def start_ray(cfg) -> None:
+    """Join (or start) Ray, then check that every node can reach the run dir."""
+    connect(cfg.cluster)
+    check_run_dir_for_cluster(cfg)
+
+
+def print_plan(cfg, cluster_yaml: str | None) -> int:
+    """The dry run: the plan table, its problems against the cluster YAML, then one JSON line; 1 if it does not fit."""
+    the_plan = plan(cfg)
+    problems: list[str] = []
+    if cluster_yaml:
+        try:
+            cluster = yaml.safe_load(Path(cluster_yaml).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            print(f"{PROG}: --cluster {cluster_yaml}: {e}", file=sys.stderr)
+            return 2
+        problems = check_cluster(the_plan, cluster)
+    print(format_plan(the_plan))
+    for problem in problems:
+        print(f"problem: {problem}")
+    if cluster_yaml and not problems:
+        print(f"fits {cluster_yaml}")
+    print(json.dumps({**the_plan, "fits": not problems, "problems": problems}))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

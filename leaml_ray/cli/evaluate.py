@@ -1,0 +1,67 @@
+"""Evaluate any saved model folder on the test split of any prepared run, in the pipeline's report format.
+
+  python jobs/evaluate.py --run runs/tiny-cpu --model runs/tiny-cpu/target/leaml [--name leaml] [--out DIR]
+
+The run's own config (manifest.json) supplies the engine settings; `key=value` overrides apply on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from leaml_ray import storage
+from leaml_ray.config import ConfigError, load_config
+from leaml_ray.models.registry import spec_for
+from leaml_ray.models.zoo import resolve
+from leaml_ray.pipeline import StageError, load_manifest
+from leaml_ray.report import build_report, render_markdown, write_plots
+from leaml_ray.runtime import connect, setup_logging
+from leaml_ray.stages.evaluate import evaluate_model, method_table
+
+PROG = Path(sys.argv[0]).name  # evaluate.py under `python jobs/evaluate.py`, leaml-evaluate as a console script
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, evaluate, write the report; returns the exit code."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="run directory with a finished prepare stage")
+    parser.add_argument("--model", required=True, help="model folder, hub id or zoo:<role>")
+    parser.add_argument("--name", default=None, help="method name in the report (default: the folder name)")
+    parser.add_argument("--out", default=None, help="report folder (default: <run>/evaluations/<name>)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    manifest = load_manifest(args.run)
+    if "prepare" not in manifest["stages"] or manifest["stages"]["prepare"].get("status") != "done":
+        print(f"{PROG}: {args.run} has no finished prepare stage", file=sys.stderr)
+        return 1
+    try:
+        base = {k: v for k, v in manifest.get("config", {}).items() if k != "run"}
+        cfg = load_config(None, [f"run.dir={args.run}", *args.overrides], base=base)
+    except ConfigError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.run.log_level)
+    name = args.name or args.model.rstrip("/").rsplit("/", 1)[-1].replace("zoo:", "zoo_")
+    out = args.out or storage.join(args.run, "evaluations", name)
+    connect(cfg.cluster)
+    try:
+        metrics, predictions = evaluate_model(
+            storage.join(args.run, "prepared"), spec_for(cfg, "target"), resolve(args.model), cfg, name
+        )
+    except StageError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    metrics["model"] = args.model
+    report = build_report(args.run, cfg.model_dump(mode="json"), {name: metrics}, {})
+    storage.write_json_atomic(storage.join(out, "report.json"), report)
+    storage.write_bytes_atomic(storage.join(out, "report.md"), render_markdown(report).encode())
+    write_plots(args.run, storage.join(out, "plots"), {name: metrics})
+    print(method_table({name: metrics}))
+    print(f"report: {out}/report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
