@@ -24,7 +24,7 @@ demo: $(READY)
 
 # Pretrain the tiny zoo from scratch on this machine (~8 min on 2 cores) and replace the shipped one with it.
 zoo: $(READY)
-	$(PY) -m leaml_ray.models.zoo build --ship
+	$(PY) -m leaml_ray.zoo build --ship
 
 test: $(READY)
 	$(PY) -m pytest -q --durations=15

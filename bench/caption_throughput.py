@@ -24,10 +24,12 @@ import ray  # noqa: E402
 import ray.data  # noqa: E402
 import torch  # noqa: E402
 
+from leaml_ray import zoo  # noqa: E402
 from leaml_ray.data import synthetic  # noqa: E402
+from leaml_ray.formats import CAPTION_PROMPT  # noqa: E402
 from leaml_ray.generation import EngineSettings, generate  # noqa: E402
-from leaml_ray.models import chat, quality, zoo  # noqa: E402
-from leaml_ray.models.registry import CAPTION_PROMPT, ModelSpec  # noqa: E402
+from leaml_ray.models import chat, quality  # noqa: E402
+from leaml_ray.models.registry import ModelSpec  # noqa: E402
 
 MAX_TOKENS = 32
 

@@ -54,7 +54,7 @@ def init_world(device: str) -> None:
 def rows(n: int, image_size: int, seed: int = 0) -> list[dict]:
     """Synthetic images with a QA pair and a caption each (the generator's row layout)."""
     from leaml_ray.data import synthetic
-    from leaml_ray.models import chat
+    from leaml_ray.formats import qa_target
 
     out = []
     for i in range(n):
@@ -65,7 +65,7 @@ def rows(n: int, image_size: int, seed: int = 0) -> list[dict]:
                 "image": synthetic.png_bytes(image),
                 "instruction": question,
                 "response": answer,
-                "qa_response": chat.qa_target(question, answer),
+                "qa_response": qa_target(question, answer),
                 "caption": synthetic.caption(scene),
             }
         )
@@ -73,7 +73,7 @@ def rows(n: int, image_size: int, seed: int = 0) -> list[dict]:
 
 
 def _batch(trainee, data: list[dict], k: int, size: int, generator: bool) -> dict:
-    from leaml_ray.models.registry import CAPTION_PROMPT
+    from leaml_ray.formats import CAPTION_PROMPT
     from leaml_ray.train.core import encode_rows
 
     chunk = [data[(k * size + j) % len(data)] for j in range(size)]
@@ -102,7 +102,7 @@ def _batch(trainee, data: list[dict], k: int, size: int, generator: bool) -> dic
 
 def labeled_table(data: list[dict]) -> dict[str, list]:
     """The generator's labeled pairs (image, ask-and-answer instruction, "Question: ...\nAnswer: ..."), by column."""
-    from leaml_ray.models.registry import QA_GEN_PROMPT
+    from leaml_ray.formats import QA_GEN_PROMPT
 
     return {
         "image": [r["image"] for r in data],

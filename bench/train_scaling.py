@@ -25,8 +25,10 @@ import ray  # noqa: E402
 import ray.data  # noqa: E402
 
 from leaml_ray.data import synthetic  # noqa: E402
-from leaml_ray.models import chat, tiny  # noqa: E402
-from leaml_ray.models.registry import CAPTION_PROMPT, QA_GEN_PROMPT  # noqa: E402
+from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT, qa_target  # noqa: E402
+from leaml_ray.models import tiny  # noqa: E402
+
+# noqa: E402
 from leaml_ray.placement import TrainPlacement  # noqa: E402
 from leaml_ray.train.core import Objective, TrainJob  # noqa: E402
 from leaml_ray.train.loop import run_training  # noqa: E402
@@ -54,7 +56,7 @@ def rows(n: int) -> list[dict]:
                 "instruction": CAPTION_PROMPT,
                 "response": synthetic.caption(cap_scene),
                 "qa_image": synthetic.png_bytes(image),
-                "qa_response": chat.qa_target(q, a),
+                "qa_response": qa_target(q, a),
             }
         )
     return out

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from leaml_ray.models import quality, zoo  # noqa: E402
+from leaml_ray import zoo  # noqa: E402
+from leaml_ray.models import quality  # noqa: E402
 
 
 def measure(paths: dict[str, str], n: int) -> dict[str, float]:

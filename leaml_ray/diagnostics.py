@@ -16,8 +16,8 @@ from typing import Any
 import pyarrow as pa
 
 from leaml_ray.data import examples, synthetic
+from leaml_ray.formats import qa_target, question_text
 from leaml_ray.metrics import accuracy, is_correct, normalize
-from leaml_ray.models import chat
 
 MAX_HIDDEN = 2000  # hidden questions answered for the precondition (a seeded sample beyond that)
 FUNCTION_WORDS = frozenset({"a", "an", "the", "on", "and", "is", "of", "in", "with"})
@@ -75,7 +75,7 @@ def hidden_accuracy(hidden: pa.Table, answers: dict[str, str]) -> dict[str, Any]
 
 def hidden_prefix(question: str, choices: list[str] | None) -> str:
     """The generator's reply opening for a question: "Question: ...\\nAnswer:" (it writes the answer)."""
-    return chat.qa_target(chat.question_text(question, choices), "").rstrip()
+    return qa_target(question_text(question, choices), "").rstrip()
 
 
 def pair_precision(kept: pa.Table, hidden: pa.Table | None) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 import torch
 
 from leaml_ray.data import synthetic
+from leaml_ray.formats import qa_target, question_text
 from leaml_ray.models import chat
 from leaml_ray.models.registry import ModelSpec, load_model, load_processor, spec_for
 from leaml_ray.models.tiny import SPECIAL_TOKENS, build_tokenizer
@@ -49,7 +50,7 @@ def test_labels_cover_exactly_the_assistant_reply(tiny_model_dir):
     processor = load_processor(spec, tiny_model_dir)
     tok = processor.tokenizer
     _, image = synthetic.sample("general", 0, 1, 56)
-    reply = chat.qa_target("what color is the shape on the left?", "blue")
+    reply = qa_target("what color is the shape on the left?", "blue")
     ex = chat.encode(processor, image, "Ask a question about this image and answer it.", reply)
     labeled = (ex["labels"] != chat.IGNORE).nonzero().flatten()
     n_reply = len(tok(reply + "<|im_end|>", add_special_tokens=False)["input_ids"])
@@ -81,5 +82,5 @@ def test_collate_pads_right_and_masks_padding(tiny_model_dir):
 
 
 def test_multiple_choice_prompt_letters_options():
-    text = chat.question_text("Which sport?", ["Floorball", "Basketball"])
+    text = question_text("Which sport?", ["Floorball", "Basketball"])
     assert text == "Which sport?\nA. Floorball\nB. Basketball\nAnswer with the option's letter."

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from leaml_ray.data import synthetic
-from leaml_ray.models import chat
-from leaml_ray.models.registry import CAPTION_PROMPT, QA_GEN_PROMPT, ModelSpec, load_model
+from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT, qa_target
+from leaml_ray.models.registry import ModelSpec, load_model
 from leaml_ray.placement import TrainPlacement
 from leaml_ray.train.core import TrainJob
 from leaml_ray.train.loop import run_training
@@ -131,9 +131,7 @@ def _rows(n: int) -> tuple[list[dict], list[dict]]:
         scene, image = synthetic.sample("general", 3, k, 56)
         cap_scene, cap_image = synthetic.sample("target", 3, 10_000 + k, 56)
         _, q, a = synthetic.questions(scene, 3, k)[0]
-        labeled.append(
-            {"image": synthetic.png_bytes(image), "instruction": QA_GEN_PROMPT, "response": chat.qa_target(q, a)}
-        )
+        labeled.append({"image": synthetic.png_bytes(image), "instruction": QA_GEN_PROMPT, "response": qa_target(q, a)})
         captions.append(
             {
                 "image": synthetic.png_bytes(cap_image),

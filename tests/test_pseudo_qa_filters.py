@@ -8,7 +8,7 @@ import pytest
 
 from leaml_ray import diagnostics
 from leaml_ray.data import synthetic
-from leaml_ray.models import chat
+from leaml_ray.formats import qa_target
 from leaml_ray.stages.pseudo_qa import (
     AnswerRules,
     _filter_parts,
@@ -60,11 +60,11 @@ def test_check_pair_reasons_and_duplicates():
 
 
 def test_answer_rules_from_labeled_examples():
-    closed = pa.table({"response": [chat.qa_target(f"q{i}?", ["red", "blue"][i % 2]) for i in range(40)]})
+    closed = pa.table({"response": [qa_target(f"q{i}?", ["red", "blue"][i % 2]) for i in range(40)]})
     rules = answer_rules(closed, "auto")
     assert rules.vocabulary == {"red", "blue"}
     assert rules.max_answer_words == 1
-    open_ended = pa.table({"response": [chat.qa_target(f"q{i}?", f"answer number {i}") for i in range(40)]})
+    open_ended = pa.table({"response": [qa_target(f"q{i}?", f"answer number {i}") for i in range(40)]})
     assert answer_rules(open_ended, "auto").vocabulary is None
     assert answer_rules(open_ended, "on").vocabulary is not None
     assert answer_rules(closed, "off").vocabulary is None

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from leaml_ray import serve
-from leaml_ray.models import zoo
+from leaml_ray import serve, zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 

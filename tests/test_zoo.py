@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from leaml_ray import zoo
 from leaml_ray.data import synthetic
-from leaml_ray.models import zoo
 from leaml_ray.models.registry import ModelSpec, load_model
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -47,9 +47,7 @@ def test_unknown_zoo_name_is_a_clear_error():
 
 def test_the_shipped_zoo_is_the_recipe_in_code_and_is_used_as_is(monkeypatch):
     # a recipe change fails here until `make zoo` rebuilds the zoo and the new folders are committed
-    assert zoo.shipped_key() == zoo.recipe_key(), (
-        "zoo recipe changed: run `make zoo`, commit leaml_ray/models/zoo_shipped"
-    )
+    assert zoo.shipped_key() == zoo.recipe_key(), "zoo recipe changed: run `make zoo`, commit leaml_ray/zoo_shipped"
     monkeypatch.setattr(zoo, "pretrain", lambda *a, **k: pytest.fail("pretrained although a matching zoo ships"))
     paths = zoo.ensure_zoo()
     for role, folder in zoo.ROLE_FOLDERS.items():

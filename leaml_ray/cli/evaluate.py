@@ -14,11 +14,11 @@ from pathlib import Path
 from leaml_ray import storage
 from leaml_ray.config import ConfigError, load_config
 from leaml_ray.models.registry import spec_for
-from leaml_ray.models.zoo import resolve
 from leaml_ray.pipeline import StageError, load_manifest
 from leaml_ray.report import build_report, render_markdown, write_plots
 from leaml_ray.runtime import connect, setup_logging
 from leaml_ray.stages.evaluate import evaluate_model, method_table
+from leaml_ray.zoo import resolve
 
 PROG = Path(sys.argv[0]).name  # evaluate.py under `python jobs/evaluate.py`, leaml-evaluate as a console script
 

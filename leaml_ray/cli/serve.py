@@ -15,10 +15,10 @@ from pathlib import Path
 
 from leaml_ray import serve
 from leaml_ray.config import ConfigError, load_config
-from leaml_ray.models.zoo import resolve
 from leaml_ray.pipeline import load_manifest
 from leaml_ray.placement import engine_settings
 from leaml_ray.runtime import connect, setup_logging
+from leaml_ray.zoo import resolve
 
 PROG = Path(sys.argv[0]).name  # serve.py under `python jobs/serve.py`, leaml-serve as a console script
 

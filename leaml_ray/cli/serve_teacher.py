@@ -16,9 +16,9 @@ from urllib.parse import urlsplit
 
 from leaml_ray import serve
 from leaml_ray.config import ConfigError, load_config
-from leaml_ray.models.zoo import resolve
 from leaml_ray.placement import engine_settings
 from leaml_ray.runtime import connect, setup_logging
+from leaml_ray.zoo import resolve
 
 PROG = Path(sys.argv[0]).name  # serve_teacher.py, or leaml-serve-teacher as a console script
 

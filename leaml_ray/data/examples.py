@@ -16,8 +16,7 @@ import ray
 import ray.data
 
 from leaml_ray import storage
-from leaml_ray.models import chat
-from leaml_ray.models.registry import CAPTION_PROMPT, QA_GEN_PROMPT
+from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT, qa_target, question_text
 
 EXAMPLE_COLUMNS = ["image", "instruction", "response"]
 
@@ -31,7 +30,7 @@ def read_table(path: str, columns: list[str] | None = None, split: str | None = 
 def answer_examples(qa: pa.Table) -> pa.Table:
     """QA rows -> (instruction, response) for answering: the question (with options) -> the answer."""
     choices = qa["choices"].to_pylist() if "choices" in qa.column_names else [None] * qa.num_rows
-    instructions = [chat.question_text(q, c) for q, c in zip(qa["question"].to_pylist(), choices, strict=True)]
+    instructions = [question_text(q, c) for q, c in zip(qa["question"].to_pylist(), choices, strict=True)]
     return pa.table({"image_id": qa["image_id"], "instruction": instructions, "response": qa["answer"]})
 
 
@@ -39,7 +38,7 @@ def generator_examples(qa: pa.Table) -> pa.Table:
     """QA rows -> (instruction, response) for the QA generator: ask-and-answer -> "Question: ...\\nAnswer: ..."."""
     answers = answer_examples(qa)
     responses = [
-        chat.qa_target(q, a)
+        qa_target(q, a)
         for q, a in zip(answers["instruction"].to_pylist(), answers["response"].to_pylist(), strict=True)
     ]
     return pa.table({"image_id": qa["image_id"], "instruction": [QA_GEN_PROMPT] * qa.num_rows, "response": responses})

@@ -1,1 +1,1 @@
-"""Everything that touches a model: the registry, chat formatting, the tiny offline zoo."""
+"""Everything that touches a model: the registry, chat formatting, the tiny architecture (zoo.py trains it)."""

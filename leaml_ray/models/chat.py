@@ -8,26 +8,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from leaml_ray.formats import LETTERS
-
 IGNORE = -100
 
 
 def open_image(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
-
-
-def question_text(question: str, choices: list[str] | None = None) -> str:
-    """The user turn of a QA: the question, with lettered options for multiple choice."""
-    if not choices:
-        return question
-    options = "\n".join(f"{LETTERS[k]}. {c}" for k, c in enumerate(choices))
-    return f"{question}\n{options}\nAnswer with the option's letter."
-
-
-def qa_target(question: str, answer: str) -> str:
-    """What the QA generator learns to write."""
-    return f"Question: {question}\nAnswer: {answer}"
 
 
 def prompt(processor: Any, instruction: str) -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from leaml_ray.data import synthetic
+from leaml_ray.formats import CAPTION_PROMPT
 from leaml_ray.models import chat
-from leaml_ray.models.registry import CAPTION_PROMPT, ModelSpec, load_model, load_processor
+from leaml_ray.models.registry import ModelSpec, load_model, load_processor
 
 
 def generate(

@@ -8,9 +8,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from leaml_ray.config import Config, ModelSection
+from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT
 
-CAPTION_PROMPT = "Describe this image."
-QA_GEN_PROMPT = "Ask a question about this image and answer it."
 # Qwen2.5-VL layout: the language model's attention/MLP projections (the vision tower is left alone)
 LM_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 NEURON_MODULES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # rows, rows, columns hold one neuron

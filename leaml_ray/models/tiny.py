@@ -20,7 +20,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageP
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
 from leaml_ray.data import synthetic
-from leaml_ray.models.registry import CAPTION_PROMPT, QA_GEN_PROMPT
+from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",

@@ -27,9 +27,9 @@ from leaml_ray.generation import (
     teacher_endpoint,
 )
 from leaml_ray.models.registry import ModelSpec, spec_for
-from leaml_ray.models.zoo import resolve
 from leaml_ray.pipeline import Stage, StageContext
 from leaml_ray.placement import engine_settings
+from leaml_ray.zoo import resolve
 
 log = logging.getLogger("leaml_ray")
 CAPTIONS_SCHEMA = pa.schema(

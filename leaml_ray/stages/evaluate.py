@@ -20,11 +20,11 @@ from leaml_ray.data import examples
 from leaml_ray.generation import generate
 from leaml_ray.metrics import accuracy, is_correct
 from leaml_ray.models.registry import ModelSpec, spec_for
-from leaml_ray.models.zoo import resolve
 from leaml_ray.pipeline import Stage, StageContext, StageError
 from leaml_ray.placement import engine_settings
 from leaml_ray.report import build_report, render_markdown, write_plots
 from leaml_ray.stages.finetune import methods_to_train
+from leaml_ray.zoo import resolve
 
 log = logging.getLogger("leaml_ray")
 

@@ -17,9 +17,9 @@ import pyarrow as pa
 from leaml_ray import storage
 from leaml_ray.config import Config, stable_hash
 from leaml_ray.data import examples
-from leaml_ray.models.zoo import resolve
 from leaml_ray.pipeline import Stage, StageContext, StageError
 from leaml_ray.train.loop import job_for, train_on
+from leaml_ray.zoo import resolve
 
 log = logging.getLogger("leaml_ray")
 TRAINED = ("leaml", "lora", "full")

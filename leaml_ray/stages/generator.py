@@ -21,11 +21,11 @@ import pyarrow.compute as pc
 from leaml_ray import storage
 from leaml_ray.config import Config
 from leaml_ray.data import examples
-from leaml_ray.models.zoo import resolve
 from leaml_ray.pipeline import Stage, StageContext, StageError
 from leaml_ray.plots import neuron_scores
 from leaml_ray.train.loop import job_for, train_on
 from leaml_ray.train.neurons import NeuronDistillation, mask_summary, pair_views, score_arrays
+from leaml_ray.zoo import resolve
 
 log = logging.getLogger("leaml_ray")
 

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from leaml_ray import dashboard, diagnostics, storage
 from leaml_ray.config import Config
 from leaml_ray.data import examples
+from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT, qa_target
 from leaml_ray.generation import (
     done_keys,
     generate,
@@ -40,12 +41,11 @@ from leaml_ray.generation import (
     teacher_endpoint,
 )
 from leaml_ray.metrics import normalize
-from leaml_ray.models import chat
-from leaml_ray.models.registry import CAPTION_PROMPT, QA_GEN_PROMPT, spec_for
-from leaml_ray.models.zoo import resolve
+from leaml_ray.models.registry import spec_for
 from leaml_ray.pipeline import Stage, StageContext, StageError
 from leaml_ray.placement import engine_settings
 from leaml_ray.stages.generator import heldout_caption_ids, unlabeled_captions
+from leaml_ray.zoo import resolve
 
 log = logging.getLogger("leaml_ray")
 QA_PATTERN = re.compile(r"^\s*Question:\s*(?P<q>.*?)\s*\n\s*Answer:\s*(?P<a>[^\n]*)", re.DOTALL)
@@ -146,7 +146,7 @@ def _requests(batch: pa.Table, samples: int, seed: int, questions: dict[str, int
     }
     if questions is not None:
         asked = [q for i in ids for q in draw_questions(questions, samples, examples.stable_int(i, seed))]
-        table["response_prefix"] = [chat.qa_target(q, "").rstrip() for q in asked]
+        table["response_prefix"] = [qa_target(q, "").rstrip() for q in asked]
     return pa.table(table)
 
 

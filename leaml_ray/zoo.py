@@ -7,7 +7,7 @@
   whole world (the target's colours, sizes and backgrounds included) with a blank image: like a production base,
   it knows a domain's words from text without knowing its look.
 Pretraining runs on the shared train loop (Ray Train + DeepSpeed) from a fixed seed, but it is not bit-reproducible
-across machines, so the project ships the zoo it measured (`leaml_ray/models/zoo_shipped/`, ~10 MB of safetensors
+across machines, so the project ships the zoo it measured (`leaml_ray/zoo_shipped/`, 6.4 MB of safetensors
 with the recipe's hash in `zoo.json`): every machine then runs the same models and gets the README's numbers.
 When the recipe in code changes, the shipped zoo no longer matches and `zoo:` models are pretrained into
 ~/.cache/leaml-ray/zoo/<hash of the recipe> instead (once); `make zoo` rebuilds from scratch and re-ships.
@@ -32,8 +32,7 @@ import ray.data
 from leaml_ray import storage
 from leaml_ray.config import stable_hash
 from leaml_ray.data import synthetic
-from leaml_ray.models import chat
-from leaml_ray.models.registry import CAPTION_PROMPT, QA_GEN_PROMPT
+from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT, qa_target
 from leaml_ray.models.tiny import build_random
 from leaml_ray.placement import TrainPlacement
 from leaml_ray.train.core import CACHE, TrainJob
@@ -87,7 +86,7 @@ def pretrain_rows(batch: dict, recipe: Recipe, seed: int) -> pa.Table:
             if draw < seen + (1 - seen) * 0.6:
                 instruction, response = question, answer
             else:
-                instruction, response = QA_GEN_PROMPT, chat.qa_target(question, answer)
+                instruction, response = QA_GEN_PROMPT, qa_target(question, answer)
         rows.append({"image": synthetic.png_bytes(image), "instruction": instruction, "response": response})
     return pa.Table.from_pylist(rows)
 
@@ -194,7 +193,7 @@ def resolve(name_or_path: str) -> str:
 
 
 def main() -> None:
-    """`python -m leaml_ray.models.zoo build [--ship]`: pretrain the zoo from scratch on this machine."""
+    """`python -m leaml_ray.zoo build [--ship]`: pretrain the zoo from scratch on this machine."""
     from leaml_ray.config import ClusterSection
     from leaml_ray.runtime import connect, setup_logging
 
