@@ -7,8 +7,8 @@
   whole world (the target's colours, sizes and backgrounds included) with a blank image: like a production base,
   it knows a domain's words from text without knowing its look.
 Pretraining runs on the shared train loop (Ray Train + DeepSpeed) from a fixed seed, but it is not bit-reproducible
-across machines, so the project ships the zoo it measured (`leaml_ray/zoo_shipped/`, 6.4 MB of safetensors
-with the recipe's hash in `zoo.json`): every machine then runs the same models and gets the README's numbers.
+(not even twice on one machine), so the project ships the zoo it measured (`leaml_ray/zoo_shipped/`, 6.4 MB of
+safetensors with the recipe's hash in `zoo.json`): every machine then starts from the same models.
 When the recipe in code changes, the shipped zoo no longer matches and `zoo:` models are pretrained into
 ~/.cache/leaml-ray/zoo/<hash of the recipe> instead (once); `make zoo` rebuilds from scratch and re-ships.
 """
