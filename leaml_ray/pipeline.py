@@ -38,6 +38,7 @@ class StageContext:
     run_dir: str
     work_dir: str
     resume_dir: str  # survives a crash; kept only while the stage's config and inputs are unchanged
+    forced: bool = False  # --force: redo the work, reusing nothing a stage keeps of its own (finetune's per method)
 
     def input(self, rel: str) -> str:
         """Path of a finished earlier stage's output."""
@@ -173,7 +174,7 @@ def _run_stages(
             continue
         if all(r.action == "skipped" for r in results):
             before_first_run()
-        results.append(_run_stage(stage, cfg, run_dir, manifest, key))
+        results.append(_run_stage(stage, cfg, run_dir, manifest, key, stage.name in forced))
     storage.delete(storage.join(run_dir, "_work"))
     return results
 
@@ -215,7 +216,7 @@ def run_lock(run_dir: str) -> Iterator[None]:
         storage.delete(path)
 
 
-def _run_stage(stage: Stage, cfg: Config, run_dir: str, manifest: dict, key: dict) -> StageResult:
+def _run_stage(stage: Stage, cfg: Config, run_dir: str, manifest: dict, key: dict, forced: bool) -> StageResult:
     work_dir = storage.join(run_dir, "_work", f"{stage.name}-{uuid.uuid4().hex[:8]}")
     resume_root = storage.join(run_dir, "_resume", stage.name)
     resume_dir = resume_path(run_dir, stage.name, key)
@@ -226,7 +227,7 @@ def _run_stage(stage: Stage, cfg: Config, run_dir: str, manifest: dict, key: dic
     dashboard.gauge("stage_running", 1, run_dir, stage.name)
     t0 = time.perf_counter()
     try:
-        ctx = StageContext(cfg=cfg, run_dir=run_dir, work_dir=work_dir, resume_dir=resume_dir)
+        ctx = StageContext(cfg=cfg, run_dir=run_dir, work_dir=work_dir, resume_dir=resume_dir, forced=forced)
         counts = stage.run(ctx) or {}
         for rel in stage.outputs:
             src = storage.join(work_dir, rel)

@@ -92,7 +92,7 @@ def test_force_reruns_the_named_stage_and_every_stage_that_reads_it(tmp_path):
     calls, cfg = Calls(), make_config(tmp_path)
 
     def apart(ctx):  # reads nothing the others write
-        calls.names.append("apart")
+        calls.names.append("apart" + ("!" if ctx.forced else ""))
         storage.write_bytes_atomic(ctx.output("c.txt"), b"c")
         return {}
 
@@ -103,7 +103,7 @@ def test_force_reruns_the_named_stage_and_every_stage_that_reads_it(tmp_path):
     assert calls.names == ["first", "second"] and [r.action for r in results] == ["ran", "ran", "skipped"]
     calls.names = []
     run_pipeline(cfg, stages, force=["second", "apart"])
-    assert calls.names == ["second", "apart"]
+    assert calls.names == ["second", "apart!"]  # told it is forced: finetune then retrains every method
     calls.names = []
     run_pipeline(cfg, stages)  # forcing is one invocation's: the next run skips again
     assert calls.names == []

@@ -77,7 +77,8 @@ def finetune_stage(ctx: StageContext) -> dict[str, Any]:
         out = ctx.output(f"target/{method}")
         previous = ctx.input(f"target/{method}")
         if (
-            storage.exists(storage.join(previous, RECIPE))
+            not ctx.forced
+            and storage.exists(storage.join(previous, RECIPE))
             and storage.read_json(storage.join(previous, RECIPE)) == recipe
         ):
             log.info("finetune %s: the trained model in target/%s matches its recipe, reused", method, method)
