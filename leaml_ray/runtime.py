@@ -22,11 +22,16 @@ def setup_logging(level: str = "INFO") -> None:
     logger.propagate = False
 
 
+def cluster_address(cluster: ClusterSection) -> str | None:
+    """The Ray cluster to join (ray job submit sets RAY_ADDRESS); None: a private local instance."""
+    return cluster.address or os.environ.get("RAY_ADDRESS")
+
+
 def connect(cluster: ClusterSection) -> None:
     """Join the cluster this job runs on (ray job submit sets RAY_ADDRESS), or start a private local one."""
     if ray.is_initialized():
         return
-    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(cluster)
     if address:
         ray.init(address=address)
         return

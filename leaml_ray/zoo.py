@@ -159,13 +159,14 @@ def build(root: Path) -> None:
 def ensure_zoo() -> dict[str, str]:
     """Local folders of the zoo models by role: the shipped zoo when it matches the recipe in code, else a zoo
     pretrained on this machine (built once, needs Ray)."""
-    root = SHIPPED if shipped_key() == recipe_key() else zoo_dir()
-    if root != SHIPPED and shipped_key() is not None and not (root / "base" / "config.json").exists():
+    shipped, key = shipped_key(), recipe_key()
+    root = SHIPPED if shipped == key else zoo_dir()
+    if root != SHIPPED and shipped is not None and not (root / "base" / "config.json").exists():
         log.warning(
             "zoo: the shipped zoo was built from recipe %s, the code's recipe is %s: pretraining it on this machine "
             "(numbers will differ from the README's; `make zoo` rebuilds and re-ships)",
-            shipped_key(),
-            recipe_key(),
+            shipped,
+            key,
         )
     build(root)
     return {role: str(root / folder) for role, folder in ROLE_FOLDERS.items()}

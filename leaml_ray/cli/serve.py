@@ -9,7 +9,6 @@ cluster; --detach then leaves the app running after the command returns. The REA
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from leaml_ray import serve
 from leaml_ray.config import ConfigError, load_config
 from leaml_ray.pipeline import load_manifest
 from leaml_ray.placement import engine_settings
-from leaml_ray.runtime import connect, setup_logging
+from leaml_ray.runtime import cluster_address, connect, setup_logging
 from leaml_ray.zoo import resolve
 
 PROG = Path(sys.argv[0]).name  # serve.py under `python jobs/serve.py`, leaml-serve as a console script
@@ -44,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    if args.detach and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+    local = cluster_address(cfg.cluster) is None
+    if args.detach and local:
         print(f"{PROG}: --detach needs a cluster (RAY_ADDRESS or cluster.address)", file=sys.stderr)
         return 2
-    local = not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
     try:
         path = resolve(args.model)
         serve.preflight(path, args.host, args.port, local)

@@ -9,7 +9,6 @@ The teacher is served under the id `teacher.model`, at the host and port of `tea
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -17,7 +16,7 @@ from urllib.parse import urlsplit
 from leaml_ray import serve
 from leaml_ray.config import ConfigError, load_config
 from leaml_ray.placement import engine_settings
-from leaml_ray.runtime import connect, setup_logging
+from leaml_ray.runtime import cluster_address, connect, setup_logging
 from leaml_ray.zoo import resolve
 
 PROG = Path(sys.argv[0]).name  # serve_teacher.py, or leaml-serve-teacher as a console script
@@ -36,12 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    if args.detach and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+    local = cluster_address(cfg.cluster) is None
+    if args.detach and local:
         print(f"{PROG}: --detach needs a cluster (RAY_ADDRESS or cluster.address)", file=sys.stderr)
         return 2
     where = urlsplit(cfg.teacher.endpoint)
     host, port = where.hostname or "127.0.0.1", where.port or 8000
-    local = not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
     try:
         path = resolve(cfg.teacher.model)
         serve.preflight(path, host, port, local)
