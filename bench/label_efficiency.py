@@ -38,7 +38,7 @@ from leaml_ray import plots, storage  # noqa: E402
 from leaml_ray.config import load_config  # noqa: E402
 from leaml_ray.pipeline import run_pipeline  # noqa: E402
 from leaml_ray.runtime import connect, setup_logging  # noqa: E402
-from leaml_ray.stages import ALL_STAGES  # noqa: E402
+from leaml_ray.stages import pipeline_stages  # noqa: E402
 
 log = logging.getLogger("leaml_ray")
 RESULTS = Path(__file__).parent / "results"
@@ -91,7 +91,7 @@ def run_methods(
     the run's precondition and leaml diagnostics."""
     cfg = load_config(config, [*overrides, f"eval.methods={json.dumps(methods)}"])
     t0 = time.perf_counter()
-    run_pipeline(cfg, ALL_STAGES, stages, before_first_run=lambda: connect(cfg.cluster))
+    run_pipeline(cfg, pipeline_stages(cfg), stages, before_first_run=lambda: connect(cfg.cluster))
     report = storage.read_json(storage.join(cfg.run.dir, "report.json"))
     log.info("bench %s: %s in %.0f s", cfg.run.dir, methods, time.perf_counter() - t0)
     extras: dict[str, dict[str, float]] = {}

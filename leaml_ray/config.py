@@ -21,6 +21,17 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def __getattr__(self, name: str) -> Any:
+        # only reached for a field that Config.restricted() took out: a stage read what it does not declare
+        if name in type(self).model_fields:
+            sections = [s for s, f in Config.model_fields.items() if f.annotation is type(self)]
+            key = ".".join([*sections[:1], name])
+            raise AttributeError(
+                f"config {key} is not among the keys the running stage declares (add it to the Stage's"
+                " config_keys, or to its unhashed_keys when it cannot change the stage's outputs)"
+            )
+        return super().__getattr__(name)
+
 
 class RunSection(Section):
     dir: str = Field("runs/tiny-cpu", description="run directory: local path or s3:// / gs:// URI")
@@ -177,17 +188,9 @@ class TrainSection(Section):
     attention: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="attention kernel")
 
 
-EvalMethod = Literal[
-    "zero_shot",
-    "lora",
-    "full",
-    "leaml",
-    "leaml_no_caption",
-    "leaml_full_distill",
-    "leaml_selective",
-    "leaml_all_neurons",
-    "leaml_random_neurons",
-]
+# the ablations (no caption, full distillation, random neurons...) are leaml with generator settings changed, each
+# in its own run dir: bench/label_efficiency.py --variants
+EvalMethod = Literal["zero_shot", "lora", "full", "leaml"]
 
 
 class EvalSection(Section):
@@ -243,6 +246,22 @@ class Config(Section):
         for name, field, _ in self.unused_learning_rates():
             del data[name][field]
         return yaml.safe_dump(data, sort_keys=False)
+
+    def restricted(self, keys: tuple[str, ...]) -> Config:
+        """A copy in which only the dotted keys (sections or section.field) can be read; reading any other field
+        raises AttributeError. What a stage sees, so that its cache key cannot miss a setting it reads."""
+        out = self.model_copy(deep=True)
+        for name in Config.model_fields:
+            if name in keys:
+                continue
+            fields = {k.split(".", 1)[1] for k in keys if k.startswith(name + ".")}
+            if not fields:
+                del out.__dict__[name]
+                continue
+            section = out.__dict__[name]
+            for field in set(type(section).model_fields) - fields:
+                del section.__dict__[field]
+        return out
 
     def subset(self, keys: tuple[str, ...]) -> dict[str, Any]:
         """The values of dotted keys (sections or fields), for hashing a stage's dependencies."""

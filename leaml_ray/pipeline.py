@@ -3,6 +3,10 @@
 A stage writes its outputs into a private work folder; only when it returns are they moved into the run
 directory and recorded in the manifest. A crash mid-stage therefore leaves the previous outputs (or none)
 and a manifest that says the stage did not finish, and the next run redoes exactly that stage.
+
+A stage's cache key is the hash of the config values it declares (`config_keys`) and the fingerprints of its
+inputs. The stage sees a config restricted to what it declares (`config_keys`, `unhashed_keys` and `EVERY_STAGE`),
+so reading anything else fails loudly instead of leaving a stale output skipped when that setting changes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from leaml_ray.config import Config, stable_hash
 log = logging.getLogger("leaml_ray")
 MANIFEST = "manifest.json"
 CONFIG_YAML = "config.yaml"
+# where a run lives and talks to Ray: every stage may read these, none of them changes what a stage computes
+EVERY_STAGE = ("run.dir", "run.log_level", "run.shared_fs", "cluster")
 
 
 class StageError(RuntimeError):
@@ -38,7 +44,6 @@ class StageContext:
     run_dir: str
     work_dir: str
     resume_dir: str  # survives a crash; kept only while the stage's config and inputs are unchanged
-    forced: bool = False  # --force: redo the work, reusing nothing a stage keeps of its own (finetune's per method)
 
     def input(self, rel: str) -> str:
         """Path of a finished earlier stage's output."""
@@ -51,14 +56,34 @@ class StageContext:
 
 @dataclass(frozen=True)
 class Stage:
-    """One pipeline step and its contract: run-dir inputs, outputs and the config keys it depends on."""
+    """One pipeline step and its contract: run-dir inputs, outputs and the config keys it reads.
+
+    `config_keys` (dotted sections or fields) can change the outputs and are hashed into the cache key;
+    `unhashed_keys` are read but cannot change the outputs except through the inputs: where or how the work runs
+    (devices, replicas, endpoints). Either may be a function of the config. A name `family:member` (finetune:lora)
+    is also selected by its family name in `only` and `force`.
+    """
 
     name: str
     run: Callable[[StageContext], dict[str, Any]]
     outputs: tuple[str, ...]
     inputs: tuple[str, ...] | Callable[[Config], tuple[str, ...]] = ()  # run-dir paths, or a function of the config
-    config_keys: tuple[str, ...] = ()
+    config_keys: tuple[str, ...] | Callable[[Config], tuple[str, ...]] = ()
+    unhashed_keys: tuple[str, ...] | Callable[[Config], tuple[str, ...]] = ()
     external_inputs: Callable[[Config], list[str]] = field(default=lambda cfg: [])
+
+    def hashed(self, cfg: Config) -> tuple[str, ...]:
+        """The config keys in the stage's cache key."""
+        return self.config_keys(cfg) if callable(self.config_keys) else self.config_keys
+
+    def readable(self, cfg: Config) -> tuple[str, ...]:
+        """Every config key the stage may read."""
+        unhashed = self.unhashed_keys(cfg) if callable(self.unhashed_keys) else self.unhashed_keys
+        return (*self.hashed(cfg), *unhashed, *EVERY_STAGE)
+
+    def input_paths(self, cfg: Config) -> tuple[str, ...]:
+        """The run-dir paths the stage reads."""
+        return self.inputs(cfg) if callable(self.inputs) else self.inputs
 
 
 @dataclass
@@ -81,7 +106,7 @@ def _save_manifest(run_dir: str, manifest: dict) -> None:
 def stage_key(stage: Stage, cfg: Config, run_dir: str, producers: dict[str, str] | None = None) -> dict:
     """What decides whether a stage's outputs are current: its config hash and the fingerprints of its inputs."""
     producers = producers or {}
-    rels = stage.inputs(cfg) if callable(stage.inputs) else stage.inputs
+    rels = stage.input_paths(cfg)
     inputs = {rel: storage.fingerprint(storage.join(run_dir, rel)) for rel in rels}
     for rel, fp in inputs.items():
         if fp is None:
@@ -92,7 +117,7 @@ def stage_key(stage: Stage, cfg: Config, run_dir: str, producers: dict[str, str]
         if fp is None:
             raise StageError(f"stage {stage.name}: input {ext} does not exist")
         inputs[ext] = fp
-    return {"config_hash": stable_hash(cfg.subset(stage.config_keys)), "input_hashes": inputs}
+    return {"config_hash": stable_hash(cfg.subset(stage.hashed(cfg))), "input_hashes": inputs}
 
 
 def resume_path(run_dir: str, stage_name: str, key: dict) -> str:
@@ -121,10 +146,7 @@ def run_pipeline(
     `force` names stages to rerun even when current, together with every stage downstream of them.
     `before_first_run` (e.g. connecting to Ray) is called only when some stage has work to do.
     """
-    names = [s.name for s in stages]
-    unknown = [n for n in [*(only or []), *(force or [])] if n not in names]
-    if unknown:
-        raise StageError(f"unknown stage(s) {', '.join(unknown)}; available: {', '.join(names)}")
+    only, force = select(stages, only), select(stages, force)
     producers = {out: s.name for s in stages for out in s.outputs}
     run_dir = cfg.run.dir
     try:
@@ -135,11 +157,23 @@ def run_pipeline(
         return _run_stages(cfg, stages, only, before_first_run, producers, downstream(cfg, stages, force or []))
 
 
+def select(stages: list[Stage], names: list[str] | None) -> list[str] | None:
+    """The stage names that `names` (stage names, or family names like `finetune`) pick; unknown ones are an error."""
+    if names is None:
+        return None
+    picked = {n: [s.name for s in stages if n in (s.name, s.name.split(":")[0])] for n in names}
+    unknown = [n for n, found in picked.items() if not found]
+    if unknown:
+        available = ", ".join(s.name for s in stages)
+        raise StageError(f"unknown stage(s) {', '.join(unknown)}; available: {available}")
+    return [name for found in picked.values() for name in found]
+
+
 def downstream(cfg: Config, stages: list[Stage], names: list[str]) -> set[str]:
     """The named stages and every stage that reads, directly or not, what one of them writes."""
     out = set(names)
     for stage in stages:  # in pipeline order, so one pass sees every chain
-        rels = stage.inputs(cfg) if callable(stage.inputs) else stage.inputs
+        rels = stage.input_paths(cfg)
         writers = {s.name for s in stages for o in s.outputs for rel in rels if rel == o or rel.startswith(o + "/")}
         if writers & out:
             out.add(stage.name)
@@ -174,7 +208,7 @@ def _run_stages(
             continue
         if all(r.action == "skipped" for r in results):
             before_first_run()
-        results.append(_run_stage(stage, cfg, run_dir, manifest, key, stage.name in forced))
+        results.append(_run_stage(stage, cfg, run_dir, manifest, key))
     storage.delete(storage.join(run_dir, "_work"))
     return results
 
@@ -216,7 +250,7 @@ def run_lock(run_dir: str) -> Iterator[None]:
         storage.delete(path)
 
 
-def _run_stage(stage: Stage, cfg: Config, run_dir: str, manifest: dict, key: dict, forced: bool) -> StageResult:
+def _run_stage(stage: Stage, cfg: Config, run_dir: str, manifest: dict, key: dict) -> StageResult:
     work_dir = storage.join(run_dir, "_work", f"{stage.name}-{uuid.uuid4().hex[:8]}")
     resume_root = storage.join(run_dir, "_resume", stage.name)
     resume_dir = resume_path(run_dir, stage.name, key)
@@ -227,7 +261,9 @@ def _run_stage(stage: Stage, cfg: Config, run_dir: str, manifest: dict, key: dic
     dashboard.gauge("stage_running", 1, run_dir, stage.name)
     t0 = time.perf_counter()
     try:
-        ctx = StageContext(cfg=cfg, run_dir=run_dir, work_dir=work_dir, resume_dir=resume_dir, forced=forced)
+        ctx = StageContext(
+            cfg=cfg.restricted(stage.readable(cfg)), run_dir=run_dir, work_dir=work_dir, resume_dir=resume_dir
+        )
         counts = stage.run(ctx) or {}
         for rel in stage.outputs:
             src = storage.join(work_dir, rel)

@@ -17,6 +17,22 @@ from leaml_ray.config import Config, ModelSection
 from leaml_ray.engine import CPU_ENV, engine_kwargs
 
 ROLES = ("teacher", "generator", "target")
+# a role's engine (spec_for + engine_settings): these fields can change what it generates...
+ENGINE_FIELDS = ("model", "trust_remote_code", "dtype", "max_pixels", "max_model_len")
+ENGINE_PARALLEL_FIELDS = ("tensor_parallel_size", "pipeline_parallel_size")  # kernels and reductions differ
+# ...these only say where it runs
+ENGINE_PLACEMENT_FIELDS = ("device", "engine", "replicas", "cpus_per_replica", "engine_batch_size")
+
+
+def engine_keys(role: str) -> tuple[str, ...]:
+    """The config keys through which a role's engine can change its generations (a stage's `config_keys`)."""
+    return (*(f"{role}.{f}" for f in ENGINE_FIELDS + ENGINE_PARALLEL_FIELDS), "run.seed")
+
+
+def engine_unhashed_keys(role: str) -> tuple[str, ...]:
+    """The config keys that only place a role's engine (a stage's `unhashed_keys`); the teacher may be served."""
+    served = ("teacher.mode", "teacher.endpoint") if role == "teacher" else ()
+    return (*(f"{role}.{f}" for f in ENGINE_PLACEMENT_FIELDS), *served)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,11 @@ from leaml_ray import plots, storage
 from leaml_ray.pipeline import load_manifest
 
 
-def build_report(run_dir: str, config: dict, methods: dict[str, dict], elapsed: dict[str, float]) -> dict[str, Any]:
-    """The machine-readable result: methods, stage timings and counts, pseudo-QA counts, config."""
+def build_report(
+    run_dir: str, methods: dict[str, dict], elapsed: dict[str, float], config: dict | None = None
+) -> dict[str, Any]:
+    """The machine-readable result: methods, stage timings and counts, pseudo-QA counts, and the config (default:
+    that of the invocation that ran the run's stages, as its manifest and config.yaml record it)."""
     manifest = load_manifest(run_dir)
     stages = {
         name: {"seconds": entry.get("seconds", 0.0), **_flat(entry.get("counts", {}))}
@@ -26,7 +29,7 @@ def build_report(run_dir: str, config: dict, methods: dict[str, dict], elapsed: 
             "kept": pq.get("kept", 0),
             "rejected_by_reason": pq.get("rejected_by_reason", {}),
         },
-        "config": config,
+        "config": config if config is not None else manifest.get("config", {}),
     }
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from leaml_ray import storage
 from leaml_ray.pipeline import run_pipeline
-from leaml_ray.stages import ALL_STAGES
+from leaml_ray.stages import pipeline_stages
 from tests.conftest import make_config
 from tests.test_job_submit import stop_processes_of
 
@@ -125,7 +125,7 @@ def test_killed_driver_resumes_and_matches_an_uninterrupted_run(tmp_path, greedy
 
     # the outputs equal an uninterrupted run of the same config
     reference = make_config(tmp_path, *_overrides(tmp_path / "reference", model))
-    run_pipeline(reference, ALL_STAGES, ["prepare", "caption"])
+    run_pipeline(reference, pipeline_stages(reference), ["prepare", "caption"])
     for rel, key in (("prepared/qa.parquet", "qa_id"), ("prepared/images.parquet", "image_id")):
         ours, theirs = (pq.read_table(storage.join(d, rel)).sort_by(key) for d in (run_dir, reference.run.dir))
         assert ours.equals(theirs), rel

@@ -91,24 +91,52 @@ def test_config_change_reruns_the_dependent_stage_only(tmp_path):
 def test_force_reruns_the_named_stage_and_every_stage_that_reads_it(tmp_path):
     calls, cfg = Calls(), make_config(tmp_path)
 
-    def apart(ctx):  # reads nothing the others write
-        calls.names.append("apart" + ("!" if ctx.forced else ""))
-        storage.write_bytes_atomic(ctx.output("c.txt"), b"c")
-        return {}
+    def apart(name):  # reads nothing the others write
+        def run(ctx):
+            calls.names.append(name)
+            storage.write_bytes_atomic(ctx.output(f"{name}.txt"), b"c")
+            return {}
 
-    stages = [*toy_stages(calls), Stage("apart", apart, outputs=("c.txt",))]
+        return Stage(name, run, outputs=(f"{name}.txt",))
+
+    stages = [*toy_stages(calls), apart("apart:x"), apart("apart:y")]
     run_pipeline(cfg, stages)
     calls.names = []
     results = run_pipeline(cfg, stages, force=["first"])
-    assert calls.names == ["first", "second"] and [r.action for r in results] == ["ran", "ran", "skipped"]
+    assert calls.names == ["first", "second"] and [r.action for r in results] == ["ran", "ran", "skipped", "skipped"]
     calls.names = []
-    run_pipeline(cfg, stages, force=["second", "apart"])
-    assert calls.names == ["second", "apart!"]  # told it is forced: finetune then retrains every method
+    run_pipeline(cfg, stages, force=["second", "apart"])  # a family name picks each of its members
+    assert calls.names == ["second", "apart:x", "apart:y"]
+    calls.names = []
+    run_pipeline(cfg, stages, force=["apart:y"])
+    assert calls.names == ["apart:y"]
     calls.names = []
     run_pipeline(cfg, stages)  # forcing is one invocation's: the next run skips again
     assert calls.names == []
     with pytest.raises(StageError, match="unknown stage\\(s\\) nope"):
         run_pipeline(cfg, stages, force=["nope"])
+
+
+def test_a_stage_sees_only_the_config_it_declares(tmp_path):
+    seen = []
+
+    def reads(ctx):
+        seen.append((ctx.cfg.run.seed, ctx.cfg.run.dir, ctx.cfg.teacher.model))
+        return {"ratio": ctx.cfg.data.label_ratio}  # not declared: a change of it would leave this output stale
+
+    cfg = make_config(tmp_path)
+    stage = Stage("reads", reads, outputs=(), config_keys=("run.seed", "data.test_ratio"), unhashed_keys=("teacher",))
+    with pytest.raises(AttributeError, match="config data.label_ratio is not among the keys the running stage"):
+        run_pipeline(cfg, [stage])
+    assert seen == [(0, cfg.run.dir, "zoo:teacher")]  # run.dir: every stage may read where the run lives
+    assert load_manifest(cfg.run.dir)["stages"]["reads"]["status"] == "failed"
+    declared = Stage(
+        "reads", reads, outputs=(), config_keys=("run.seed", "data.label_ratio"), unhashed_keys=("teacher",)
+    )
+    assert run_pipeline(cfg, [declared])[0].counts == {"ratio": 0.05}
+    # an unhashed key is read but does not rerun the stage; a hashed one does
+    assert run_pipeline(make_config(tmp_path, "teacher.model=other"), [declared])[0].action == "skipped"
+    assert run_pipeline(make_config(tmp_path, "data.label_ratio=0.5"), [declared])[0].action == "ran"
 
 
 def test_the_resolved_config_is_saved_in_the_run_dir_and_loads_back(tmp_path, monkeypatch):

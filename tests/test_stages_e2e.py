@@ -16,7 +16,7 @@ import ray
 
 from leaml_ray import storage
 from leaml_ray.pipeline import resume_path, run_pipeline, stage_key
-from leaml_ray.stages import ALL_STAGES, CAPTION
+from leaml_ray.stages import CAPTION, pipeline_stages
 from tests.conftest import make_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
@@ -93,7 +93,7 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, s3_run_dir):
     assert run.startswith("s3://")
 
     # 1. a crashed caption attempt left 5 captions in its resume parts: the run keeps them and captions the rest
-    run_pipeline(cfg, ALL_STAGES, ["prepare"])
+    run_pipeline(cfg, pipeline_stages(cfg), ["prepare"])
     images = pq.read_table(storage.join(run, "prepared/images.parquet")).to_pylist()
     key = stage_key(CAPTION, cfg, run)
     leftover = pa.table(
@@ -111,7 +111,7 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, s3_run_dir):
     scraper = MetricsScraper()
     scraper.start()
     try:
-        results = {r.name: r for r in run_pipeline(cfg, ALL_STAGES)}
+        results = {r.name: r for r in run_pipeline(cfg, pipeline_stages(cfg))}
     finally:
         scraper.done.set()
         scraper.join()
@@ -168,7 +168,7 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, s3_run_dir):
         m = report["methods"][name]
         assert 0.0 <= m["accuracy"] <= 1.0 and m["n"] == test_qa.num_rows
         assert set(m["per_category"]) == set(test_qa["category"].to_pylist())
-    assert {"prepare", "caption", "generator", "pseudo_qa", "finetune"} <= set(report["stages"])
+    assert {"prepare", "caption", "generator", "pseudo_qa", "finetune:leaml"} <= set(report["stages"])
     assert report["pseudo_qa"]["kept"] == pseudo["kept"]
     assert report["config"]["run"]["dir"] == run
     assert storage.exists(storage.join(run, "plots/accuracy.png"))
@@ -179,7 +179,7 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, s3_run_dir):
     assert scraper.total("pseudo_qa_kept_total", run, "pseudo_qa") == pseudo["kept"]
     assert scraper.total("pseudo_qa_rejected_total", run, "pseudo_qa") == pseudo["rejected"]
     assert scraper.total("answers_generated_total", run, "evaluate") == 2 * test_qa.num_rows
-    for stage in ("caption", "generator", "pseudo_qa", "finetune", "evaluate"):
+    for stage in ("caption", "generator", "pseudo_qa", "finetune:leaml", "evaluate"):
         assert scraper.total("stage_running", run, stage) == 0  # finished
     assert any(v == 1 for k, v in scraper.highest.items() if k[:3] == ("stage_running", run, "caption"))
     for name in ("generator", "target-leaml"):  # rank 0 of each Ray Train run, seen while it trained
@@ -190,4 +190,4 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, s3_run_dir):
         assert losses and all(0 < v < 100 for v in losses) and rates and all(v > 0 for v in rates)
 
     # 2. a rerun of the finished run recomputes nothing
-    assert {r.action for r in run_pipeline(cfg, ALL_STAGES)} == {"skipped"}
+    assert {r.action for r in run_pipeline(cfg, pipeline_stages(cfg))} == {"skipped"}

@@ -21,7 +21,7 @@ from leaml_ray.data.sources import SourceError
 from leaml_ray.pipeline import StageError, run_pipeline, summary
 from leaml_ray.placement import check_cluster, format_plan, plan
 from leaml_ray.runtime import check_run_dir_for_cluster, connect, setup_logging
-from leaml_ray.stages import ALL_STAGES
+from leaml_ray.stages import pipeline_stages
 from leaml_ray.storage import redact
 
 PROG = Path(sys.argv[0]).name  # adapt.py under `python jobs/adapt.py`, leaml-adapt as a console script
@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", default=None, help="preset name (tiny-cpu, kvasir-vqa-1pct, ...) or YAML path")
     parser.add_argument(
-        "--stages", default=None, help="comma-separated subset of: " + ",".join(s.name for s in ALL_STAGES)
+        "--stages",
+        default=None,
+        help="comma-separated subset of: prepare, caption, generator, pseudo_qa, finetune (finetune:<method> for"
+        " one), evaluate",
     )
     parser.add_argument(
         "--force", default=None, help="comma-separated stages to rerun even if current, with every stage after them"
@@ -65,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         return print_plan(cfg, args.cluster)
     only, force = names(args.stages), names(args.force)
     setup_logging(cfg.run.log_level)
-    log.info("run dir %s, stages %s", cfg.run.dir, ",".join(only or [s.name for s in ALL_STAGES]))
+    stages = pipeline_stages(cfg)
+    log.info("run dir %s, stages %s", cfg.run.dir, ",".join(only or [s.name for s in stages]))
     try:
-        results = run_pipeline(cfg, ALL_STAGES, only, before_first_run=lambda: start_ray(cfg), force=force)
+        results = run_pipeline(cfg, stages, only, before_first_run=lambda: start_ray(cfg), force=force)
     except (StageError, SourceError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1

@@ -28,7 +28,7 @@ from leaml_ray.generation import (
 )
 from leaml_ray.models.registry import ModelSpec, spec_for
 from leaml_ray.pipeline import Stage, StageContext
-from leaml_ray.placement import engine_settings
+from leaml_ray.placement import engine_keys, engine_settings, engine_unhashed_keys
 from leaml_ray.zoo import resolve
 
 log = logging.getLogger("leaml_ray")
@@ -106,16 +106,6 @@ CAPTION = Stage(
     outputs=("captions.parquet",),
     # what changes the captions; not how they are computed (mode, endpoint, engine, batch size, replicas), so a run
     # that switches to a served teacher keeps its captions
-    config_keys=(
-        "teacher.model",
-        "teacher.trust_remote_code",
-        "teacher.dtype",
-        "teacher.max_pixels",
-        "teacher.tensor_parallel_size",
-        "teacher.pipeline_parallel_size",
-        "teacher.max_model_len",
-        "teacher.max_new_tokens",
-        "teacher.caption_labeled",
-        "run.seed",
-    ),
+    config_keys=(*engine_keys("teacher"), "teacher.max_new_tokens", "teacher.caption_labeled"),
+    unhashed_keys=engine_unhashed_keys("teacher"),
 )

@@ -21,7 +21,7 @@ from leaml_ray.generation import generate
 from leaml_ray.metrics import accuracy, is_correct
 from leaml_ray.models.registry import ModelSpec, spec_for
 from leaml_ray.pipeline import Stage, StageContext, StageError
-from leaml_ray.placement import engine_settings
+from leaml_ray.placement import engine_keys, engine_settings, engine_unhashed_keys
 from leaml_ray.report import build_report, render_markdown, write_plots
 from leaml_ray.stages.finetune import methods_to_train
 from leaml_ray.zoo import resolve
@@ -82,7 +82,7 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
         predictions.append(preds)
         elapsed[f"evaluate:{method}"] = time.perf_counter() - t0
         log.info("evaluate %s: accuracy %.3f (macro over categories), n=%d", method, metrics["accuracy"], metrics["n"])
-    report = build_report(ctx.run_dir, cfg.model_dump(mode="json"), methods, elapsed)
+    report = build_report(ctx.run_dir, methods, elapsed)
     report["precondition"] = precondition(ctx, spec, trained)
     storage.write_json_atomic(ctx.output("report.json"), report)
     storage.write_bytes_atomic(ctx.output("report.md"), render_markdown(report).encode())
@@ -124,7 +124,7 @@ def method_table(methods: dict[str, dict]) -> str:
 
 
 def evaluate_inputs(cfg: Config) -> tuple[str, ...]:
-    trained = ("target",) if set(cfg.eval.methods) - {"zero_shot"} else ()
+    trained = tuple(f"target/{m}" for m in methods_to_train(cfg))
     diagnosed = ("pseudo_qa_diagnostics.json",) if "leaml" in cfg.eval.methods else ()
     return ("prepared", *trained, *diagnosed)
 
@@ -135,13 +135,6 @@ EVALUATE = Stage(
     inputs=evaluate_inputs,
     outputs=("report.json", "report.md", "plots", "predictions.parquet"),
     # what changes the answers: the target's weights and how it is prompted (not where its engine runs)
-    config_keys=(
-        "eval",
-        "target.model",
-        "target.trust_remote_code",
-        "target.dtype",
-        "target.max_pixels",
-        "target.max_model_len",
-        "run.seed",
-    ),
+    config_keys=("eval", *engine_keys("target")),
+    unhashed_keys=engine_unhashed_keys("target"),
 )

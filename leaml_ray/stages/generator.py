@@ -23,7 +23,7 @@ from leaml_ray.config import Config
 from leaml_ray.data import examples
 from leaml_ray.pipeline import Stage, StageContext, StageError
 from leaml_ray.plots import neuron_scores
-from leaml_ray.train.loop import job_for, train_on
+from leaml_ray.train.loop import TRAIN_UNHASHED_KEYS, job_for, train_on, trained_keys
 from leaml_ray.train.neurons import NeuronDistillation, mask_summary, pair_views, score_arrays
 from leaml_ray.zoo import resolve
 
@@ -128,5 +128,10 @@ GENERATOR = Stage(
     run=generator_stage,
     inputs=("prepared", "captions.parquet"),
     outputs=("generator",),
-    config_keys=("generator", "train", "run.seed"),
+    config_keys=lambda cfg: (
+        *trained_keys("generator", cfg.generator.finetune),
+        *(f"generator.{f}" for f in ("finetune", "caption_epochs", "heldout_captions", "caption_distill")),
+        *(f"generator.{f}" for f in ("caption_weight", "distill_scope", "score", "neuron_ratio", "score_batches")),
+    ),
+    unhashed_keys=TRAIN_UNHASHED_KEYS,
 )

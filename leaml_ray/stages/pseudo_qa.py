@@ -43,7 +43,7 @@ from leaml_ray.generation import (
 from leaml_ray.metrics import normalize
 from leaml_ray.models.registry import spec_for
 from leaml_ray.pipeline import Stage, StageContext, StageError
-from leaml_ray.placement import engine_settings
+from leaml_ray.placement import engine_keys, engine_settings, engine_unhashed_keys
 from leaml_ray.stages.generator import heldout_caption_ids, unlabeled_captions
 from leaml_ray.zoo import resolve
 
@@ -536,15 +536,19 @@ PSEUDO_QA = Stage(
         "pseudo_qa_images",
         "pseudo_qa_diagnostics.json",
     ),
-    config_keys=(
+    config_keys=lambda cfg: (
         "pseudo_qa",
-        "run.seed",
+        *engine_keys("generator"),
         "generator.heldout_captions",  # which held-out images the diagnostics caption
-        "teacher.max_new_tokens",
-        "generator.max_pixels",
-        "generator.max_model_len",
-        "teacher.model",  # the consistency filter's models and answer length
-        "target.model",
-        "eval.max_new_tokens",
+        "teacher.max_new_tokens",  # how long those captions may be
+        *(
+            (*engine_keys(role), "eval.max_new_tokens")  # the model that answers in the consistency filter
+            if (role := cfg.pseudo_qa.consistency_filter) in ("teacher", "target")
+            else ()
+        ),
+    ),
+    unhashed_keys=lambda cfg: (
+        *engine_unhashed_keys("generator"),
+        *(engine_unhashed_keys(role) if (role := cfg.pseudo_qa.consistency_filter) in ("teacher", "target") else ()),
     ),
 )

@@ -234,6 +234,22 @@ def run_training(
     return {"metrics": result.metrics, "history": history, "checkpoint": result.checkpoint.path}
 
 
+# the run's training settings that can change a trained model (a training stage's `config_keys`)...
+TRAIN_KEYS = (
+    *(f"train.{f}" for f in ("num_workers", "device", "zero_stage", "batch_size", "grad_accum", "warmup_ratio")),
+    *(f"train.{f}" for f in ("weight_decay", "gradient_checkpointing", "attention")),
+    "run.seed",
+)
+# ...and those that cannot (its `unhashed_keys`)
+TRAIN_UNHASHED_KEYS = ("train.max_failures", "train.cpus_per_worker", "train.checkpoint_every")
+
+
+def trained_keys(role: str, finetune: str) -> tuple[str, ...]:
+    """What `job_for` reads of a model section trained in `finetune` mode, and the run's training settings."""
+    mode = ("lora_r", "lora_alpha", "lora_lr") if finetune == "lora" else ("lr",)
+    return (*(f"{role}.{f}" for f in ("model", "trust_remote_code", "max_pixels", "epochs", *mode)), *TRAIN_KEYS)
+
+
 def job_for(
     cfg: Config,
     section: TrainableModelSection,
@@ -245,14 +261,15 @@ def job_for(
     """A TrainJob for one model section (generator or target) and the run's train settings."""
     t = cfg.train
     finetune = finetune or section.finetune
+    lora = finetune == "lora"  # reads only the settings of its mode (trained_keys)
     return TrainJob(
         model_path=model_path,
         output=output,
         num_rows=num_rows,
         finetune=finetune,
-        lora_r=section.lora_r,
-        lora_alpha=section.lora_alpha,
-        lr=section.lora_lr if finetune == "lora" else section.lr,
+        lora_r=section.lora_r if lora else 0,
+        lora_alpha=section.lora_alpha if lora else 0,
+        lr=section.lora_lr if lora else section.lr,
         weight_decay=t.weight_decay,
         warmup_ratio=t.warmup_ratio,
         epochs=section.epochs,
