@@ -56,9 +56,13 @@ def caption_examples(captions: pa.Table) -> pa.Table:
 
 
 def _join_images(images: pa.Table, rows: pa.Table) -> pa.Table:
-    """Each row with its image's bytes (rows whose image is missing are dropped by the inner join)."""
-    joined = rows.join(images.select(["image_id", "image"]), "image_id", join_type="inner")
-    return joined.select(["image_id", "image", *(c for c in joined.column_names if c not in ("image_id", "image"))])
+    """Each row with its image's bytes, in the order of `rows` (rows whose image is missing are dropped)."""
+    # Acero's hash join emits chunked inputs in an order that varies from call to call; training order (and so
+    # the trained model) follows this order, hence the explicit sort
+    indexed = rows.append_column("__row", pa.array(range(rows.num_rows), pa.int64()))
+    joined = indexed.join(images.select(["image_id", "image"]), "image_id", join_type="inner").sort_by("__row")
+    rest = [c for c in rows.column_names if c not in ("image_id", "image")]
+    return joined.select(["image_id", "image", *rest])
 
 
 def with_images(images_path: str, rows: pa.Table) -> ray.data.Dataset:
