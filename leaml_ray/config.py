@@ -207,6 +207,18 @@ class ClusterSection(Section):
     dashboard_host: str = "127.0.0.1"
 
 
+class TrackingSection(Section):
+    backend: Literal["none", "mlflow", "tensorboard"] = Field(
+        "none", description="experiment tracking: each invocation that runs a stage is one MLflow run / TensorBoard log"
+    )
+    uri: str | None = Field(
+        None,
+        description="mlflow: tracking URI (default MLFLOW_TRACKING_URI, else sqlite:///<run.dir>/mlflow.db);"
+        " tensorboard: a local log folder (default <run.dir>/tensorboard)",
+    )
+    experiment: str = Field("leaml-ray", description="MLflow experiment")
+
+
 class Config(Section):
     run: RunSection = RunSection()
     data: DataSection = DataSection()
@@ -217,6 +229,7 @@ class Config(Section):
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     cluster: ClusterSection = ClusterSection()
+    tracking: TrackingSection = TrackingSection()
 
     def unused_learning_rates(self) -> list[tuple[str, str, str]]:
         """(section, field, finetuning mode) of each learning rate that no run of this config trains with."""

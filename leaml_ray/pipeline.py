@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from leaml_ray import dashboard, storage
+from leaml_ray import dashboard, storage, tracking
 from leaml_ray.config import Config, stable_hash
 
 log = logging.getLogger("leaml_ray")
@@ -151,7 +151,9 @@ def run_pipeline(
     run_dir = cfg.run.dir
     try:
         storage.check_reachable(run_dir)  # seconds, not pyarrow's ~100 s of retries, on a wrong endpoint or bucket
-    except storage.StorageError as e:
+        if cfg.tracking.backend != "none":
+            tracking.location(cfg)
+    except (storage.StorageError, tracking.TrackingError) as e:
         raise StageError(str(e)) from None
     with run_lock(run_dir):
         return _run_stages(cfg, stages, only, before_first_run, producers, downstream(cfg, stages, force or []))
@@ -194,21 +196,32 @@ def _run_stages(
     # the resolved config of the latest invocation, beside its outputs (the manifest keeps it per stage hash)
     storage.write_bytes_atomic(storage.join(run_dir, CONFIG_YAML), storage.redact(cfg.to_yaml()).encode())
     storage.delete(storage.join(run_dir, "_work"))  # left by a killed run
-    results = []
-    for stage in stages:
-        if only and stage.name not in only:
-            continue
-        key = stage_key(stage, cfg, run_dir, producers)
-        entry = manifest["stages"].get(stage.name)
-        if stage.name not in forced and _is_current(entry, key, stage, run_dir):
-            log.info("stage %s: outputs are current, skipped", stage.name)
-            entry["last_action"] = "skipped"
-            results.append(StageResult(stage.name, "skipped", 0.0, entry.get("counts", {})))
-            _save_manifest(run_dir, manifest)
-            continue
-        if all(r.action == "skipped" for r in results):
-            before_first_run()
-        results.append(_run_stage(stage, cfg, run_dir, manifest, key))
+    results: list[StageResult] = []
+    tracker: tracking.Tracker | None = None
+    try:
+        for stage in stages:
+            if only and stage.name not in only:
+                continue
+            key = stage_key(stage, cfg, run_dir, producers)
+            entry = manifest["stages"].get(stage.name)
+            if stage.name not in forced and _is_current(entry, key, stage, run_dir):
+                log.info("stage %s: outputs are current, skipped", stage.name)
+                entry["last_action"] = "skipped"
+                results.append(StageResult(stage.name, "skipped", 0.0, entry.get("counts", {})))
+                _save_manifest(run_dir, manifest)
+                continue
+            if all(r.action == "skipped" for r in results):
+                before_first_run()
+                tracker = tracking.Tracker(cfg) if cfg.tracking.backend != "none" else None
+            results.append(_run_stage(stage, cfg, run_dir, manifest, key))
+            if tracker:
+                tracker.stage_done(stage.name, stage.outputs, results[-1].seconds, results[-1].counts)
+    except BaseException:
+        if tracker:
+            tracker.close(ok=False)
+        raise
+    if tracker:
+        tracker.close(ok=True)
     storage.delete(storage.join(run_dir, "_work"))
     return results
 

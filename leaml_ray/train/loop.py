@@ -42,6 +42,7 @@ from leaml_ray.train.core import (
 log = logging.getLogger("leaml_ray")
 LOG_NAME = "train_log.jsonl"
 OBJECTIVE_STATE = "objective.safetensors"
+METRICS_EVERY = 5  # steps between metric-only reports to Ray Train (its dashboard tab), besides checkpoints
 
 
 def _batches(shard: Any, processor: Any, job: TrainJob, epoch: int, device: Any, skip: int = 0):
@@ -148,7 +149,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _show(record, job.run_dir, config["name"])
             if step % job.checkpoint_every == 0 or step == total:
                 _report(engine, record, history, step, rank, objective)
-            elif rank == 0 and step % 10 == 0:
+            elif step % METRICS_EVERY == 0:  # the Ray Train tab's metrics between checkpoints (every rank reports)
+                ray.train.report(record)
+            if rank == 0 and step % 10 == 0:
                 print(json.dumps(record), flush=True)
         if seen == 0:
             raise ValueError(f"rank {rank}: no full batch of {job.batch_size} rows in its data shard")

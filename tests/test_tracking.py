@@ -1,0 +1,113 @@
+"""Experiment tracking through the stage runner (toy stages, no Ray): what a run logs is read back with MLflow's own
+client from its file store and with TensorBoard's own event reader."""
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from leaml_ray import storage
+from leaml_ray.pipeline import Stage, StageError, run_pipeline
+from tests.conftest import make_config
+
+HISTORY = [
+    {"step": s, "loss": 2.0 / s, "loss_qa": 1.0 / s, "loss_cap": 1.0 / s, "lr": 1e-3, "epoch": 0} for s in (1, 2, 3)
+]
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def toy_stages(fail: bool = False) -> list[Stage]:
+    def train(ctx):
+        storage.write_json_atomic(ctx.output("generator/train_log.json"), HISTORY)
+        return {"steps": 3, "final_loss": 0.667, "scope": "full"}
+
+    def evaluate(ctx):
+        if fail:
+            raise RuntimeError("evaluate broke")
+        report = {
+            "methods": {"leaml": {"accuracy": 0.5, "per_category": {"color": 0.75, "count": 0.25}, "n": 8}},
+            "precondition": {"generator": 0.4, "labeled_only": 0.3},
+        }
+        storage.write_json_atomic(ctx.output("report.json"), report)
+        storage.write_bytes_atomic(ctx.output("report.md"), b"# leaml-ray report\n")
+        storage.write_bytes_atomic(ctx.output("plots/accuracy.png"), _png())
+        return {"leaml": 0.5}
+
+    return [
+        Stage("generator", train, outputs=("generator",), config_keys=("generator.epochs",)),
+        Stage("evaluate", evaluate, outputs=("report.json", "report.md", "plots"), inputs=("generator",)),
+    ]
+
+
+def test_mlflow_run_holds_config_stage_figures_curves_accuracies_and_artifacts(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = make_config(tmp_path, "tracking.backend=mlflow", "generator.epochs=3")
+    run_pipeline(cfg, toy_stages())
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("leaml-ray").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["leaml.run_dir"] == cfg.run.dir
+    assert run.data.params["generator.epochs"] == "3.0" and run.data.params["run.dir"] == cfg.run.dir
+    metrics = run.data.metrics
+    assert metrics["generator/steps"] == 3 and metrics["accuracy/leaml"] == 0.5
+    assert metrics["accuracy/leaml/color"] == 0.75 and metrics["precondition/generator"] == 0.4
+    curve = client.get_metric_history(run.info.run_id, "generator/loss_cap")
+    assert sorted((m.step, m.value) for m in curve) == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.md", "report.json", "config.yaml", "plots"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/accuracy.png"]
+    (tmp_path / "dl").mkdir()
+    local = client.download_artifacts(run.info.run_id, "report.json", str(tmp_path / "dl"))
+    assert json.loads(Path(local).read_text()) == json.loads((tmp_path / "run" / "report.json").read_text())
+
+    run_pipeline(cfg, toy_stages())  # nothing to do: no second, empty run
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_a_failed_stage_ends_its_mlflow_run_failed_and_honours_the_tracking_uri(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    cfg = make_config(tmp_path, "tracking.backend=mlflow", "tracking.experiment=mine")
+    with pytest.raises(RuntimeError, match="evaluate broke"):
+        run_pipeline(cfg, toy_stages(fail=True))
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("mine").experiment_id])
+    assert run.info.status == "FAILED" and run.data.metrics["generator/final_loss"] == 0.667
+    assert not (tmp_path / "run" / "mlflow.db").exists()
+
+
+def test_tensorboard_events_hold_curves_accuracies_and_plots(tmp_path):
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    cfg = make_config(tmp_path, "tracking.backend=tensorboard")
+    run_pipeline(cfg, toy_stages())
+    events = EventMultiplexer().AddRunsFromDirectory(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    (name,) = events.Runs()
+    scalars = events.Runs()[name]["scalars"]
+    assert {"generator/loss", "generator/loss_qa", "generator/lr", "accuracy/leaml", "evaluate/seconds"} <= set(scalars)
+    assert [(e.step, e.value) for e in events.Scalars(name, "generator/loss")] == [
+        (1, 2.0),
+        (2, 1.0),
+        (3, pytest.approx(2 / 3)),
+    ]
+    assert events.Scalars(name, "accuracy/leaml")[0].value == 0.5
+    assert events.Images(name, "plots/accuracy.png")[0].width == 8
+
+
+def test_tracking_that_cannot_work_is_one_line_before_any_stage(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = make_config(tmp_path, "tracking.backend=tensorboard", "run.dir=s3://bucket/run")
+    monkeypatch.setattr(storage, "check_reachable", lambda path: None)
+    with pytest.raises(StageError, match="tracking.backend=tensorboard with run.dir on s3://: set tracking.uri"):
+        run_pipeline(cfg, toy_stages())
