@@ -27,9 +27,10 @@ import torch  # noqa: E402
 from leaml_ray import zoo  # noqa: E402
 from leaml_ray.data import synthetic  # noqa: E402
 from leaml_ray.formats import CAPTION_PROMPT  # noqa: E402
-from leaml_ray.generation import EngineSettings, generate  # noqa: E402
+from leaml_ray.inference.offline import generate  # noqa: E402
 from leaml_ray.models import chat, quality  # noqa: E402
 from leaml_ray.models.registry import ModelSpec  # noqa: E402
+from leaml_ray.placement import EngineSettings  # noqa: E402
 
 MAX_TOKENS = 32
 

@@ -45,14 +45,14 @@ RESULTS = Path(__file__).parent / "results"
 # leaml with one thing changed, each on the same run dir as the baselines (prepare and caption reused)
 VARIANTS = {
     "leaml_no_caption": ["generator.caption_distill=false"],
-    # the caption gradient on every parameter (the default since session 9, chosen on validation): equal to leaml,
+    # the caption gradient on every parameter (the default, chosen on validation): equal to leaml,
     # so its cell is leaml's (no second run)
     "leaml_full_distill": ["generator.distill_scope=full"],
     # the paper's selective neurons: the top 10% LM MLP neurons by QA-gradient score
     "leaml_selective": ["generator.distill_scope=lm_mlp"],
     "leaml_all_neurons": ["generator.distill_scope=lm_mlp", "generator.score=all"],
     "leaml_random_neurons": ["generator.distill_scope=lm_mlp", "generator.score=random"],
-    # the paper's pseudo QA: the generator writes the question too, answers sampled (the default until session 6)
+    # the paper's pseudo QA: the generator writes the question too, answers sampled
     "leaml_generated_questions": ["pseudo_qa.questions=generated", "pseudo_qa.answer_decoding=sampled"],
     "leaml_sampled_answers": ["pseudo_qa.answer_decoding=sampled"],
     "leaml_caption_filter": ["pseudo_qa.consistency_filter=caption"],

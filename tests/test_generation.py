@@ -6,7 +6,8 @@ import time
 import pytest
 import ray.data
 
-from leaml_ray.generation import EngineSettings, generate
+from leaml_ray.inference.offline import generate
+from leaml_ray.placement import EngineSettings
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -56,7 +57,7 @@ def test_a_killed_engine_actor_is_restarted_and_every_image_comes_out_once(greed
 def test_in_blocks_of_cuts_blocks_with_less_than_a_cpu_free():
     """A stage's input is cut into engine-batch blocks even while engine actors or a Serve replica hold the CPUs
     (Dataset.repartition's whole-CPU tasks would wait forever there)."""
-    from leaml_ray.data.examples import in_blocks_of
+    from leaml_ray.inference.engine import in_blocks_of
 
     @ray.remote
     class Holder:

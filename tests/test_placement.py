@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from leaml_ray.config import load_config
-from leaml_ray.engine import CPU_ENV
+from leaml_ray.inference.engine import engine_args
 from leaml_ray.placement import (
+    CPU_ENV,
     actor_pool_placement,
     check_cluster,
     engine_settings,
@@ -39,7 +40,7 @@ def test_paper_teacher_is_one_tensor_parallel_8_replica_packed_on_one_gpu_node(p
     from ray.data.llm import vLLMEngineProcessorConfig
 
     settings = engine_settings(load_config(preset), "teacher")
-    kwargs = settings.engine_args("/models/teacher")
+    kwargs = engine_args(settings, "/models/teacher")
     assert kwargs["tensor_parallel_size"] == 8 and kwargs["enforce_eager"] is False
     assert kwargs["mm_processor_kwargs"]["max_pixels"] == 1003520  # the preset's pixel budget reaches vLLM
     kwargs.pop("model")
@@ -69,7 +70,7 @@ def test_paper_generator_and_target_engines_are_gpu_replicas(preset):
 def test_serve_configs_follow_the_role_not_the_machine():
     from ray.serve.llm import LLMConfig
 
-    from leaml_ray.serve import llm_config
+    from leaml_ray.inference.deploy import llm_config
 
     gpu = llm_config("teacher", "/models/teacher", engine_settings(load_config("kvasir-vqa-1pct"), "teacher"))
     assert isinstance(gpu, LLMConfig) and gpu.accelerator_config.kind == "gpu"
@@ -105,7 +106,7 @@ def test_tiny_cpu_keeps_every_engine_and_worker_on_the_cpu():
     cfg = load_config()
     for role in ("teacher", "generator", "target"):
         settings = engine_settings(cfg, role)
-        assert settings.device == "cpu" and settings.engine_args("/m")["enforce_eager"]
+        assert settings.device == "cpu" and engine_args(settings, "/m")["enforce_eager"]
         assert actor_pool_placement(settings) == {"num_cpus": 1.0, "num_gpus": 0, "runtime_env": {"env_vars": CPU_ENV}}
         assert ray_data_llm_placement(settings)["placement_group_config"] == {"bundles": [{"CPU": 1.0}]}
     assert not scaling_config(train_placement(cfg)).use_gpu

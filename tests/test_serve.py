@@ -6,10 +6,12 @@ from dataclasses import replace
 import pytest
 import ray.data
 
-from leaml_ray import serve
 from leaml_ray.config import load_config
-from leaml_ray.generation import EngineSettings, generate, teacher_endpoint
+from leaml_ray.inference import client, deploy
+from leaml_ray.inference.client import teacher_endpoint
+from leaml_ray.inference.offline import generate
 from leaml_ray.pipeline import StageError
+from leaml_ray.placement import EngineSettings
 
 SETTINGS = EngineSettings(dtype="float32", max_model_len=256, max_num_seqs=8, batch_size=4)
 
@@ -26,7 +28,7 @@ def served(ray_local, greedy_reference):
     from ray import serve as ray_serve
 
     spec, _, _ = greedy_reference
-    url = serve.start("zoo:tiny", spec.name_or_path, SETTINGS, port=free_port())
+    url = deploy.start("zoo:tiny", spec.name_or_path, SETTINGS, port=free_port())
     yield url
     ray_serve.shutdown()
 
@@ -34,11 +36,11 @@ def served(ray_local, greedy_reference):
 @pytest.mark.slow
 def test_chat_completion_round_trip_matches_transformers(served, greedy_reference):
     _, rows, expected = greedy_reference
-    assert serve.served_models(served) == ["zoo_tiny"]  # no colon: ray.serve.llm reads it as a LoRA adapter
+    assert client.served_models(served) == ["zoo_tiny"]  # no colon: ray.serve.llm reads it as a LoRA adapter
     assert served.startswith("http://127.0.0.1:")  # bound to loopback by default
     for row in rows[:3]:
-        body = serve.chat_request("zoo:tiny", row["image"], row["instruction"], {"temperature": 0.0, "max_tokens": 5})
-        choice = serve.ask(served, body)["choices"][0]
+        body = client.chat_request("zoo:tiny", row["image"], row["instruction"], {"temperature": 0.0, "max_tokens": 5})
+        choice = client.ask(served, body)["choices"][0]
         assert choice["token_ids"] == expected[row["image_id"]]
         assert choice["message"]["role"] == "assistant"
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from leaml_ray import serve, zoo
+from leaml_ray import zoo
+from leaml_ray.inference import deploy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +60,7 @@ def test_a_port_in_use_is_one_line(tmp_path, listening):
 
 
 def test_hub_ids_and_uris_are_left_to_the_engine(tmp_path):
-    serve.preflight("Qwen/Qwen2.5-VL-3B-Instruct", "127.0.0.1", 0, local=True)
-    serve.preflight("s3://bucket/models/target", "127.0.0.1", 0, local=True)
-    with pytest.raises(serve.ServeError, match="no such model folder"):
-        serve.preflight("runs/x/target/leaml", "127.0.0.1", 0, local=True)
+    deploy.preflight("Qwen/Qwen2.5-VL-3B-Instruct", "127.0.0.1", 0, local=True)
+    deploy.preflight("s3://bucket/models/target", "127.0.0.1", 0, local=True)
+    with pytest.raises(deploy.ServeError, match="no such model folder"):
+        deploy.preflight("runs/x/target/leaml", "127.0.0.1", 0, local=True)

@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from leaml_ray import serve
 from leaml_ray.config import ConfigError, load_config
+from leaml_ray.inference import deploy
 from leaml_ray.pipeline import load_manifest
 from leaml_ray.placement import engine_settings
 from leaml_ray.runtime import cluster_address, connect, setup_logging
@@ -49,14 +49,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         path = resolve(args.model)
-        serve.preflight(path, args.host, args.port, local)
-    except (serve.ServeError, ValueError) as e:
+        deploy.preflight(path, args.host, args.port, local)
+    except (deploy.ServeError, ValueError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.run.log_level)
     connect(cfg.cluster)
     model_id = args.id or args.model.rstrip("/").rsplit("/", 1)[-1]
-    serve.serve_until_stopped(
+    deploy.serve_until_stopped(
         model_id,
         path,
         engine_settings(cfg, "target"),

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from leaml_ray import serve
 from leaml_ray.config import ConfigError, load_config
+from leaml_ray.inference import deploy
 from leaml_ray.placement import engine_settings
 from leaml_ray.runtime import cluster_address, connect, setup_logging
 from leaml_ray.zoo import resolve
@@ -43,13 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     host, port = where.hostname or "127.0.0.1", where.port or 8000
     try:
         path = resolve(cfg.teacher.model)
-        serve.preflight(path, host, port, local)
-    except (serve.ServeError, ValueError) as e:
+        deploy.preflight(path, host, port, local)
+    except (deploy.ServeError, ValueError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.run.log_level)
     connect(cfg.cluster)
-    serve.serve_until_stopped(
+    deploy.serve_until_stopped(
         cfg.teacher.model,
         path,
         engine_settings(cfg, "teacher"),

@@ -96,23 +96,6 @@ def cycled(table: pa.Table, rows: int) -> pa.Table:
     return pa.concat_tables([table] * -(-rows // table.num_rows)).slice(0, rows)
 
 
-def in_blocks_of(ds: ray.data.Dataset, rows: int) -> ray.data.Dataset:
-    """`ds` cut into blocks of at most `rows` rows (small ones combined) by light (0.1 CPU) streaming tasks.
-
-    A map stage emits its output when its input block is done, and each block is a round trip for a train worker,
-    so block size sets how results stream and how input flows. `Dataset.repartition` gives its tasks a whole CPU
-    and takes no ray_remote_args; engine actors or a Serve replica may hold those CPUs (the pipeline then waits
-    forever), hence the replaced remote args (ray 2.60's logical plan).
-    """
-    import dataclasses
-
-    from ray.data._internal.logical.interfaces import LogicalPlan
-
-    cut = ds.repartition(target_num_rows_per_block=rows)
-    op = dataclasses.replace(cut._logical_plan.dag, ray_remote_args={"num_cpus": 0.1})
-    return ray.data.Dataset._from_parent(ds, LogicalPlan(op, ds.context))
-
-
 def ray_dataset(table: pa.Table, rows_per_block: int = 64) -> ray.data.Dataset:
     """A driver-side table as a Dataset of several blocks (so every training worker gets a share)."""
     return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)])

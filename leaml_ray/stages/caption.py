@@ -17,15 +17,10 @@ import pyarrow.parquet as pq
 from leaml_ray import dashboard, storage
 from leaml_ray.config import stable_hash
 from leaml_ray.data import examples
-from leaml_ray.generation import (
-    done_keys,
-    generate,
-    prompt_template,
-    read_parts,
-    skip_done,
-    stream_to_parts,
-    teacher_endpoint,
-)
+from leaml_ray.data.parts import done_keys, read_parts, skip_done, stream_to_parts
+from leaml_ray.inference.client import teacher_endpoint
+from leaml_ray.inference.offline import generate
+from leaml_ray.inference.requests import prompt_template
 from leaml_ray.models.registry import ModelSpec, spec_for
 from leaml_ray.pipeline import Stage, StageContext
 from leaml_ray.placement import engine_keys, engine_settings, engine_unhashed_keys

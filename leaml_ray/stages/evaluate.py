@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from leaml_ray import dashboard, diagnostics, storage
 from leaml_ray.config import Config
 from leaml_ray.data import examples
-from leaml_ray.generation import generate
+from leaml_ray.inference.offline import generate
 from leaml_ray.metrics import accuracy, is_correct
 from leaml_ray.models.registry import ModelSpec, spec_for
 from leaml_ray.pipeline import Stage, StageContext, StageError

@@ -31,15 +31,10 @@ import pyarrow.parquet as pq
 from leaml_ray import dashboard, diagnostics, storage
 from leaml_ray.config import Config
 from leaml_ray.data import examples
+from leaml_ray.data.parts import done_keys, read_parts, skip_done, stream_to_parts
 from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT, qa_target
-from leaml_ray.generation import (
-    done_keys,
-    generate,
-    read_parts,
-    skip_done,
-    stream_to_parts,
-    teacher_endpoint,
-)
+from leaml_ray.inference.client import teacher_endpoint
+from leaml_ray.inference.offline import generate
 from leaml_ray.metrics import normalize
 from leaml_ray.models.registry import spec_for
 from leaml_ray.pipeline import Stage, StageContext, StageError

@@ -27,7 +27,7 @@ from ray.train.torch import TorchTrainer
 
 from leaml_ray import dashboard
 from leaml_ray.config import Config, TrainableModelSection
-from leaml_ray.data import examples
+from leaml_ray.inference.engine import in_blocks_of
 from leaml_ray.placement import TrainPlacement, scaling_config, torch_config, train_placement
 from leaml_ray.train.core import (
     Objective,
@@ -212,7 +212,7 @@ def run_training(
     ctx = dataset.context
     was_ordered, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
     try:
-        dataset = examples.in_blocks_of(dataset, 4 * job.batch_size).materialize()
+        dataset = in_blocks_of(dataset, 4 * job.batch_size).materialize()
     finally:
         ctx.execution_options.preserve_order = was_ordered
     ingest = DataConfig.default_ingest_options()

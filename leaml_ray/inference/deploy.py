@@ -6,15 +6,13 @@ adapted target (`jobs/serve.py`). HTTP binds to 127.0.0.1 unless the caller pass
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import socket
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from leaml_ray.inference.client import served_id
+from leaml_ray.inference.engine import engine_args
 from leaml_ray.placement import EngineSettings, serve_placement
 
 APP_NAME = "leaml"
@@ -47,11 +45,6 @@ def preflight(path: str, host: str, port: int, local: bool) -> None:
                 raise ServeError(f"cannot serve on {host}:{port}: {e.strerror}; pick another port") from None
 
 
-def served_id(model: str) -> str:
-    """The id a model is served under: ray.serve.llm reads "base:adapter" as a LoRA adapter, so no colons."""
-    return model.replace(":", "_")
-
-
 def llm_config(
     model_id: str,
     path: str,
@@ -63,7 +56,7 @@ def llm_config(
     """The `LLMConfig` of one served model: engine args as the offline engine uses them, autoscaling replicas."""
     from ray.serve.llm import LLMConfig
 
-    kwargs = settings.engine_args(path, trust_remote_code)
+    kwargs = engine_args(settings, path, trust_remote_code)
     kwargs.pop("model")
     kwargs.pop("disable_log_stats")  # Serve exports the engine's metrics to the dashboard; they need the stats
     return LLMConfig(
@@ -99,41 +92,6 @@ def stop() -> None:
     from ray import serve
 
     serve.delete(APP_NAME)
-
-
-def served_models(endpoint: str, timeout: float = 10.0) -> list[str]:
-    """Model ids an OpenAI-compatible endpoint serves; raises ConnectionError with the reason if it does not answer."""
-    try:
-        with urllib.request.urlopen(f"{endpoint.rstrip('/')}/v1/models", timeout=timeout) as r:
-            return [m["id"] for m in json.load(r)["data"]]
-    except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
-        raise ConnectionError(f"no OpenAI-compatible server at {endpoint}: {e}") from e
-
-
-def image_url(data: bytes) -> str:
-    """An image file's bytes as a data URL (the file is sent as is: the server decodes the same pixels)."""
-    from PIL import Image
-
-    kind = (Image.open(io.BytesIO(data)).format or "png").lower()
-    return f"data:image/{kind};base64,{base64.b64encode(data).decode()}"
-
-
-def chat_request(model_id: str, image: bytes, instruction: str, sampling: dict[str, Any]) -> dict[str, Any]:
-    """A chat-completions body: one user turn with the image, then the instruction (the offline prompt's order)."""
-    content = [{"type": "image_url", "image_url": {"url": image_url(image)}}, {"type": "text", "text": instruction}]
-    body = {"model": served_id(model_id), "messages": [{"role": "user", "content": content}], "return_token_ids": True}
-    return body | sampling  # vLLM sampling names (temperature, top_p, max_tokens, seed) are the API's names
-
-
-def ask(endpoint: str, body: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
-    """POST one chat completion and return the parsed response."""
-    request = urllib.request.Request(
-        f"{endpoint.rstrip('/')}/v1/chat/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=timeout) as r:
-        return json.load(r)
 
 
 def serve_until_stopped(

