@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from leaml_ray.data import examples, synthetic
 from leaml_ray.formats import qa_target, question_text
-from leaml_ray.metrics import accuracy, is_correct, normalize
+from leaml_ray.scoring import accuracy, is_correct, normalize
 
 MAX_HIDDEN = 2000  # hidden questions answered for the precondition (a seeded sample beyond that)
 FUNCTION_WORDS = frozenset({"a", "an", "the", "on", "and", "is", "of", "in", "with"})

@@ -8,11 +8,10 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from leaml_ray.config import Config, ModelSection
-from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT
+from leaml_ray.formats import CAPTION_PROMPT
 
 # Qwen2.5-VL layout: the language model's attention/MLP projections (the vision tower is left alone)
 LM_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-NEURON_MODULES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # rows, rows, columns hold one neuron
 
 
 @dataclass(frozen=True)
@@ -24,10 +23,7 @@ class ModelSpec:
     trust_remote_code: bool = False
     dtype: str = "auto"
     max_pixels: int = 256 * 28 * 28
-    lora_target_modules: str = LM_PROJECTIONS
-    neuron_modules: tuple[str, ...] = NEURON_MODULES
     caption_prompt: str = CAPTION_PROMPT
-    qa_gen_prompt: str = QA_GEN_PROMPT
 
     @property
     def is_zoo(self) -> bool:

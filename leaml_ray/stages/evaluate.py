@@ -1,6 +1,6 @@
 """evaluate: every selected method answers the test split through the generation engine (greedy) -> report.
 
-Scoring is DESIGN.md section 4 (leaml_ray/metrics.py). Writes report.json, report.md, plots/ and
+Scoring is DESIGN.md section 4 (leaml_ray/scoring.py). Writes report.json, report.md, plots/ and
 predictions.parquet (every answer, for error analysis). The report's `precondition` (diagnostics.py) puts the
 labeled-only target (`full`) and the QA generator side by side on the unlabeled images' hidden questions.
 """
@@ -18,11 +18,11 @@ from leaml_ray import dashboard, diagnostics, storage
 from leaml_ray.config import Config
 from leaml_ray.data import examples
 from leaml_ray.inference.offline import generate
-from leaml_ray.metrics import accuracy, is_correct
 from leaml_ray.models.registry import ModelSpec, spec_for
 from leaml_ray.pipeline import Stage, StageContext, StageError
 from leaml_ray.placement import engine_keys, engine_settings, engine_unhashed_keys
 from leaml_ray.report import build_report, render_markdown, write_plots
+from leaml_ray.scoring import accuracy, is_correct
 from leaml_ray.stages.finetune import methods_to_train
 from leaml_ray.zoo import resolve
 

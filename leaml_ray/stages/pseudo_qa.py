@@ -35,10 +35,10 @@ from leaml_ray.data.parts import done_keys, read_parts, skip_done, stream_to_par
 from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT, qa_target
 from leaml_ray.inference.client import teacher_endpoint
 from leaml_ray.inference.offline import generate
-from leaml_ray.metrics import normalize
 from leaml_ray.models.registry import spec_for
 from leaml_ray.pipeline import Stage, StageContext, StageError
 from leaml_ray.placement import engine_keys, engine_settings, engine_unhashed_keys
+from leaml_ray.scoring import normalize
 from leaml_ray.stages.generator import heldout_caption_ids, unlabeled_captions
 from leaml_ray.zoo import resolve
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from leaml_ray.metrics import accuracy, is_correct, normalize, option_letter
+from leaml_ray.scoring import accuracy, is_correct, normalize, option_letter
 
 
 @pytest.mark.parametrize(
