@@ -4,6 +4,7 @@ stages, counts, the report schema, resume of the caption stage from a crashed at
 (Model quality is the zoo's business: bench/ and the demo measure it.)"""
 
 import json
+import math
 import re
 import threading
 import time
@@ -140,8 +141,7 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, s3_run_dir):
     assert gen["heldout_captions"] == len(unlabeled) // 10  # kept out for the caption-fidelity diagnostic
 
     pseudo = results["pseudo_qa"].counts
-    assert pseudo["generated"] == 2 * len(unlabeled)
-    assert pseudo["kept"] + pseudo["rejected"] == pseudo["generated"]
+    assert pseudo["generated"] == 2 * len(unlabeled)  # every request answered once, then kept or rejected
     assert sum(pseudo["rejected_by_reason"].values()) == pseudo["rejected"]
     kept = pq.read_table(storage.join(run, "pseudo_qa.parquet"))
     rejects = pq.read_table(storage.join(run, "pseudo_qa_rejects.parquet"))
@@ -159,15 +159,22 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, s3_run_dir):
         record = json.loads(line)
         assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
         assert storage.exists(storage.join(run, record["images"][0]))
+    _exports_load_as_trainers_load_them(run, tmp_path / "exports", kept.num_rows, tiny_model_dir)
 
     assert storage.exists(storage.join(run, "target/leaml/model.safetensors"))
     report = storage.read_json(storage.join(run, "report.json"))
     assert set(report) >= {"methods", "stages", "pseudo_qa", "config"}
     test_qa = pq.read_table(storage.join(run, "prepared/qa.parquet"), filters=[("split", "=", "test")])
+    predictions = pq.read_table(storage.join(run, "predictions.parquet")).to_pylist()
     for name in ("leaml", "zero_shot"):
         m = report["methods"][name]
-        assert 0.0 <= m["accuracy"] <= 1.0 and m["n"] == test_qa.num_rows
-        assert set(m["per_category"]) == set(test_qa["category"].to_pylist())
+        assert m["n"] == test_qa.num_rows and set(m["per_category"]) == set(test_qa["category"].to_pylist())
+        mine = [p for p in predictions if p["method"] == name]
+        assert sorted(p["qa_id"] for p in mine) == sorted(test_qa["qa_id"].to_pylist())  # each question once
+        for category, value in m["per_category"].items():  # the report's figures are the predictions' own
+            scored = [p["correct"] for p in mine if p["category"] == category]
+            assert value == pytest.approx(sum(scored) / len(scored))
+        assert m["accuracy"] == pytest.approx(sum(m["per_category"].values()) / len(m["per_category"]))  # macro
     assert {"prepare", "caption", "generator", "pseudo_qa", "finetune:leaml"} <= set(report["stages"])
     assert report["pseudo_qa"]["kept"] == pseudo["kept"]
     assert report["config"]["run"]["dir"] == run
@@ -191,3 +198,53 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, s3_run_dir):
 
     # 2. a rerun of the finished run recomputes nothing
     assert {r.action for r in run_pipeline(cfg, pipeline_stages(cfg))} == {"skipped"}
+
+
+def _exports_load_as_trainers_load_them(run: str, local, rows: int, model: str) -> None:
+    """pseudo_qa_trl.jsonl through HF datasets (structured content, images decoded) into two steps of TRL's
+    SFTTrainer; pseudo_qa.jsonl through the dataset_info.json entry LLaMA-Factory reads (sharegpt: its columns and
+    role tags, one <image> per image; LLaMA-Factory itself pins transformers <= 4.52, so it cannot be installed)."""
+    import datasets
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import SFTConfig, SFTTrainer
+
+    for rel in ("pseudo_qa_trl.jsonl", "pseudo_qa.jsonl", "dataset_info.json"):
+        (local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (local / rel).write_bytes(storage.read_bytes(storage.join(run, rel)))
+    trl = datasets.load_dataset("json", data_files=str(local / "pseudo_qa_trl.jsonl"), split="train")
+    assert trl.num_rows == rows
+    user, assistant = trl[0]["messages"]
+    assert [c["type"] for c in user["content"]] == ["image", "text"] and assistant["content"][0]["type"] == "text"
+    for rel in {p for r in trl["images"] for p in r}:
+        (local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (local / rel).write_bytes(storage.read_bytes(storage.join(run, rel)))
+    trl = trl.map(lambda r: {"images": [str(local / p) for p in r["images"]]})
+    trl = trl.cast_column("images", datasets.List(datasets.Image()))
+    assert trl[0]["images"][0].size == (56, 56)  # the synthetic scene, decoded
+    args = SFTConfig(
+        output_dir=str(local / "trl"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        max_length=None,
+        logging_steps=1,
+    )
+    trainer = SFTTrainer(
+        model=AutoModelForImageTextToText.from_pretrained(model),
+        args=args,
+        train_dataset=trl,
+        processing_class=AutoProcessor.from_pretrained(model, use_fast=False),
+    )
+    assert trainer.train().global_step == 2 and math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+    info = json.loads((local / "dataset_info.json").read_text())["leaml_pseudo_qa"]
+    assert info["formatting"] == "sharegpt"
+    sharegpt = datasets.load_dataset("json", data_files=str(local / info["file_name"]), split="train")
+    assert set(info["columns"].values()) <= set(sharegpt.column_names) and sharegpt.num_rows == rows
+    tags = info["tags"]
+    for record in sharegpt.select(range(min(rows, 20))):
+        turns = record[info["columns"]["messages"]]
+        assert [t[tags["role_tag"]] for t in turns] == [tags["user_tag"], tags["assistant_tag"]]
+        assert turns[0][tags["content_tag"]].count("<image>") == len(record[info["columns"]["images"]]) == 1

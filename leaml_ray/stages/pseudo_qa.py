@@ -1,8 +1,9 @@
 """pseudo_qa: the trained QA generator writes `samples_per_image` question/answer pairs per unlabeled image.
 
 Generations stream from the engine into resumable parts (keyed image_id#sample), then one pass over the parts
-parses and filters them (DESIGN.md section 4) into pseudo_qa.parquet, pseudo_qa.jsonl (OpenAI messages with an
-image path, as LLaMA-Factory, ms-swift and TRL load it; the images go to pseudo_qa_images/) and
+parses and filters them (DESIGN.md section 4) into pseudo_qa.parquet, the exports (images in pseudo_qa_images/):
+pseudo_qa.jsonl (ShareGPT messages with an <image> token, registered for LLaMA-Factory in dataset_info.json; ms-swift
+reads it too) and pseudo_qa_trl.jsonl (structured image/text content, as TRL and HF datasets take it), and
 pseudo_qa_rejects.parquet with the reason of every rejected generation.
 
 With labeled questions each pair also gets the generator's answer confidence and the question's pointwise mutual
@@ -476,6 +477,17 @@ def consistency_filter(kept: pa.Table, images_path: str, cfg: Config) -> tuple[p
     return kept.filter(mask), _rejects(kept.filter(pc.invert(mask)), f"inconsistent_with_{role}")
 
 
+# LLaMA-Factory's dataset registry entry for pseudo_qa.jsonl (dataset_dir: the run dir; its docs: data/README.md)
+DATASET_INFO = {
+    "leaml_pseudo_qa": {
+        "file_name": "pseudo_qa.jsonl",
+        "formatting": "sharegpt",
+        "columns": {"messages": "messages", "images": "images"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
+    }
+}
+
+
 def _write_outputs(ctx: StageContext, kept: pa.Table, rejects: pa.Table, images_path: str) -> None:
     for name, table in (("pseudo_qa.parquet", kept), ("pseudo_qa_rejects.parquet", rejects)):
         fs, p = storage.resolve(ctx.output(name))
@@ -502,22 +514,35 @@ def _write_outputs(ctx: StageContext, kept: pa.Table, rejects: pa.Table, images_
     else:
         fs, p = storage.resolve(ctx.output("pseudo_qa_images"))
         fs.create_dir(p, recursive=True)
-    lines = []
+    # the same pairs in the two layouts trainers read (image paths relative to the run dir):
+    # ShareGPT with an <image> token (LLaMA-Factory, ms-swift) and structured content (TRL, HF datasets)
+    sharegpt, structured = [], []
     for r in kept.to_pylist():
-        lines.append(
-            json.dumps(
-                {
-                    "messages": [
-                        {"role": "user", "content": "<image>" + r["question"]},
-                        {"role": "assistant", "content": r["answer"]},
-                    ],
-                    "images": [files[r["image_id"]]],
-                    "id": r["pseudo_id"],
-                },
-                ensure_ascii=False,
-            )
+        images, question, answer = [files[r["image_id"]]], r["question"], r["answer"]
+        sharegpt.append(
+            {
+                "messages": [
+                    {"role": "user", "content": "<image>" + question},
+                    {"role": "assistant", "content": answer},
+                ],
+                "images": images,
+                "id": r["pseudo_id"],
+            }
         )
-    storage.write_bytes_atomic(ctx.output("pseudo_qa.jsonl"), ("\n".join(lines) + "\n" if lines else "").encode())
+        structured.append(
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                ],
+                "images": images,
+                "id": r["pseudo_id"],
+            }
+        )
+    for name, records in (("pseudo_qa.jsonl", sharegpt), ("pseudo_qa_trl.jsonl", structured)):
+        text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        storage.write_bytes_atomic(ctx.output(name), text.encode())
+    storage.write_json_atomic(ctx.output("dataset_info.json"), DATASET_INFO)
 
 
 PSEUDO_QA = Stage(
@@ -527,6 +552,8 @@ PSEUDO_QA = Stage(
     outputs=(
         "pseudo_qa.parquet",
         "pseudo_qa.jsonl",
+        "pseudo_qa_trl.jsonl",
+        "dataset_info.json",
         "pseudo_qa_rejects.parquet",
         "pseudo_qa_images",
         "pseudo_qa_diagnostics.json",
