@@ -99,3 +99,21 @@ def test_rerun_after_a_failed_run_resumes_at_the_checkpointed_step(zero_runs):
     assert [h["resumed_from"] for h in run["history"]] == [0] * 4 + [4] * 4  # steps 1-4 come from the checkpoint
     assert [h["resumed_from"] for h in zero_runs[3]["history"]] == [0] * 8
     assert (run["output"] / "model.safetensors").exists()
+
+
+def test_batches_are_shuffled_by_the_seed_alone():
+    # the same rows give the same batches whatever the windows' arrival timing; each row at most once per epoch
+    import numpy as np
+
+    from leaml_ray.train.loop import shuffled_batches
+
+    job = TrainJob(model_path="m", output="o", num_rows=70, batch_size=4, seed=3)
+    rows = np.arange(70)
+    windows = lambda: ({"n": rows[i : i + 16]} for i in range(0, 70, 16))  # noqa: E731 (as iter_batches gives them)
+    first = [b["n"].tolist() for b in shuffled_batches(windows(), job, epoch=0)]
+    assert first == [b["n"].tolist() for b in shuffled_batches(windows(), job, epoch=0)]
+    assert len(first) == 4 * 4 + 1 and all(len(b) == 4 for b in first)  # the last window's 6 rows: one batch
+    seen = [n for b in first for n in b]
+    assert len(set(seen)) == len(seen) and set(seen) <= set(range(70))
+    assert sorted(seen[:16]) == list(range(16))  # shuffled within a window, not across
+    assert first != [b["n"].tolist() for b in shuffled_batches(windows(), job, epoch=1)]

@@ -8,6 +8,8 @@ percent of the data by construction) are read on the driver, for the generator's
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,9 +24,12 @@ EXAMPLE_COLUMNS = ["image", "instruction", "response"]
 
 
 def read_table(path: str, columns: list[str] | None = None, split: str | None = None) -> pa.Table:
-    """A parquet file or folder of the run dir, optionally only one split."""
+    """A parquet file or folder of the run dir, optionally only one split, in key order (qa_id, else image_id):
+    Ray Data writes rows in the order its blocks finish, and training and sampling order follow these tables."""
     fs, p = storage.resolve(path)
-    return pq.read_table(p, columns=columns, filesystem=fs, filters=[("split", "=", split)] if split else None)
+    table = pq.read_table(p, columns=columns, filesystem=fs, filters=[("split", "=", split)] if split else None)
+    key = next((k for k in ("qa_id", "image_id") if k in table.column_names), None)
+    return table.sort_by(key) if key else table
 
 
 def answer_examples(qa: pa.Table) -> pa.Table:
@@ -63,6 +68,17 @@ def _join_images(images: pa.Table, rows: pa.Table) -> pa.Table:
     joined = indexed.join(images.select(["image_id", "image"]), "image_id", join_type="inner").sort_by("__row")
     rest = [c for c in rows.column_names if c not in ("image_id", "image")]
     return joined.select(["image_id", "image", *rest])
+
+
+@contextmanager
+def in_order() -> Iterator[None]:
+    """Ray Data execution in this block keeps the input's order (blocks are emitted and written in order)."""
+    options = ray.data.DataContext.get_current().execution_options
+    was, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = was
 
 
 def with_images(images_path: str, rows: pa.Table) -> ray.data.Dataset:

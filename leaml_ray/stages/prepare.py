@@ -26,7 +26,7 @@ import ray.data
 
 from leaml_ray import storage
 from leaml_ray.config import Config
-from leaml_ray.data import images, sources
+from leaml_ray.data import examples, images, sources
 from leaml_ray.data.split import ImageInfo, assign_splits
 from leaml_ray.pipeline import Stage, StageContext
 
@@ -308,6 +308,11 @@ def plan(staging: str, cfg: Config, rejects_path: str) -> tuple[dict | None, dic
 
 def prepare_stage(ctx: StageContext) -> dict[str, Any]:
     """Run the prepare stage (see the module docstring)."""
+    with examples.in_order():  # files hold rows in source order, so every later stage reads the same order
+        return _prepare(ctx)
+
+
+def _prepare(ctx: StageContext) -> dict[str, Any]:
     cfg, data = ctx.cfg, ctx.cfg.data
     staging = storage.join(ctx.work_dir, "staging")
     raw = sources.read_source(data, cfg.run.seed)

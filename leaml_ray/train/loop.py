@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import ray
 import ray.train
@@ -48,13 +49,7 @@ METRICS_EVERY = 5  # steps between metric-only reports to Ray Train (its dashboa
 def _batches(shard: Any, processor: Any, job: TrainJob, epoch: int, device: Any, skip: int = 0):
     """Encoded micro batches of one epoch of this worker's shard, on `device`; the first `skip` are consumed
     unencoded."""
-    for rows in shard.iter_batches(
-        batch_size=job.batch_size,
-        batch_format="numpy",
-        drop_last=True,
-        local_shuffle_buffer_size=4 * job.batch_size,
-        local_shuffle_seed=job.seed + epoch,
-    ):
+    for rows in shuffled_batches(shard.iter_batches(batch_size=4 * job.batch_size, batch_format="numpy"), job, epoch):
         if skip:
             skip -= 1
             yield None
@@ -62,6 +57,19 @@ def _batches(shard: Any, processor: Any, job: TrainJob, epoch: int, device: Any,
         extra = {k: v for k, v in rows.items() if k not in ("image", "instruction", "response")}
         inputs = encode_rows(processor, rows["image"], rows["instruction"], rows["response"], device)
         yield {"model_inputs": inputs, **extra}
+
+
+def shuffled_batches(windows: Any, job: TrainJob, epoch: int):
+    """Batches of `job.batch_size` rows, shuffled within each window of rows by a permutation seeded with the job's
+    seed and the epoch (a last partial batch is dropped). Ray Data's local shuffle buffer mixes whatever blocks have
+    arrived when a batch is asked for, so the same seed gave different batches from run to run."""
+    rng = np.random.default_rng([job.seed, epoch])
+    for window in windows:
+        n = len(next(iter(window.values())))
+        order = rng.permutation(n)
+        for start in range(0, n - job.batch_size + 1, job.batch_size):
+            picked = order[start : start + job.batch_size]
+            yield {k: v[picked] for k, v in window.items()}
 
 
 def _timed(items: Any, clock: dict[str, float]):
