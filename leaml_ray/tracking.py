@@ -48,7 +48,7 @@ class Tracker:
     """One invocation's record in a tracking backend (see the module docstring)."""
 
     def __init__(self, cfg: Config) -> None:
-        self.cfg, self.run_dir, self.backend = cfg, cfg.run.dir, cfg.tracking.backend
+        self.run_dir, self.backend = cfg.run.dir, cfg.tracking.backend
         where = location(cfg)
         name = f"{Path(self.run_dir.rstrip('/')).name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if self.backend == "mlflow":
@@ -70,7 +70,6 @@ class Tracker:
 
             self.writer = SummaryWriter(logdir=str(Path(where) / name))
             self.writer.add_text("config", "```yaml\n" + storage.redact(cfg.to_yaml()) + "\n```", 0)
-        self.where = where
 
     def stage_done(self, stage: str, outputs: tuple[str, ...], seconds: float, counts: dict[str, Any]) -> None:
         """Log a finished stage: seconds and numeric counts, the curves of what it trained, the report's figures."""

@@ -45,7 +45,7 @@ def finetune_method(ctx: StageContext, method: str) -> dict[str, Any]:
     if labeled.num_rows == 0:
         raise StageError("finetune: no labeled QA pairs")
     pseudo = None
-    if "pseudo_qa.parquet" in finetune_inputs(cfg, method):
+    if "pseudo_qa.parquet" in finetune_inputs(cfg):
         pseudo_qa = examples.read_table(ctx.input("pseudo_qa.parquet"))
         pseudo = pa.table(
             {"image_id": pseudo_qa["image_id"], "instruction": pseudo_qa["question"], "response": pseudo_qa["answer"]}
@@ -80,7 +80,7 @@ def finetune_method(ctx: StageContext, method: str) -> dict[str, Any]:
     return summary
 
 
-def finetune_inputs(cfg: Config, method: str) -> tuple[str, ...]:
+def finetune_inputs(cfg: Config) -> tuple[str, ...]:
     """leaml trains on the pseudo QA; the baselines read only its row count (their budget) when leaml runs too."""
     return ("prepared", "pseudo_qa.parquet") if "leaml" in cfg.eval.methods else ("prepared",)
 
@@ -90,7 +90,7 @@ def finetune_stage(method: str) -> Stage:
     return Stage(
         name=f"finetune:{method}",
         run=functools.partial(finetune_method, method=method),
-        inputs=functools.partial(finetune_inputs, method=method),
+        inputs=finetune_inputs,
         outputs=(f"target/{method}",),
         config_keys=lambda cfg: (
             *trained_keys("target", finetune_mode(cfg, method)),
