@@ -6,6 +6,12 @@ One run measures, side by side on fresh synthetic target-domain images with the 
   - a plain sequential `generate` loop (one image at a time) and a batched one (batch 16), one thread each.
 Last line: {"engine_images_per_s", "naive_images_per_s", "ratio", "batched_images_per_s", "ratio_vs_batched",
 "engine_startup_s", "end_to_end_ratio"}, and the same figures for the actor_pool engine (`teacher.engine`).
+
+At 0.8 M parameters per-step overheads dominate both sides, which says little about the sizes users run, so the same
+run also measures a random-init Qwen2.5-VL-architecture model of ~27 M parameters (built from a config, no download;
+`--large-images`, 64 new tokens): the ray.data.llm engine's steady state vs a sequential loop and vs the best batched
+`generate` over batch sizes 8-64 -> "large_model_params", "large_engine_images_per_s", "ratio_large",
+"large_batched_images_per_s", "large_best_batch", "ratio_batched_large".
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ from leaml_ray.formats import CAPTION_PROMPT  # noqa: E402
 from leaml_ray.inference.offline import generate  # noqa: E402
 from leaml_ray.models import chat, quality  # noqa: E402
 from leaml_ray.models.registry import ModelSpec  # noqa: E402
+from leaml_ray.models.tiny import build_random  # noqa: E402
 from leaml_ray.placement import EngineSettings  # noqa: E402
 
 MAX_TOKENS = 32
+LARGE_TOKENS = 64
 
 
 def rows(start: int, n: int) -> list[dict]:
@@ -43,7 +51,7 @@ def rows(start: int, n: int) -> list[dict]:
     return out
 
 
-def engine_seconds(path: str, items: list[dict], backend: str) -> float:
+def engine_seconds(path: str, items: list[dict], backend: str, tokens: int = MAX_TOKENS) -> float:
     spec = ModelSpec("teacher", path)
     settings = EngineSettings(batch_size=64, max_num_seqs=64, max_model_len=256, backend=backend)
     t0 = time.perf_counter()
@@ -52,19 +60,38 @@ def engine_seconds(path: str, items: list[dict], backend: str) -> float:
         ray.data.from_items(items),
         spec,
         path,
-        {"temperature": 0.0, "max_tokens": MAX_TOKENS, "min_tokens": MAX_TOKENS},
+        {"temperature": 0.0, "max_tokens": tokens, "min_tokens": tokens},
         settings,
     ).take_all()
     assert len(out) == len(items)
     return time.perf_counter() - t0
 
 
-def hf_images_per_s(path: str, items: list[dict], batch_size: int) -> float:
+def steady_state(path: str, small: int, full: int, backend: str, tokens: int = MAX_TOKENS) -> tuple[float, ...]:
+    """(images/s from the end of a small run to the end of a full one, start-up seconds, full run's seconds)."""
+    t_small = engine_seconds(path, rows(0, small), backend, tokens)
+    t_full = engine_seconds(path, rows(10_000, full), backend, tokens)
+    steady = (full - small) / max(1e-9, t_full - t_small)
+    print(f"{backend} ({Path(path).name}): {small} images in {t_small:.1f} s, {full} in {t_full:.1f} s", flush=True)
+    return steady, max(0.0, t_small - small / steady), t_full
+
+
+def hf_images_per_s(path: str, items: list[dict], batch_size: int, tokens: int = MAX_TOKENS) -> float:
     pairs = [(chat.open_image(r["image"]), r["instruction"]) for r in items]
-    quality.generate(path, pairs[:batch_size], MAX_TOKENS, batch_size=batch_size)  # warm-up
+    quality.generate(path, pairs[:batch_size], tokens, batch_size=batch_size)  # warm-up
     t0 = time.perf_counter()
-    quality.generate(path, pairs, MAX_TOKENS, batch_size=batch_size, min_new_tokens=MAX_TOKENS)
+    quality.generate(path, pairs, tokens, batch_size=batch_size, min_new_tokens=tokens)
     return len(pairs) / (time.perf_counter() - t0)
+
+
+def parameters(path: str) -> int:
+    """Parameters of a model folder (from its safetensors header)."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / "model.safetensors"), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def main() -> None:
@@ -72,6 +99,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--small", type=int, default=32)
     parser.add_argument("--naive", type=int, default=48, help="images for the sequential loop")
+    parser.add_argument("--large-images", type=int, default=384, help="images for the ~27 M-parameter model")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"  # one thread per side: stable ratios on a shared 2-core box
     torch.set_num_threads(1)
@@ -83,18 +111,20 @@ def main() -> None:
         log_to_driver=False,
     )
     path = zoo.resolve("zoo:teacher")
-    engines = {}
-    for backend in ("ray_data_llm", "actor_pool"):
-        t_small = engine_seconds(path, rows(0, args.small), backend)
-        t_full = engine_seconds(path, rows(10_000, args.images), backend)
-        steady = (args.images - args.small) / max(1e-9, t_full - t_small)
-        engines[backend] = (steady, max(0.0, t_small - args.small / steady), t_full)
-        print(f"{backend}: {args.small} images in {t_small:.1f} s, {args.images} in {t_full:.1f} s")
+    large = str(build_random(Path(tempfile.mkdtemp(prefix="lr-large-")) / "large", size="bench-27m", seed=0))
+    engines = {
+        backend: steady_state(path, args.small, args.images, backend) for backend in ("ray_data_llm", "actor_pool")
+    }
+    large_steady, large_startup, _ = steady_state(large, args.small, args.large_images, "ray_data_llm", LARGE_TOKENS)
     ray.shutdown()
     steady, startup, t_full = engines["ray_data_llm"]
     pool, pool_startup, pool_full = engines["actor_pool"]
     naive = hf_images_per_s(path, rows(20_000, args.naive), batch_size=1)
     batched = hf_images_per_s(path, rows(30_000, 256), batch_size=16)
+    large_naive = hf_images_per_s(large, rows(20_000, 16), batch_size=1, tokens=LARGE_TOKENS)
+    sweep = {b: hf_images_per_s(large, rows(30_000, 2 * b), batch_size=b, tokens=LARGE_TOKENS) for b in (8, 16, 32, 64)}
+    best = max(sweep, key=sweep.get)
+    print("large model, batched generate images/s by batch size:", {b: round(v, 2) for b, v in sweep.items()})
     result = {
         "engine_images_per_s": round(steady, 2),
         "naive_images_per_s": round(naive, 2),
@@ -110,6 +140,14 @@ def main() -> None:
         "actor_pool_startup_s": round(pool_startup, 1),
         "actor_pool_end_to_end_ratio": round(args.images / pool_full / naive, 2),
         "images": args.images,
+        "large_model_params": parameters(large),
+        "large_engine_images_per_s": round(large_steady, 2),
+        "large_engine_startup_s": round(large_startup, 1),
+        "large_naive_images_per_s": round(large_naive, 2),
+        "ratio_large": round(large_steady / large_naive, 2),
+        "large_batched_images_per_s": round(sweep[best], 2),
+        "large_best_batch": best,
+        "ratio_batched_large": round(large_steady / sweep[best], 2),
     }
     print(json.dumps(result))
 

@@ -72,32 +72,21 @@ def rows(n: int, image_size: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def _batch(trainee, data: list[dict], k: int, size: int, generator: bool) -> dict:
+def _batch(trainee, objective, data: list[dict], k: int, size: int, generator: bool) -> dict:
+    """Micro batch k as the train loop's data path builds it (`encode_batch`): QA rows for a plain objective;
+    for the generator, caption rows of other images (the generator stage's captions come from unlabeled images),
+    to which its objective adds the scheduled labeled pairs."""
     from leaml_ray.formats import CAPTION_PROMPT
-    from leaml_ray.train.core import encode_rows
+    from leaml_ray.train.core import encode_batch
 
-    chunk = [data[(k * size + j) % len(data)] for j in range(size)]
-    images = [r["image"] for r in chunk]
-    if not generator:
-        inputs = encode_rows(
-            trainee.processor,
-            images,
-            [r["instruction"] for r in chunk],
-            [r["response"] for r in chunk],
-            trainee.engine.device,
-        )
-        return {"model_inputs": inputs}
-    # the train rows are caption rows of other images (the generator stage's captions come from unlabeled
-    # images); the objective draws the QA pairs from the labeled table it was set up with
-    caps = [data[(k * size + j + len(data) // 2) % len(data)] for j in range(size)]
-    inputs = encode_rows(
-        trainee.processor,
-        [r["image"] for r in caps],
-        [CAPTION_PROMPT] * size,
-        [r["caption"] for r in caps],
-        trainee.engine.device,
-    )
-    return {"model_inputs": inputs, "micro": k}
+    if generator:
+        chunk = [data[(k * size + j + len(data) // 2) % len(data)] for j in range(size)]
+        rows = {"instruction": [CAPTION_PROMPT] * size, "response": [r["caption"] for r in chunk]}
+    else:
+        chunk = [data[(k * size + j) % len(data)] for j in range(size)]
+        rows = {"instruction": [r["instruction"] for r in chunk], "response": [r["response"] for r in chunk]}
+    rows["image"] = [r["image"] for r in chunk]
+    return encode_batch(objective, trainee.processor, rows, k, trainee.engine.device)
 
 
 def labeled_table(data: list[dict]) -> dict[str, list]:
@@ -142,7 +131,7 @@ def train_run(name: str, job, objective, data: list[dict], steps: int, device: s
     text_params, vision_params = _param_counts(engine.module)
     losses, tokens, patches, seconds = [], 0, 0, 0.0
     for k in range(steps + 1):  # step 0 warms up kernels and allocators; not timed
-        batch = _batch(trainee, data, k, job.batch_size, generator)
+        batch = _batch(trainee, objective, data, k, job.batch_size, generator)
         if device == "gpu":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -152,9 +141,9 @@ def train_run(name: str, job, objective, data: list[dict], steps: int, device: s
             torch.cuda.synchronize()
         if k:
             seconds += time.perf_counter() - t0
-            passes = 2 if generator else 1  # the generator's QA and caption passes each see a batch this size
-            tokens += passes * int(batch["model_inputs"]["attention_mask"].sum())
-            patches += passes * int(batch["model_inputs"]["pixel_values"].shape[0])
+            encoded = [v for name, v in batch.items() if name != "micro"]  # the generator's: QA and caption rows
+            tokens += sum(int(v["attention_mask"].sum()) for v in encoded)
+            patches += sum(int(v["pixel_values"].shape[0]) for v in encoded)
         losses.append(metrics["loss_cap"] if generator else metrics["loss"])
     # model FLOPs: forward + backward = 6 per parameter per token (4 with frozen base weights: no weight gradients)
     per = 4 if job.finetune == "lora" else 6

@@ -208,15 +208,18 @@ class ClusterSection(Section):
 
 
 class TrackingSection(Section):
-    backend: Literal["none", "mlflow", "tensorboard"] = Field(
-        "none", description="experiment tracking: each invocation that runs a stage is one MLflow run / TensorBoard log"
+    backend: Literal["none", "mlflow", "tensorboard", "wandb"] = Field(
+        "none",
+        description="experiment tracking: each invocation that runs a stage is one MLflow run / TensorBoard log /"
+        " W&B run",
     )
     uri: str | None = Field(
         None,
         description="mlflow: tracking URI (default MLFLOW_TRACKING_URI, else sqlite:///<run.dir>/mlflow.db);"
-        " tensorboard: a local log folder (default <run.dir>/tensorboard)",
+        " tensorboard: a local log folder (default <run.dir>/tensorboard); wandb: the local folder its wandb/ goes"
+        " in (default <run.dir>; offline unless WANDB_MODE says otherwise)",
     )
-    experiment: str = Field("leaml-ray", description="MLflow experiment")
+    experiment: str = Field("leaml-ray", description="MLflow experiment / W&B project")
 
 
 class Config(Section):

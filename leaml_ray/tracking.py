@@ -1,10 +1,11 @@
-"""Experiment tracking: each pipeline invocation that runs a stage becomes one MLflow run or one TensorBoard log
-folder (`tracking.backend`; default none). Logged from the driver as each stage finishes: the resolved config (once),
-the stage's seconds and counts, the training curves of what it trained (its `train_log.json`: losses, QA and caption
-loss apart, learning rate, samples/s per optimizer step), and from evaluate the accuracies with report.md, the plots
-and config.yaml as artifacts. Works offline: an MLflow SQLite store `<run.dir>/mlflow.db` with artifacts in
-`<run.dir>/mlartifacts`, unless `tracking.uri` or the standard MLFLOW_TRACKING_URI say otherwise; TensorBoard event
-files under `<run.dir>/tensorboard`.
+"""Experiment tracking: each pipeline invocation that runs a stage becomes one MLflow run, one TensorBoard log
+folder or one W&B run (`tracking.backend`; default none). Logged from the driver as each stage finishes: the resolved
+config (once), the stage's seconds and counts, the training curves of what it trained (its `train_log.json`: losses,
+QA and caption loss apart, learning rate, samples/s per optimizer step), and from evaluate the accuracies with
+report.md, the plots and config.yaml as artifacts. Works offline: an MLflow SQLite store `<run.dir>/mlflow.db` with
+artifacts in `<run.dir>/mlartifacts`, unless `tracking.uri` or the standard MLFLOW_TRACKING_URI say otherwise;
+TensorBoard event files under `<run.dir>/tensorboard`; a W&B offline run under `<run.dir>/wandb` (`wandb sync` uploads
+it; WANDB_MODE=online logs live).
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ def location(cfg: Config) -> str:
             + (" (or MLFLOW_TRACKING_URI)" if t.backend == "mlflow" else " to a local folder")
         )
     run_dir = Path(cfg.run.dir).resolve()
-    return f"sqlite:///{run_dir / 'mlflow.db'}" if t.backend == "mlflow" else str(run_dir / "tensorboard")
+    if t.backend == "mlflow":
+        return f"sqlite:///{run_dir / 'mlflow.db'}"
+    return str(run_dir / "tensorboard") if t.backend == "tensorboard" else str(run_dir)
 
 
 class Tracker:
@@ -65,6 +68,22 @@ class Tracker:
             run = self.client.create_run(experiment_id, run_name=name, tags={"leaml.run_dir": self.run_dir})
             self.run_id = run.info.run_id
             self._params(_flat(yaml.safe_load(storage.redact(cfg.to_yaml()))))
+        elif self.backend == "wandb":
+            import wandb
+
+            Path(where).mkdir(parents=True, exist_ok=True)
+            self.wandb = wandb.init(
+                project=cfg.tracking.experiment,
+                name=name,
+                dir=where,
+                mode=os.environ.get("WANDB_MODE", "offline"),
+                config=_flat(yaml.safe_load(storage.redact(cfg.to_yaml()))),
+                tags=["leaml-ray"],
+                notes=f"run dir {self.run_dir}",
+                reinit="create_new",
+                settings=wandb.Settings(silent=True, x_disable_stats=True),  # no machine stats sampler thread
+            )
+            self.step_metrics: set[str] = set()
         else:
             from tensorboardX import SummaryWriter
 
@@ -88,6 +107,8 @@ class Tracker:
         """End the record (MLflow run status FINISHED or FAILED; TensorBoard events flushed)."""
         if self.backend == "mlflow":
             self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
+        elif self.backend == "wandb":
+            self.wandb.finish(exit_code=0 if ok else 1)
         else:
             self.writer.close()
 
@@ -121,6 +142,18 @@ class Tracker:
             metrics = [Metric(k, float(v), now, step) for k, v in values.items()]
             for i in range(0, len(metrics), 1000):
                 self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+        elif self.backend == "wandb":
+            # a W&B run's own step must only grow, and each training stage counts from 1: one x-axis per
+            # prefix ("generator/step", "accuracy/step"), as W&B's define_metric documents
+            groups: dict[str, dict[str, float]] = {}
+            for k, v in values.items():
+                groups.setdefault(k.split("/", 1)[0], {})[k] = float(v)
+            for prefix, group in groups.items():
+                if prefix not in self.step_metrics:
+                    self.wandb.define_metric(f"{prefix}/step")
+                    self.wandb.define_metric(f"{prefix}/*", step_metric=f"{prefix}/step")
+                    self.step_metrics.add(prefix)
+                self.wandb.log({**group, f"{prefix}/step": step})
         else:
             for k, v in values.items():
                 self.writer.add_scalar(k, float(v), step)
@@ -132,6 +165,19 @@ class Tracker:
                 path.write_bytes(data)
                 folder = str(Path(rel).parent)
                 self.client.log_artifact(self.run_id, str(path), None if folder == "." else folder)
+        elif self.backend == "wandb":
+            # files in the run's folder are the run's files (uploaded by `wandb sync`); plots also as images; the
+            # config is the run's config already, and config.yaml is a name W&B reserves for it there
+            if rel == "config.yaml":
+                return
+            path = Path(self.wandb.dir, rel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            if rel.endswith(".png"):
+                import wandb
+                from PIL import Image
+
+                self.wandb.log({rel: wandb.Image(Image.open(io.BytesIO(data)).convert("RGB"))})
         elif rel.endswith(".png"):
             import numpy as np
             from PIL import Image

@@ -110,7 +110,7 @@ def test_killed_driver_resumes_and_matches_an_uninterrupted_run(tmp_path, greedy
         proc = _adapt(overrides, ray_dir, tmp_path / "driver3.log")
         assert proc.wait(timeout=600) == 0, _tail(proc)
         # the vLLM CPU worker's log reaches the driver, without its two thread-count warnings per image
-        # (leaml_ray.inference.engine.quiet_thread_count_warnings, a vLLM plugin)
+        # (leaml_ray.inference.engine.tame_engine_logs, a vLLM plugin)
         log = proc.log.read_text(errors="replace")
         assert "[cpu_worker.py:" in log and "torch.set_num_threads" not in log
     finally:

@@ -22,6 +22,7 @@ from leaml_ray.train.neurons import (
     pair_views,
     select_neurons,
 )
+from tests.faults import DiesOnce
 
 TWO_WORKERS = TrainPlacement(workers=2, cpus_per_worker=0.5)
 
@@ -122,6 +123,13 @@ def test_objective_draws_its_qa_batches_from_the_schedule_not_from_the_caption_r
                 views[p] += 1
     assert views.tolist() == [4] * 5
     assert objective.backward_passes == 1 and NeuronDistillation().backward_passes == 2
+    # the data path encodes what batch_rows names: the scheduled pairs, and caption rows only when distilling
+    captions = {"image": [b"c"] * 2, "instruction": ["caption"] * 2, "response": ["a", "b"]}
+    assert objective.batch_rows(captions, 3).keys() == {"qa_inputs"}
+    assert objective.batch_rows(captions, 3)["qa_inputs"] == objective.qa_rows(3)
+    distilling = NeuronDistillation(seed=1)
+    distilling.schedule, distilling.labeled, distilling.batch_size = objective.schedule, objective.labeled, 2
+    assert distilling.batch_rows(captions, 3) == {"qa_inputs": distilling.qa_rows(3), "model_inputs": captions}
 
 
 def _rows(n: int) -> tuple[list[dict], list[dict]]:
@@ -205,9 +213,9 @@ def test_worker_lost_mid_training_resumes_from_the_checkpoint_with_the_saved_mas
         batch_size=4,
         epochs=1.0,
         checkpoint_every=2,
-        fault={"step": 5, "marker": str(tmp_path / "fault")},  # a worker dies mid-epoch, after scoring
     )
-    objective = NeuronDistillation(score="gradient", ratio=0.5)
+    # a worker dies mid-epoch (in optimizer step 5), after scoring
+    objective = DiesOnce(NeuronDistillation(score="gradient", ratio=0.5), micro=4, marker=str(tmp_path / "fault"))
     result = run_training(
         job,
         ray.data.from_items(rows),

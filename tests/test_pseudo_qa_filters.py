@@ -9,18 +9,15 @@ import pytest
 from leaml_ray import diagnostics
 from leaml_ray.data import synthetic
 from leaml_ray.formats import qa_target
-from leaml_ray.stages.pseudo_qa import (
+from leaml_ray.pseudo.filters import (
     AnswerRules,
-    _filter_parts,
-    _join_reply,
-    _requests,
     answer_rules,
     caption_filter,
     check_pair,
-    draw_questions,
+    filter_replies,
     parse_qa,
-    question_bank,
 )
+from leaml_ray.pseudo.generate import draw_questions, join_reply, question_bank, requests_for
 
 RULES = AnswerRules(max_answer_words=2, max_question_words=12, vocabulary=frozenset({"red", "blue", "circle", "2"}))
 
@@ -137,12 +134,12 @@ def test_question_pmi_and_answer_confidence_filter_pairs_and_say_why(tmp_path):
     parts = _part(tmp_path, rows)
     rules = AnswerRules(max_answer_words=3, max_question_words=20, vocabulary=None)
     skip = {"diagnostic:caption:img0"}
-    kept, rejects = _filter_parts(parts, rules, skip)
+    kept, rejects = filter_replies(parts, rules, skip)
     assert kept.num_rows == 7 and rejects.num_rows == 0  # measured, nothing filtered by default
     pmi = dict(zip(kept["pseudo_id"].to_pylist(), kept["question_pmi"].to_pylist(), strict=True))
     assert pmi["img5#0"] < -4 < 0 < pmi["img1#0"] and pmi["img1#1"] is None  # one image: no average to compare
     assert kept["answer_confidence"][0].as_py() == pytest.approx(0.2)
-    kept, rejects = _filter_parts(parts, rules, skip, min_question_pmi=-1.0, min_answer_confidence=0.5)
+    kept, rejects = filter_replies(parts, rules, skip, min_question_pmi=-1.0, min_answer_confidence=0.5)
     reasons = dict(zip(rejects["pseudo_id"].to_pylist(), rejects["reason"].to_pylist(), strict=True))
     assert reasons == {"img5#0": "implausible_question", "img0#0": "low_confidence", "img1#1": "low_confidence"}
     assert sorted(kept["pseudo_id"].to_pylist()) == ["img1#0", "img2#0", "img3#0", "img4#0"]
@@ -193,7 +190,7 @@ def test_labeled_questions_are_distinct_per_image_and_drawn_as_often_as_labeled(
     assert all(len(set(p)) == 2 for p in pairs)
 
     images = pa.table({"image_id": ["i1", "i2"], "image": [b"x", b"y"]})
-    requests = _requests(images, samples=2, seed=0, questions=bank)
+    requests = requests_for(images, samples=2, seed=0, questions=bank)
     assert requests["key"].to_pylist() == ["i1#0", "i1#1", "i2#0", "i2#1"]
     prefixes = requests["response_prefix"].to_pylist()
     assert all(p.startswith("Question: ") and p.endswith("\nAnswer:") for p in prefixes)
@@ -201,6 +198,6 @@ def test_labeled_questions_are_distinct_per_image_and_drawn_as_often_as_labeled(
     replies = pa.table(
         {"image_id": requests["image_id"], "key": requests["key"], "response_prefix": prefixes, "text": [" blue"] * 4}
     )
-    parsed = [parse_qa(t) for t in _join_reply(replies)["text"].to_pylist()]
+    parsed = [parse_qa(t) for t in join_reply(replies)["text"].to_pylist()]
     assert [q for q, _ in parsed] == [p[len("Question: ") : -len("\nAnswer:")] for p in prefixes]
     assert {a for _, a in parsed} == {"blue"}

@@ -105,6 +105,69 @@ def test_tensorboard_events_hold_curves_accuracies_and_plots(tmp_path):
     assert events.Images(name, "plots/accuracy.png")[0].width == 8
 
 
+def read_wandb_records(path: Path) -> list:
+    """The protobuf records of an offline W&B run file (`run-<id>.wandb`): W&B's LevelDB-style log, a 7-byte file
+    header (":W&B", magic, version), then 32 KiB blocks of chunks with a 7-byte header (crc32, length, type: 1 whole,
+    2 first, 3 middle, 4 last). wandb 0.31 reads it only in its Go core, so the test walks the format itself."""
+    import struct
+    import zlib
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    ident, magic, version = struct.unpack("<4sHB", data[:7])
+    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0)
+    records, pending, pos = [], b"", 7
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0:
+            continue  # zero padding
+        assert zlib.crc32(bytes([kind]) + chunk) & 0xFFFFFFFF == crc
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+def test_wandb_offline_run_holds_config_curves_on_their_own_axes_accuracies_and_files(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline by default
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = make_config(tmp_path, "tracking.backend=wandb", "generator.epochs=3")
+    run_pipeline(cfg, toy_stages())
+    (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = read_wandb_records(run_file)
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert "run" in kinds and "exit" in kinds and records[kinds.index("exit")].exit.exit_code == 0
+    config = {}
+    for r in records:
+        kind = r.WhichOneof("record_type")
+        if kind in ("run", "config"):
+            items = r.run.config.update if kind == "run" else r.config.update
+            config.update({item.key: json.loads(item.value_json) for item in items})
+    assert config["generator.epochs"] == 3.0 and config["run.dir"] == cfg.run.dir
+    rows = [
+        {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
+    curve = [(row["generator/step"], row["generator/loss_cap"]) for row in rows if "generator/loss_cap" in row]
+    assert curve == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]  # each stage on its own x-axis
+    accuracy = next(row for row in rows if "accuracy/leaml" in row)
+    assert accuracy["accuracy/leaml"] == 0.5 and accuracy["accuracy/leaml/color"] == 0.75
+    assert any(row.get("generator/steps") == 3 for row in rows)
+    assert any(row.get("plots/accuracy.png/_type") == "image-file" for row in rows)
+    files = run_file.parent / "files"
+    assert (files / "report.md").read_bytes() == b"# leaml-ray report\n" and (files / "plots" / "accuracy.png").exists()
+    assert json.loads((files / "report.json").read_text())["methods"]["leaml"]["accuracy"] == 0.5
+
+
 def test_tracking_that_cannot_work_is_one_line_before_any_stage(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = make_config(tmp_path, "tracking.backend=tensorboard", "run.dir=s3://bucket/run")

@@ -11,8 +11,9 @@ from leaml_ray.data import synthetic
 from leaml_ray.models import chat
 from leaml_ray.models.registry import ModelSpec, load_model, load_processor
 from leaml_ray.placement import TrainPlacement
-from leaml_ray.train.core import TrainJob
+from leaml_ray.train.core import Objective, TrainJob
 from leaml_ray.train.loop import run_training
+from tests.faults import DiesOnce
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -50,10 +51,10 @@ def zero_runs(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zero")
     workers = {"placement": TrainPlacement(workers=2, cpus_per_worker=1), "max_failures": 0}
     marker = tmp / "failed-once"
-    with pytest.raises(Exception, match="injected fault at step 7"):
-        fault = {"step": 7, "marker": str(marker)}
+    with pytest.raises(Exception, match="injected fault at micro batch 6"):
+        dies = DiesOnce(Objective(), micro=6, marker=str(marker))  # in optimizer step 7
         run_training(
-            job(tiny_model_dir, tmp / "out2", fault=fault), caption_rows(256), "z2", str(tmp / "ckpt"), **workers
+            job(tiny_model_dir, tmp / "out2"), caption_rows(256), "z2", str(tmp / "ckpt"), objective=dies, **workers
         )
     failed_left_output = (tmp / "out2").exists()
     runs = {}
@@ -117,3 +118,22 @@ def test_batches_are_shuffled_by_the_seed_alone():
     assert len(set(seen)) == len(seen) and set(seen) <= set(range(70))
     assert sorted(seen[:16]) == list(range(16))  # shuffled within a window, not across
     assert first != [b["n"].tolist() for b in shuffled_batches(windows(), job, epoch=1)]
+
+
+def test_each_worker_gets_a_fixed_equal_shard_in_order_every_epoch():
+    from leaml_ray.train.loop import FixedShards
+
+    train = ray.data.range(103, override_num_blocks=7).materialize()
+    labeled = ray.data.range(5)
+    shards = FixedShards(datasets_to_split=["train"]).configure({"train": train, "labeled": labeled}, 2, None, None)
+
+    def ids(iterator) -> list[int]:
+        return [i for b in iterator.iter_batches(batch_size=16, batch_format="numpy") for i in b["id"].tolist()]
+
+    first = [ids(s["train"]) for s in shards]
+    assert len(first[0]) == len(first[1]) == 51  # equal: one row dropped
+    assert not set(first[0]) & set(first[1]) and all(r == sorted(r) for r in first)  # disjoint, in dataset order
+    assert [ids(s["train"]) for s in shards] == first  # the next epoch: the same rows in the same order
+    again = FixedShards(datasets_to_split=["train"]).configure({"train": train}, 2, None, None)
+    assert [ids(s["train"]) for s in again] == first  # another run: the same shards
+    assert [sorted(ids(s["labeled"])) for s in shards] == [list(range(5))] * 2  # not split: whole on each worker

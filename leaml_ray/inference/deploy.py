@@ -58,7 +58,6 @@ def llm_config(
 
     kwargs = engine_args(settings, path, trust_remote_code)
     kwargs.pop("model")
-    kwargs.pop("disable_log_stats")  # Serve exports the engine's metrics to the dashboard; they need the stats
     return LLMConfig(
         model_loading_config={"model_id": served_id(model_id), "model_source": path},
         engine_kwargs=kwargs,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # this module is also vLLM's plugin, loaded by every engine process: keep its imports light
@@ -16,10 +17,34 @@ def _not_thread_count_warning(record: logging.LogRecord) -> bool:
     return "torch.set_num_threads" not in record.getMessage()
 
 
-def quiet_thread_count_warnings() -> None:
-    """vLLM general plugin (entry point in pyproject.toml): drop the CPU worker's "doesn't allow torch.set_num_threads"
-    warning, which vLLM's request renderer triggers twice per request (thousands of identical driver log lines)."""
+class _StatsEvery(logging.Filter):
+    """Pass the engine's throughput / KV-cache line at most once per `seconds` (per process)."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds, self.last = seconds, float("-inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "throughput" not in record.getMessage():
+            return True
+        now = time.monotonic()
+        if now - self.last < self.seconds:
+            return False
+        self.last = now
+        return True
+
+
+def tame_engine_logs() -> None:
+    """vLLM general plugin (entry point in pyproject.toml), run in every engine process:
+    - drop the CPU worker's "doesn't allow torch.set_num_threads" warning, which vLLM's request renderer triggers
+      twice per request (thousands of identical driver log lines);
+    - let the engine's stats line (prompt and generation tokens/s, running and waiting requests, KV-cache use) through
+      once per VLLM_LOG_STATS_INTERVAL seconds (vLLM's own knob, default 10): ray.data.llm logs it after every batch.
+    """
+    import vllm.envs
+
     logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_not_thread_count_warning)
+    logging.getLogger("vllm.v1.metrics.loggers").addFilter(_StatsEvery(vllm.envs.VLLM_LOG_STATS_INTERVAL))
 
 
 def engine_args(settings: EngineSettings, path: str, trust_remote_code: bool = False) -> dict[str, Any]:
@@ -38,7 +63,9 @@ def engine_args(settings: EngineSettings, path: str, trust_remote_code: bool = F
         "limit_mm_per_prompt": {"image": 1},
         "mm_processor_kwargs": processor,  # the pixel budget training used, so the engine sees the same tokens
         "enforce_eager": settings.device == "cpu",
-        "disable_log_stats": True,  # per-step throughput lines would drown the pipeline's own log
+        # engine stats on: a rate-limited log line (tame_engine_logs) and, through ray.data.llm and ray.serve.llm,
+        # vLLM's metrics on Ray's Prometheus endpoint (the dashboard's Metrics tab)
+        "disable_log_stats": False,
     }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,6 @@ class TrainJob:
     trust_remote_code: bool = False
     threads_per_worker: int = 1
     run_dir: str = ""  # tags the dashboard's train gauges, with the Ray Train run's name
-    fault: dict[str, Any] = field(default_factory=dict)  # {"step": k, "marker": path}: die once at step k (tests)
 
     @property
     def on_gpu(self) -> bool:
@@ -85,9 +84,15 @@ class Objective:
         returns True when it computed state worth checkpointing."""
         return False
 
+    def batch_rows(self, rows: dict[str, Any], micro: int) -> dict[str, dict[str, Any]]:
+        """The row sets micro batch `micro` trains on, by the name `step` finds them encoded under (`rows`: this
+        rank's train rows; `micro`: the batch's index in the run, the same on every rank). The data path encodes
+        them ahead of the step."""
+        return {"model_inputs": rows}
+
     def step(self, engine: Any, batch: dict[str, Any]) -> dict[str, float]:
-        """Forward and backward one micro batch (its `model_inputs` are on the engine's device; `micro` is its
-        index in the run, the same on every rank)."""
+        """Forward and backward one micro batch: `batch` holds each row set of `batch_rows`, encoded on the
+        engine's device, and `micro`."""
         out = engine(**batch["model_inputs"])
         engine.backward(out.loss)
         return {"loss": out.loss.item()}
@@ -121,6 +126,14 @@ def encode_rows(processor: Any, images: Any, instructions: Any, responses: Any, 
         for img, ins, resp in zip(images, instructions, responses, strict=True)
     ]
     return to_device(chat.collate(examples, processor.tokenizer.pad_token_id), device)
+
+
+def encode_batch(objective: Objective, processor: Any, rows: dict[str, Any], micro: int, device: Any) -> dict:
+    """Micro batch `micro` as `objective.step` takes it: every row set it asks for, encoded onto `device`."""
+    batch: dict[str, Any] = {"micro": micro}
+    for name, part in objective.batch_rows(rows, micro).items():
+        batch[name] = encode_rows(processor, part["image"], part["instruction"], part["response"], device)
+    return batch
 
 
 def deepspeed_config(job: TrainJob, backward_passes: int = 1, hidden_size: int | None = None) -> dict[str, Any]:

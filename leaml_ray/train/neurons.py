@@ -172,7 +172,6 @@ class NeuronDistillation(Objective):
         self.score_batches, self.seed, self.qa_weight = score_batches, seed, qa_weight
         self.scores: dict[str, torch.Tensor] = {}
         self.masks: dict[str, torch.Tensor] = {}
-        self.processor: Any = None
         self.labeled: dict[str, list] = {}  # column -> values, in `pair` order (plain lists: no pyarrow needed)
         self.schedule: QASchedule | None = None
         self.rank, self.world, self.batch_size = 0, 1, 1
@@ -192,7 +191,7 @@ class NeuronDistillation(Objective):
         ]
 
     def setup(self, engine: Any, job: TrainJob, processor: Any, labeled: Any) -> bool:
-        self.processor, self.batch_size = processor, job.batch_size
+        self.batch_size = job.batch_size
         table = labeled()
         columns = table.to_pydict() if hasattr(table, "to_pydict") else dict(table or {})
         n = len(columns.get("response", []))
@@ -211,7 +210,7 @@ class NeuronDistillation(Objective):
             raise ValueError("no MLP neuron parameters found to distill into (gate_proj/up_proj/down_proj)")
         scored = False
         if not self.masks:
-            self.scores = self._score(engine, layers)
+            self.scores = self._score(engine, layers, processor)
             self.masks = masks_from_scores(self.scores, self.score, self.ratio)
             scored = True
         _check_same_on_all_ranks(self.masks)
@@ -223,10 +222,7 @@ class NeuronDistillation(Objective):
         picked = (schedule or self.schedule).take(micro, self.rank, self.world, self.batch_size)
         return {k: [v[i] for i in picked] for k, v in self.labeled.items()}
 
-    def _qa_inputs(self, rows: dict[str, list], device: Any) -> dict[str, Any]:
-        return encode_rows(self.processor, *(rows[c] for c in QA_COLUMNS), device)
-
-    def _score(self, engine: Any, layers: dict) -> dict[str, torch.Tensor]:
+    def _score(self, engine: Any, layers: dict, processor: Any) -> dict[str, torch.Tensor]:
         """Per-neuron importance for L_QA (on the answer tokens of labeled pairs), summed over ranks."""
         sizes = {layer: _shape(params[0][1])[params[0][2]] for layer, params in layers.items()}
         if self.score in ("random", "all"):
@@ -242,7 +238,8 @@ class NeuronDistillation(Objective):
         scoring = QASchedule(self.schedule.n, self.seed + 1)  # its own order, independent of training's
         for k in range(self.score_batches):
             t0 = time.perf_counter()
-            inputs = self._qa_inputs(self.qa_rows(k, scoring), engine.device)
+            rows = self.qa_rows(k, scoring)
+            inputs = encode_rows(processor, *(rows[c] for c in QA_COLUMNS), engine.device)
             loss = engine.module(**inputs).loss  # the bare module: no DeepSpeed backward hooks
             # autograd.grad leaves .grad and DeepSpeed's reduction hooks untouched: scoring moves no weight
             grads = torch.autograd.grad(loss, [p for _, p, _ in flat], allow_unused=True)
@@ -279,9 +276,14 @@ class NeuronDistillation(Objective):
             if param.requires_grad:
                 param.register_hook(hook_for(param))
 
+    def batch_rows(self, rows: dict[str, Any], micro: int) -> dict[str, dict[str, Any]]:
+        """The scheduled labeled pairs, and the caption rows unless caption distillation is off."""
+        qa = {"qa_inputs": self.qa_rows(micro)}
+        return {**qa, "model_inputs": rows} if self.caption_distill else qa
+
     def step(self, engine: Any, batch: dict[str, Any]) -> dict[str, float]:
-        """`batch` holds the encoded caption rows and `micro`, the index of this micro batch in the run."""
-        qa = engine(**self._qa_inputs(self.qa_rows(batch["micro"]), engine.device)).loss
+        """`batch` holds the encoded labeled pairs (qa_inputs) and caption rows (model_inputs)."""
+        qa = engine(**batch["qa_inputs"]).loss
         engine.backward(qa * self.qa_weight)
         if not self.caption_distill:
             return {"loss": qa.item() * self.qa_weight, "loss_qa": qa.item()}
