@@ -156,17 +156,26 @@ def build(root: Path) -> None:
         log.info("zoo: %s done, final loss %.3f", name, result["history"][-1]["loss"])
 
 
+class ZooMissing(FileNotFoundError):
+    """The tiny zoo of the code's recipe is not built (one line for the user)."""
+
+
+def zoo_root() -> Path:
+    """Where the zoo of the code's recipe lives: the shipped folders when they were built from it, else this
+    machine's cache."""
+    return SHIPPED if shipped_key() == recipe_key() else zoo_dir()
+
+
 def ensure_zoo() -> dict[str, str]:
-    """Local folders of the zoo models by role: the shipped zoo when it matches the recipe in code, else a zoo
-    pretrained on this machine (built once, needs Ray)."""
-    shipped, key = shipped_key(), recipe_key()
-    root = SHIPPED if shipped == key else zoo_dir()
-    if root != SHIPPED and shipped is not None and not (root / "base" / "config.json").exists():
+    """Local folders of the zoo models by role, pretraining on this machine what the code's recipe lacks (needs
+    Ray; `python -m leaml_ray.zoo build`). Stages only look the zoo up (`resolve`)."""
+    root = zoo_root()
+    if root != SHIPPED and shipped_key() is not None and not (root / "base" / "config.json").exists():
         log.warning(
             "zoo: the shipped zoo was built from recipe %s, the code's recipe is %s: pretraining it on this machine "
             "(numbers will differ from the README's; `make zoo` rebuilds and re-ships)",
-            shipped,
-            key,
+            shipped_key(),
+            recipe_key(),
         )
     build(root)
     return {role: str(root / folder) for role, folder in ROLE_FOLDERS.items()}
@@ -184,12 +193,19 @@ def ship(root: Path) -> None:
 
 
 def resolve(name_or_path: str) -> str:
-    """A model reference as a local folder or hub id: `zoo:<role>` builds or reuses the tiny zoo."""
+    """A model reference as a local folder or hub id; `zoo:<role>` looks the tiny zoo up and never trains: a zoo
+    missing for the code's recipe is one line telling how to build it."""
     if name_or_path.startswith("zoo:"):
         role = name_or_path.split(":", 1)[1]
         if role not in ROLE_FOLDERS:
             raise ValueError(f"unknown zoo model {name_or_path!r}; available: zoo:{', zoo:'.join(ROLE_FOLDERS)}")
-        return ensure_zoo()[role]
+        root = zoo_root()
+        if not all((root / name / "config.json").exists() for name in RECIPES):
+            raise ZooMissing(
+                f"zoo: no tiny zoo for recipe {recipe_key()} (the shipped one is {shipped_key()}): build it with "
+                "`python -m leaml_ray.zoo build` (~8 min on 2 cores; `make zoo` also re-ships it)"
+            )
+        return str(root / ROLE_FOLDERS[role])
     return os.path.expanduser(name_or_path)
 
 

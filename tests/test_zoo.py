@@ -69,6 +69,8 @@ def test_zoo_builds_through_the_train_loop_once_and_is_cached(tmp_path, monkeypa
         },
     )
     assert zoo.shipped_key() != zoo.recipe_key()  # the shipped zoo is another recipe's: built here instead
+    with pytest.raises(zoo.ZooMissing, match="build it with `python -m leaml_ray.zoo build`"):
+        zoo.resolve("zoo:teacher")  # stages look the zoo up; they never start minutes of pretraining
     paths = zoo.ensure_zoo()
     assert paths["generator"] == paths["target"] != paths["teacher"]
     assert str(zoo.zoo_dir()).startswith(str(tmp_path)) and paths["teacher"].startswith(str(zoo.zoo_dir()))

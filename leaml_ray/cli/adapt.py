@@ -23,6 +23,7 @@ from leaml_ray.placement import check_cluster, format_plan, plan
 from leaml_ray.runtime import check_run_dir_for_cluster, connect, setup_logging
 from leaml_ray.stages import pipeline_stages
 from leaml_ray.storage import redact
+from leaml_ray.zoo import ZooMissing
 
 PROG = Path(sys.argv[0]).name  # adapt.py under `python jobs/adapt.py`, leaml-adapt as a console script
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("run dir %s, stages %s", cfg.run.dir, ",".join(only or [s.name for s in stages]))
     try:
         results = run_pipeline(cfg, stages, only, before_first_run=lambda: start_ray(cfg), force=force)
-    except (StageError, SourceError) as e:
+    except (StageError, SourceError, ZooMissing) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     print(summary(results))

@@ -46,8 +46,8 @@ SIZES = {
     # ~1.3 B parameters with Qwen's 151,936-word vocabulary: Qwen2.5-1.5B's text widths, 20 layers, an 8-block
     # vision tower (bench/gpu_smoke.py on a GPU)
     "smoke-1b": (1536, 20, 12, 2, 8960, 1280, 8),
-    # ~27 M parameters: big enough that the engines' per-step overheads stop dominating (bench/caption_throughput.py)
-    "bench-27m": (512, 8, 16, 4, 1536, 256, 4),
+    # ~29 M parameters: big enough that the engines' per-step overheads stop dominating (bench/caption_throughput.py)
+    "bench-29m": (512, 8, 16, 4, 1536, 256, 4),
 }
 VOCAB = {"smoke-1b": 151936}  # embedding rows beyond the tiny tokenizer's ids: the production logits' size
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 224 * 224
