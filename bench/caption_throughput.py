@@ -9,8 +9,9 @@ Last line: {"engine_images_per_s", "naive_images_per_s", "ratio", "batched_image
 
 At 0.8 M parameters per-step overheads dominate both sides, which says little about the sizes users run, so the same
 run also measures a random-init Qwen2.5-VL-architecture model of ~29 M parameters (built from a config, no download;
-`--large-images`, 64 new tokens): the ray.data.llm engine's steady state vs a sequential loop and vs the best batched
-`generate` over batch sizes 8-128 -> "large_model_params", "large_engine_images_per_s", "ratio_large",
+`--large-images`, 64 new tokens; `--only-large`: just these): the ray.data.llm engine's steady state at its best
+max_num_seqs (64 or 128) vs a sequential loop and vs the best batched `generate` over batch sizes 8-128 ->
+"large_model_params", "large_engine_images_per_s", "large_engine_best_seqs", "ratio_large",
 "large_batched_images_per_s", "large_best_batch", "ratio_batched_large".
 """
 
@@ -42,6 +43,7 @@ from leaml_ray.placement import EngineSettings  # noqa: E402
 MAX_TOKENS = 32
 LARGE_TOKENS = 64
 BATCHES = (8, 16, 32, 64, 128)  # batched generate's batch sizes for the large model; the best is taken
+SEQS = (64, 128)  # the engine's max_num_seqs (and Ray Data batch) for the large model; the best is taken
 
 
 def rows(start: int, n: int) -> list[dict]:
@@ -52,9 +54,9 @@ def rows(start: int, n: int) -> list[dict]:
     return out
 
 
-def engine_seconds(path: str, items: list[dict], backend: str, tokens: int = MAX_TOKENS) -> float:
+def engine_seconds(path: str, items: list[dict], backend: str, tokens: int = MAX_TOKENS, seqs: int = 64) -> float:
     spec = ModelSpec("teacher", path)
-    settings = EngineSettings(batch_size=64, max_num_seqs=64, max_model_len=256, backend=backend)
+    settings = EngineSettings(batch_size=seqs, max_num_seqs=seqs, max_model_len=256, backend=backend)
     t0 = time.perf_counter()
     # min_tokens = max_tokens: every image costs the same number of tokens on both sides
     out = generate(
@@ -68,12 +70,15 @@ def engine_seconds(path: str, items: list[dict], backend: str, tokens: int = MAX
     return time.perf_counter() - t0
 
 
-def steady_state(path: str, small: int, full: int, backend: str, tokens: int = MAX_TOKENS) -> tuple[float, ...]:
+def steady_state(
+    path: str, small: int, full: int, backend: str, tokens: int = MAX_TOKENS, seqs: int = 64
+) -> tuple[float, ...]:
     """(images/s from the end of a small run to the end of a full one, start-up seconds, full run's seconds)."""
-    t_small = engine_seconds(path, rows(0, small), backend, tokens)
-    t_full = engine_seconds(path, rows(10_000, full), backend, tokens)
+    t_small = engine_seconds(path, rows(0, small), backend, tokens, seqs)
+    t_full = engine_seconds(path, rows(10_000, full), backend, tokens, seqs)
     steady = (full - small) / max(1e-9, t_full - t_small)
-    print(f"{backend} ({Path(path).name}): {small} images in {t_small:.1f} s, {full} in {t_full:.1f} s", flush=True)
+    name = f"{backend} ({Path(path).name}, {seqs} sequences)"
+    print(f"{name}: {small} images in {t_small:.1f} s, {full} in {t_full:.1f} s", flush=True)
     return steady, max(0.0, t_small - small / steady), t_full
 
 
@@ -116,7 +121,10 @@ def main() -> None:
     large = str(build_random(Path(tempfile.mkdtemp(prefix="lr-large-")) / "large", size="bench-29m", seed=0))
     backends = () if args.only_large else ("ray_data_llm", "actor_pool")
     engines = {backend: steady_state(path, args.small, args.images, backend) for backend in backends}
-    large_steady, large_startup, _ = steady_state(large, args.small, args.large_images, "ray_data_llm", LARGE_TOKENS)
+    # the engine's batch (max_num_seqs) is swept like generate's: the same tuning budget on both sides
+    by_seqs = {n: steady_state(large, args.small, args.large_images, "ray_data_llm", LARGE_TOKENS, n) for n in SEQS}
+    seqs = max(by_seqs, key=lambda n: by_seqs[n][0])
+    large_steady, large_startup, _ = by_seqs[seqs]
     ray.shutdown()
     large_naive = hf_images_per_s(large, rows(20_000, 16), batch_size=1, tokens=LARGE_TOKENS)
     sweep = {b: hf_images_per_s(large, rows(30_000, 2 * b), batch_size=b, tokens=LARGE_TOKENS) for b in BATCHES}
@@ -126,6 +134,7 @@ def main() -> None:
         "large_model_params": parameters(large),
         "large_engine_images_per_s": round(large_steady, 2),
         "large_engine_startup_s": round(large_startup, 1),
+        "large_engine_best_seqs": seqs,
         "large_naive_images_per_s": round(large_naive, 2),
         "ratio_large": round(large_steady / large_naive, 2),
         "large_batched_images_per_s": round(sweep[best], 2),
