@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--small", type=int, default=32)
     parser.add_argument("--naive", type=int, default=48, help="images for the sequential loop")
-    parser.add_argument("--large-images", type=int, default=384, help="images for the ~29 M-parameter model")
+    parser.add_argument("--large-images", type=int, default=1024, help="images for the ~29 M-parameter model")
     parser.add_argument("--only-large", action="store_true", help="only the ~29 M-parameter model's figures")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"  # one thread per side: stable ratios on a shared 2-core box
