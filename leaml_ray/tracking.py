@@ -104,7 +104,7 @@ class Tracker:
             self._report()
 
     def close(self, ok: bool) -> None:
-        """End the record (MLflow run status FINISHED or FAILED; TensorBoard events flushed)."""
+        """End the record (MLflow run status FINISHED or FAILED; W&B exit code 0 or 1; TensorBoard events flushed)."""
         if self.backend == "mlflow":
             self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
         elif self.backend == "wandb":

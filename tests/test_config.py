@@ -176,3 +176,10 @@ def test_settings_that_would_be_silently_ignored_are_errors(overrides, expected)
 def test_a_learning_rate_is_accepted_where_a_run_uses_it():
     cfg = load_config(None, ["generator.finetune=lora", "generator.lora_lr=1e-4", "target.lora_lr=1e-3"])
     assert cfg.generator.lora_lr == 1e-4 and cfg.target.lora_lr == 1e-3  # target: the lora baseline uses it
+
+
+def test_the_readme_config_reference_is_the_config_model():
+    from leaml_ray.config import reference
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert reference().strip() in readme, "README's configuration table is stale: paste config.reference() there"
