@@ -211,6 +211,9 @@ class FixedShards(DataConfig):
         output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
         if "train" in datasets:
             for rank, shard in enumerate(datasets["train"].split(world_size, equal=True)):
+                # each split has its own context: without this every worker's epoch drew a progress bar whose
+                # refreshes reached the driver's log as lines (13,000 of them in one demo run)
+                shard.context.enable_progress_bars = False
                 output[rank]["train"] = shard.iterator()
         return output
 
