@@ -5,9 +5,9 @@ Rows come from a Ray Data shard as {"image": bytes, "instruction": str, "respons
 the parameter groups, which rows a micro batch trains on (`batch_rows`) and what one micro step computes: the
 generator stage subclasses it to add the labeled pairs, the caption loss and its gradient masks, without copying
 this loop. Each worker encodes its micro batches with the model's processor in the data path (`_batches`), so
-`Objective.step` is loss math only. Encoding stays inline: a background thread that encoded ahead measured slower on
-CPU workers (2 vs 1 workers 1.29x instead of 1.56x; bench/train_scaling.py), both Python threads then contending
-for the GIL between the tiny model's many small kernels.
+`Objective.step` is loss math only. Encoding stays inline: a background thread that encoded ahead lowered CPU
+workers' throughput (bench/train_scaling.py, same data path otherwise: 146 vs 169 samples/s with 1 worker, 188 vs
+213 with 2), the two Python threads contending for the GIL between the tiny model's many small kernels.
 """
 
 from __future__ import annotations
