@@ -207,6 +207,7 @@ class FixedShards(DataConfig):
     1.26x in bench/train_scaling.py)."""
 
     def configure(self, datasets: dict, world_size: int, worker_handles: Any, worker_node_ids: Any, **kwargs) -> list:
+        """Per rank, its iterators: the fixed "train" shard, and the other datasets as Ray Train gives them."""
         rest = {name: ds for name, ds in datasets.items() if name != "train"}
         output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
         if "train" in datasets:
