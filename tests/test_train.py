@@ -137,3 +137,5 @@ def test_each_worker_gets_a_fixed_equal_shard_in_order_every_epoch():
     again = FixedShards(datasets_to_split=["train"]).configure({"train": train}, 2, None, None)
     assert [ids(s["train"]) for s in again] == first  # another run: the same shards
     assert [sorted(ids(s["labeled"])) for s in shards] == [list(range(5))] * 2  # not split: whole on each worker
+    # no progress bars on the workers (each refresh became a driver log line), and the driver's own are untouched
+    assert labeled.context.enable_progress_bars is False and ray.data.DataContext.get_current().enable_progress_bars

@@ -207,14 +207,16 @@ class FixedShards(DataConfig):
     1.26x in bench/train_scaling.py)."""
 
     def configure(self, datasets: dict, world_size: int, worker_handles: Any, worker_node_ids: Any, **kwargs) -> list:
-        """Per rank, its iterators: the fixed "train" shard, and the other datasets as Ray Train gives them."""
+        """Per rank, its iterators: the fixed "train" shard, and the other datasets as Ray Train gives them. None of
+        them draws a progress bar: every worker drew one per epoch and dataset, and each refresh reached the driver's
+        log as a line (13,000 of them in one demo run)."""
         rest = {name: ds for name, ds in datasets.items() if name != "train"}
+        for ds in rest.values():
+            ds.context.enable_progress_bars = False  # the dataset's own context (Ray Data copies it per dataset)
         output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
         if "train" in datasets:
             for rank, shard in enumerate(datasets["train"].split(world_size, equal=True)):
-                # each split has its own context: without this every worker's epoch drew a progress bar whose
-                # refreshes reached the driver's log as lines (13,000 of them in one demo run)
-                shard.context.enable_progress_bars = False
+                shard.context.enable_progress_bars = False  # each split has its own context
                 output[rank]["train"] = shard.iterator()
         return output
 
