@@ -169,12 +169,12 @@ def zoo_root() -> Path:
 def ensure_zoo() -> dict[str, str]:
     """Local folders of the zoo models by role, pretraining on this machine what the code's recipe lacks (needs
     Ray; `python -m leaml_ray.zoo build`). Stages only look the zoo up (`resolve`)."""
-    root = zoo_root()
-    if root != SHIPPED and shipped_key() is not None and not (root / "base" / "config.json").exists():
+    root, shipped = zoo_root(), shipped_key()
+    if root != SHIPPED and shipped is not None and not (root / "base" / "config.json").exists():
         log.warning(
             "zoo: the shipped zoo was built from recipe %s, the code's recipe is %s: pretraining it on this machine "
             "(numbers will differ from the README's; `make zoo` rebuilds and re-ships)",
-            shipped_key(),
+            shipped,
             recipe_key(),
         )
     build(root)
