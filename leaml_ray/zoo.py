@@ -26,17 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import ray
-import ray.data
 
 from leaml_ray import storage
 from leaml_ray.config import stable_hash
 from leaml_ray.data import synthetic
 from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT, qa_target
-from leaml_ray.models.tiny import build_random
-from leaml_ray.placement import TrainPlacement
-from leaml_ray.train.core import CACHE, TrainJob
-from leaml_ray.train.loop import run_training
+from leaml_ray.storage import CACHE
 
 log = logging.getLogger("leaml_ray")
 ZOO_VERSION = 2  # 2: the base's text-only vocabulary sentences
@@ -109,6 +104,14 @@ def shipped_key() -> str | None:
 
 def pretrain(name: str, recipe: Recipe, out: Path, num_workers: int = 2) -> dict:
     """Pretrain one zoo model from a random init through the shared train loop."""
+    # here, not at the top: looking the zoo up (`resolve`, every CLI) must not import torch, Ray Train, DeepSpeed
+    import ray.data
+
+    from leaml_ray.models.tiny import build_random
+    from leaml_ray.placement import TrainPlacement
+    from leaml_ray.train.core import TrainJob
+    from leaml_ray.train.loop import run_training
+
     with tempfile.TemporaryDirectory() as tmp:
         init = build_random(Path(tmp) / "init", recipe.size, seed=PRETRAIN_SEED)
         # rendered once and kept in the object store: epochs then cost no image work

@@ -156,6 +156,27 @@ def test_console_scripts_are_installed_and_run_the_same_mains(tmp_path):
         assert subprocess.run([str(bin_dir / name), "--help"], capture_output=True).returncode == 0
 
 
+def test_answers_that_start_nothing_load_no_torch_or_vllm(tmp_path):
+    # --help, --print-config, --plan, config errors and a missing model answer in under a second: a newcomer's first
+    # commands, and every one of them used to import the whole stack (~7 s each on 2 cores)
+    script = f"""
+import contextlib, io, sys
+from leaml_ray.cli import adapt, evaluate, serve, serve_teacher
+calls = [(adapt, ["--help"]), (adapt, ["--print-config"]), (adapt, ["--plan"]), (adapt, ["data.label_ratio=7"]),
+         (evaluate, ["--help"]), (serve, ["--model", "{tmp_path}/nope"]), (serve_teacher, ["--help"])]
+for cli, argv in calls:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            cli.main(argv)
+        except SystemExit:
+            pass
+print(sorted(m for m in ("torch", "vllm", "transformers", "deepspeed", "ray.train") if m in sys.modules))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize(
     "overrides, expected",
     [

@@ -16,14 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from leaml_ray.config import DEFAULT_PRESET, PRESET_DIR, ConfigError, load_config
-from leaml_ray.data.sources import SourceError
-from leaml_ray.pipeline import StageError, run_pipeline, summary
+from leaml_ray.config import DEFAULT_PRESET, PRESET_DIR, Config, ConfigError, load_config
 from leaml_ray.placement import check_cluster, format_plan, plan
-from leaml_ray.runtime import check_run_dir_for_cluster, connect, setup_logging
-from leaml_ray.stages import pipeline_stages
 from leaml_ray.storage import redact
-from leaml_ray.zoo import ZooMissing
 
 PROG = Path(sys.argv[0]).name  # adapt.py under `python jobs/adapt.py`, leaml-adapt as a console script
 
@@ -67,7 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.plan or args.cluster:
         return print_plan(cfg, args.cluster)
-    only, force = names(args.stages), names(args.force)
+    return run(cfg, names(args.stages), names(args.force))
+
+
+def run(cfg: Config, only: list[str] | None, force: list[str] | None) -> int:
+    """Run the pipeline's stages (all, or `only`) and print the summary; returns the exit code."""
+    # imported here: --help, --print-config, --plan and config errors answer without loading torch, Ray or vLLM
+    from leaml_ray.data.sources import SourceError
+    from leaml_ray.pipeline import StageError, run_pipeline, summary
+    from leaml_ray.runtime import setup_logging
+    from leaml_ray.stages import pipeline_stages
+    from leaml_ray.zoo import ZooMissing
+
     setup_logging(cfg.run.log_level)
     stages = pipeline_stages(cfg)
     log.info("run dir %s, stages %s", cfg.run.dir, ",".join(only or [s.name for s in stages]))
@@ -85,8 +91,10 @@ def names(arg: str | None) -> list[str] | None:
     return [s.strip() for s in arg.split(",") if s.strip()] if arg else None
 
 
-def start_ray(cfg) -> None:
+def start_ray(cfg: Config) -> None:
     """Join (or start) Ray, then check that every node can reach the run dir."""
+    from leaml_ray.runtime import check_run_dir_for_cluster, connect
+
     connect(cfg.cluster)
     check_run_dir_for_cluster(cfg)
 

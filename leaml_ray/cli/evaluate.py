@@ -13,11 +13,7 @@ from pathlib import Path
 
 from leaml_ray import storage
 from leaml_ray.config import ConfigError, load_config
-from leaml_ray.models.registry import spec_for
 from leaml_ray.pipeline import StageError, load_manifest
-from leaml_ray.report import build_report, render_markdown, write_plots
-from leaml_ray.runtime import connect, setup_logging
-from leaml_ray.stages.evaluate import evaluate_model, method_table
 from leaml_ray.zoo import resolve
 
 PROG = Path(sys.argv[0]).name  # evaluate.py under `python jobs/evaluate.py`, leaml-evaluate as a console script
@@ -42,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
+    # imported here: --help and bad arguments answer without loading torch or vLLM
+    from leaml_ray.models.registry import spec_for
+    from leaml_ray.report import build_report, render_markdown, write_plots
+    from leaml_ray.runtime import connect, setup_logging
+    from leaml_ray.stages.evaluate import evaluate_model, method_table
+
     setup_logging(cfg.run.log_level)
     name = args.name or args.model.rstrip("/").rsplit("/", 1)[-1].replace("zoo:", "zoo_")
     out = args.out or storage.join(args.run, "evaluations", name)

@@ -13,6 +13,7 @@ from typing import Any
 import ray.data
 
 from leaml_ray.config import Config
+from leaml_ray.inference.deploy import served_id
 from leaml_ray.inference.requests import row_sampling
 from leaml_ray.pipeline import StageError
 from leaml_ray.placement import EngineSettings
@@ -31,11 +32,6 @@ def teacher_endpoint(cfg: Config) -> str | None:
     if served_id(t.model) not in models:
         raise StageError(f"teacher.mode=serve: {t.endpoint} serves {models}, not teacher.model={t.model}; {start}")
     return t.endpoint
-
-
-def served_id(model: str) -> str:
-    """The id a model is served under: ray.serve.llm reads "base:adapter" as a LoRA adapter, so no colons."""
-    return model.replace(":", "_")
 
 
 def served_models(endpoint: str, timeout: float = 10.0) -> list[str]:

@@ -11,7 +11,6 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from leaml_ray.inference.client import served_id
 from leaml_ray.inference.engine import engine_args
 from leaml_ray.placement import EngineSettings, serve_placement
 
@@ -20,6 +19,11 @@ APP_NAME = "leaml"
 
 class ServeError(RuntimeError):
     """Serving cannot start (missing model folder, port in use); one line for the user."""
+
+
+def served_id(model: str) -> str:
+    """The id a model is served under: ray.serve.llm reads "base:adapter" as a LoRA adapter, so no colons."""
+    return model.replace(":", "_")
 
 
 def preflight(path: str, host: str, port: int, local: bool) -> None:

@@ -12,15 +12,13 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from leaml_ray.models import chat
 from leaml_ray.models.registry import LM_PROJECTIONS, ModelSpec, load_model, load_processor, local_folder
-
-CACHE = Path(os.environ.get("LEAML_CACHE", Path.home() / ".cache" / "leaml-ray"))
+from leaml_ray.storage import CACHE
 
 
 @dataclass
