@@ -156,38 +156,11 @@ def _weights(folder) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.named_parameters()}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("zero_stage, scope", [(2, "lm_mlp"), (3, "all_mlp")])
-def test_caption_loss_moves_only_selected_neurons(ray_local, tiny_model_dir, tmp_path, zero_stage, scope):
-    rows, labeled = _rows(64)
-    job = TrainJob(
-        model_path=tiny_model_dir,
-        output=str(tmp_path / "out"),
-        num_rows=len(rows),
-        batch_size=8,
-        lr=1e-2,
-        weight_decay=0.1,  # must not reach masked params
-        warmup_ratio=0.0,
-        zero_stage=zero_stage,
-        checkpoint_every=1000,
-    )
-    objective = NeuronDistillation(score="gradient", ratio=0.25, qa_weight=0.0, scope=scope)  # caption loss only
-    result = run_training(
-        job,
-        ray.data.from_items(rows),
-        f"nd{zero_stage}",
-        str(tmp_path / "ckpt"),
-        TWO_WORKERS,
-        0,
-        objective,
-        ray.data.from_items(labeled),
-    )
-    assert result["history"][-1]["loss_cap"] > 0
-    before, after = _weights(tiny_model_dir), _weights(tmp_path / "out")
-    neurons = load_file(str(tmp_path / "out" / "neurons" / "neurons.safetensors"))
+def _assert_only_selected_neurons_moved(before: dict, after: dict, out) -> dict[str, torch.Tensor]:
+    """Every MLP parameter of a masked layer moved in its selected neurons and nowhere else; returns the masks."""
+    neurons = load_file(str(out / "neurons" / "neurons.safetensors"))
     masks = {k[5:]: v.bool() for k, v in neurons.items() if k.startswith("mask.")}
     assert masks and all(m.sum() == round(0.25 * m.numel()) for m in masks.values())
-    assert any(".visual." in layer for layer in masks) == (scope == "all_mlp")
     checked = 0
     for layer, mask in masks.items():
         for proj, axis in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
@@ -201,34 +174,70 @@ def test_caption_loss_moves_only_selected_neurons(ray_local, tiny_model_dir, tmp
                 assert moved[mask].any(), f"{name}: no selected neuron moved"
                 checked += 1
     assert checked == sum(5 if ".visual." in layer else 3 for layer in masks)
+    return masks
+
+
+def _masked_caption_job(model_dir: str, out, rows: int, batch_size: int, zero_stage: int, **kw) -> TrainJob:
+    return TrainJob(
+        model_path=model_dir,
+        output=str(out),
+        num_rows=rows,
+        batch_size=batch_size,
+        lr=1e-2,
+        weight_decay=0.1,  # must not reach masked params
+        warmup_ratio=0.0,
+        zero_stage=zero_stage,
+        **kw,
+    )
 
 
 @pytest.mark.slow
-def test_worker_lost_mid_training_resumes_from_the_checkpoint_with_the_saved_masks(ray_local, tiny_model_dir, tmp_path):
-    rows, labeled = _rows(48)
-    job = TrainJob(
-        model_path=tiny_model_dir,
-        output=str(tmp_path / "out"),
-        num_rows=len(rows),
-        batch_size=4,
-        epochs=1.0,
-        checkpoint_every=2,
-    )
-    # a worker dies mid-epoch (in optimizer step 5), after scoring
-    objective = DiesOnce(NeuronDistillation(score="gradient", ratio=0.5), micro=4, marker=str(tmp_path / "fault"))
+def test_caption_loss_moves_only_selected_neurons_under_zero3_vision_tower_included(
+    ray_local, tiny_model_dir, tmp_path
+):
+    rows, labeled = _rows(64)
+    job = _masked_caption_job(tiny_model_dir, tmp_path / "out", len(rows), 8, 3, checkpoint_every=1000)
+    objective = NeuronDistillation(score="gradient", ratio=0.25, qa_weight=0.0, scope="all_mlp")  # caption loss only
     result = run_training(
         job,
-        ray.data.from_items(rows),
+        ray.data.from_items(rows, override_num_blocks=4),
+        "nd3",
+        str(tmp_path / "ckpt"),
+        TWO_WORKERS,
+        0,
+        objective,
+        ray.data.from_items(labeled, override_num_blocks=1),
+    )
+    assert result["history"][-1]["loss_cap"] > 0
+    masks = _assert_only_selected_neurons_moved(_weights(tiny_model_dir), _weights(tmp_path / "out"), tmp_path / "out")
+    assert any(".visual." in layer for layer in masks)
+
+
+@pytest.mark.slow
+def test_worker_lost_mid_training_resumes_with_the_saved_masks_and_moves_only_selected_neurons(
+    ray_local, tiny_model_dir, tmp_path
+):
+    # ZeRO-2, the language model's MLP neurons; a worker dies mid-epoch (in optimizer step 5), after scoring: the
+    # restarted workers must take the checkpointed masks, or neurons selected by nobody would move
+    rows, labeled = _rows(48)
+    job = _masked_caption_job(tiny_model_dir, tmp_path / "out", len(rows), 4, 2, epochs=1.0, checkpoint_every=2)
+    distill = NeuronDistillation(score="gradient", ratio=0.25, qa_weight=0.0, scope="lm_mlp")  # caption loss only
+    objective = DiesOnce(distill, micro=4, marker=str(tmp_path / "fault"))
+    result = run_training(
+        job,
+        ray.data.from_items(rows, override_num_blocks=4),
         "ndf",
         str(tmp_path / "ckpt"),
         TWO_WORKERS,
         1,
         objective,
-        ray.data.from_items(labeled[:10]),
+        ray.data.from_items(labeled[:10], override_num_blocks=1),
     )
     assert (tmp_path / "fault").exists()  # the worker did die
     history = result["history"]
     assert [r["step"] for r in history] == [1, 2, 3, 4, 5, 6]
     assert [r["resumed_from"] for r in history] == [0] * 4 + [4] * 2  # restarted from the step-4 checkpoint
     assert [r["masks_restored"] for r in history] == [0.0] * 4 + [1.0] * 2  # masks reused, not re-scored
-    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert history[-1]["loss_cap"] > 0
+    masks = _assert_only_selected_neurons_moved(_weights(tiny_model_dir), _weights(tmp_path / "out"), tmp_path / "out")
+    assert not any(".visual." in layer for layer in masks)

@@ -52,10 +52,8 @@ def test_synthetic_split_is_by_image_and_hides_unlabeled_answers(tmp_path):
     assert labeled_categories == {"shape", "color", "size", "background"}
     assert Image.open(io.BytesIO(imgs[0]["image"])).size == (56, 56)
 
-    again, _ = prepare(tmp_path / "again", "data.num_images=80", "data.label_ratio=0.1", "data.test_ratio=0.25")
-    assert {r["image_id"]: r["split"] for r in table(again, "images.parquet")} == split_of
-
     # validation images: extra scenes with labels, none of them among the 80, and the 80 split exactly as before
+    # (which also says a second prepare of the same source reproduces the split)
     with_val, _ = prepare(
         tmp_path / "val", "data.num_images=80", "data.val_images=12", "data.label_ratio=0.1", "data.test_ratio=0.25"
     )
