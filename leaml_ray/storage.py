@@ -9,13 +9,9 @@ import re
 import shutil
 import tempfile
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
-
-# the project's local cache (zoo builds, torch extensions; model copies: `_model_cache_root`)
-CACHE = Path(os.environ.get("LEAML_CACHE", Path.home() / ".cache" / "leaml-ray"))
 
 
 class StorageError(OSError):

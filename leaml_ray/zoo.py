@@ -27,11 +27,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from leaml_ray import storage
+from leaml_ray import CACHE, storage
 from leaml_ray.config import stable_hash
 from leaml_ray.data import synthetic
 from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT, qa_target
-from leaml_ray.storage import CACHE
 
 log = logging.getLogger("leaml_ray")
 ZOO_VERSION = 2  # 2: the base's text-only vocabulary sentences

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from leaml_ray import CACHE
 from leaml_ray.models import chat
 from leaml_ray.models.registry import LM_PROJECTIONS, ModelSpec, load_model, load_processor, local_folder
-from leaml_ray.storage import CACHE
 
 
 @dataclass
