@@ -38,7 +38,8 @@ def test_a_killed_engine_actor_is_restarted_and_every_image_comes_out_once(greed
     spec, rows, expected = greedy_reference
     many = [{**r, "image_id": f"{r['image_id']}-{k}"} for k in range(8) for r in rows]  # 48 images
     settings = EngineSettings(dtype="float32", max_model_len=256, max_num_seqs=8, batch_size=2, backend="actor_pool")
-    out = generate(ray.data.from_items(many), spec, spec.name_or_path, {"temperature": 0.0, "max_tokens": 5}, settings)
+    data = ray.data.from_items(many, override_num_blocks=4)  # as a parquet read gives them: a task per block
+    out = generate(data, spec, spec.name_or_path, {"temperature": 0.0, "max_tokens": 5}, settings)
     got, killed = [], None
     for row in out.iter_rows():
         got.append(row)
