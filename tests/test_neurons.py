@@ -182,6 +182,7 @@ def assert_only_selected_neurons_moved(before: dict, after: dict, out) -> dict[s
 
 
 def masked_caption_job(model_dir: str, out, rows: int, batch_size: int, zero_stage: int, **kw) -> TrainJob:
+    """A short masked run: a high learning rate and weight decay, so any update leaking past the masks shows."""
     return TrainJob(
         model_path=model_dir,
         output=str(out),
