@@ -12,7 +12,9 @@ For each seed and label ratio, one run dir `<root>/seed<S>/ratio<R>` runs the pi
     leaml_random_neurons (generator.score=random); also known: leaml_generated_questions (the paper's pseudo QA:
     the generator writes the question too, answers sampled), leaml_sampled_answers, leaml_caption_filter;
   - ratio 1.0 is the upper bound: lora and full on every label (no unlabeled images are left to caption), under
-    the same mixing rule as the other rows (the labeled pairs repeated `target.labeled_upsample` times).
+    the same mixing rule as the other rows (the labeled pairs repeated `target.labeled_upsample` times);
+  - the mixing factor of each method at 5% and 10% is the one it did best with on the validation split (`MIXING`);
+    the other ratios were not measured there and keep the default. An override of target.labeled_upsample wins.
 Writes bench/results/<name>.{json,md,png} (default name label_efficiency): mean, standard deviation and the runs of
 every cell; per ratio also `precondition` (the generator's and the labeled-only target's accuracy on the unlabeled
 images' hidden questions) and `diagnostics` (leaml's caption fidelity and kept-pair precision), means over seeds.
@@ -70,6 +72,12 @@ VARIANTS = {
     "leaml_pmi_confident": ["pseudo_qa.min_question_pmi=-1.0", "pseudo_qa.min_answer_confidence=0.5"],
     "leaml_qa_x3": ["generator.epochs=120"],  # 3x the passes over the labeled pairs
 }
+# Each method's better labeled-pair factor (4x or 16x) on the validation split, 2 seeds x 150 images
+# (bench/results/validation_v3{,_x16}.md, session 13); chosen by the rule written down before those runs.
+MIXING = {
+    0.05: "target.labeled_upsample={leaml: 4, lora: 16, full: 4}",
+    0.1: "target.labeled_upsample={leaml: 16, lora: 16, full: 4}",
+}
 ABLATIONS = ["leaml_no_caption", "leaml_full_distill", "leaml_selective", "leaml_all_neurons", "leaml_random_neurons"]
 METHOD_ORDER = ["zero_shot", "lora", "full", "leaml", *VARIANTS]
 # The paper's headline (Kvasir-VQA, 1% labels, accuracy %), quoted next to ours in the README and the .md.
@@ -118,7 +126,8 @@ def one_seed(
     out: dict[float, dict] = {}
     zero_shot = None
     for ratio in ratios:
-        base = [f"run.dir={root}/seed{seed}/ratio{ratio:g}", f"run.seed={seed}", f"data.label_ratio={ratio}", *extra]
+        base = [f"run.dir={root}/seed{seed}/ratio{ratio:g}", f"run.seed={seed}", f"data.label_ratio={ratio}"]
+        base += [*([MIXING[ratio]] if ratio in MIXING else []), *extra]
         acc: dict[str, float] = {}
         if baselines:
             if ratio >= 1.0:

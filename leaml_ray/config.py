@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "tiny-cpu"
@@ -168,9 +169,21 @@ class PseudoQASection(Section):
     )
 
 
+DEFAULT_UPSAMPLE = 4
+
+
 class TargetSection(TrainableModelSection):
     model: str = "zoo:target"
-    labeled_upsample: int = Field(4, ge=1, description="labeled pairs repeated this often next to pseudo QA")
+    labeled_upsample: PositiveInt | dict[Literal["leaml", "lora", "full"], PositiveInt] = Field(
+        DEFAULT_UPSAMPLE,
+        description="labeled pairs repeated this often next to pseudo QA (the baselines: their rows are leaml's formula"
+        " at this factor, all labeled); one factor for every method, or one per method: {leaml: 16, lora: 16, full: 4}",
+    )
+
+    def upsample(self, method: str) -> int:
+        """The mixing factor of one trained method (a method missing from a per-method mapping: the default)."""
+        factor = self.labeled_upsample
+        return factor if isinstance(factor, int) else factor.get(method, DEFAULT_UPSAMPLE)
 
 
 class TrainSection(Section):
@@ -362,6 +375,8 @@ def reference() -> str:
     for section, f in Config.model_fields.items():
         for name, field in f.annotation.model_fields.items():
             kind = str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            kind = re.sub(r"Annotated\[(\w+), Gt\(gt=0\)\]", r"\1 >0", kind)  # PositiveInt inside a union
+            kind = re.sub(r"^Union\[(.*), (dict\[.*\])\]$", r"\1 | \2", kind)
             bounds = " ".join(
                 str(m)
                 .replace("Ge(ge=", ">=")

@@ -204,3 +204,17 @@ def test_the_readme_config_reference_is_the_config_model():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert reference().strip() in readme, "README's configuration table is stale: paste config.reference() there"
+
+
+def test_each_trained_method_gets_its_own_mixing_factor():
+    from leaml_ray.stages.finetune import row_budget
+
+    one = load_config(None, ["target.labeled_upsample=16"])
+    assert [row_budget(one, m, 10, 100) for m in ("leaml", "lora", "full")] == [(160, 260), (260, 260), (260, 260)]
+    cfg = load_config(None, ["target.labeled_upsample={leaml: 16, lora: 8}"])
+    # leaml: 10 pairs x 16 + 100 pseudo; a baseline: leaml's formula at its own factor, every row labeled
+    assert row_budget(cfg, "leaml", 10, 100) == (160, 260)
+    assert row_budget(cfg, "lora", 10, 100) == (180, 180)
+    assert row_budget(cfg, "full", 10, 100) == (140, 140)  # not listed: the default factor, 4
+    with pytest.raises(ConfigError, match="labeled_upsample"):
+        load_config(None, ["target.labeled_upsample={zero_shot: 2}"])

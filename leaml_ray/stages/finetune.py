@@ -1,8 +1,9 @@
 """finetune:<method>: the target model trained per method on the shared train loop -> target/<method>/ (HF folder).
 
 - leaml: labeled pairs (repeated `labeled_upsample` times) + pseudo QA, `target.finetune` (full or LoRA);
-- lora / full: the paper's labeled-only baselines, given the same number of training samples as leaml
-  (the labeled pairs cycled), so every method gets the same compute;
+- lora / full: the paper's labeled-only baselines, given leaml's number of training samples at their own mixing
+  factor (the labeled pairs cycled): at one shared factor every method gets the same compute, and a per-method
+  factor (`target.labeled_upsample={leaml: 16, lora: 16, full: 4}`) tunes each like an epoch count;
 - zero_shot trains nothing (evaluate uses the base model).
 One stage per method (`finetune_stages`), each with its own manifest entry, so adding a method trains only that one;
 `--force finetune` / `--stages finetune` name them all.
@@ -37,6 +38,14 @@ def finetune_mode(cfg: Config, method: str) -> str:
     return cfg.target.finetune if method == "leaml" else method
 
 
+def row_budget(cfg: Config, method: str, labeled: int, pseudo: int) -> tuple[int, int]:
+    """(labeled-derived rows, all rows) of a method: leaml's labeled pairs x its factor + the pseudo pairs; a baseline
+    gets that formula at its own factor, every row labeled."""
+    labeled_rows = labeled * cfg.target.upsample(method)
+    budget = labeled_rows + pseudo
+    return (labeled_rows if method == "leaml" else budget), budget
+
+
 def finetune_method(ctx: StageContext, method: str) -> dict[str, Any]:
     """Train the target for one method (see the module docstring)."""
     cfg, target = ctx.cfg, ctx.cfg.target
@@ -50,13 +59,10 @@ def finetune_method(ctx: StageContext, method: str) -> dict[str, Any]:
         pseudo = pa.table(
             {"image_id": pseudo_qa["image_id"], "instruction": pseudo_qa["question"], "response": pseudo_qa["answer"]}
         )
-    upsampled = labeled.num_rows * target.labeled_upsample
-    budget = upsampled + (pseudo.num_rows if pseudo is not None else 0)
+    labeled_rows, budget = row_budget(cfg, method, labeled.num_rows, pseudo.num_rows if pseudo is not None else 0)
     finetune = finetune_mode(cfg, method)
-    if method == "leaml":
-        text, unlabeled = examples.cycled(labeled, upsampled), pseudo
-    else:  # the baselines see leaml's number of rows, all of them labeled
-        text, unlabeled = examples.cycled(labeled, budget), None
+    text = examples.cycled(labeled, labeled_rows)
+    unlabeled = pseudo if method == "leaml" else None
     parts = [examples.ray_dataset(examples.labeled_with_images(images_path, text))]
     if unlabeled is not None and unlabeled.num_rows:
         parts.append(examples.with_images(images_path, unlabeled))
