@@ -89,6 +89,8 @@ def ray_local(s3_server):
         _temp_dir=temp_dir,
         configure_logging=False,
         log_to_driver=False,
+        # metrics reach the Prometheus endpoint every 2 s (default 10 s): the e2e test waits for the last of them
+        _system_config={"metrics_report_interval_ms": 2000},
     )
     yield
     ray.shutdown()

@@ -42,6 +42,7 @@ def _config(tmp_path, model, run_dir):
         # the selective-neuron path (the default distils into every parameter): its masks go to the S3 run dir too
         "generator.distill_scope=lm_mlp",
         "target.epochs=1",
+        "target.labeled_upsample={leaml: 3, full: 5}",  # a factor per method
         "train.batch_size=4",
         "train.cpus_per_worker=0.5",
         "eval.max_new_tokens=4",
@@ -74,8 +75,8 @@ class MetricsScraper(threading.Thread):
             self.series[key] = float(value)
             self.highest[key] = max(float(value), self.highest.get(key, float("-inf")))
 
-    def settle(self, quiet: float = 12.0, limit: float = 90.0) -> None:
-        """Scrape until nothing changed for `quiet` s: Ray exports a process's metrics every few seconds."""
+    def settle(self, quiet: float = 5.0, limit: float = 90.0) -> None:
+        """Scrape until nothing changed for `quiet` s: the test's Ray exports a process's metrics every 2 s."""
         start = last_change = time.monotonic()
         while time.monotonic() - last_change < quiet and time.monotonic() - start < limit:
             before = dict(self.series)
@@ -162,6 +163,8 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, s3_run_dir):
     _exports_load_as_trainers_load_them(run, tmp_path / "exports", kept.num_rows, tiny_model_dir)
 
     assert storage.exists(storage.join(run, "target/leaml/model.safetensors"))
+    tuned = results["finetune:leaml"].counts  # leaml's own factor: its labeled pairs x 3, then every kept pair
+    assert (tuned["labeled_rows"], tuned["pseudo_rows"]) == (3 * gen["labeled_qa"], pseudo["kept"])
     report = storage.read_json(storage.join(run, "report.json"))
     assert set(report) >= {"methods", "stages", "pseudo_qa", "config"}
     test_qa = pq.read_table(storage.join(run, "prepared/qa.parquet"), filters=[("split", "=", "test")])

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
 
-from leaml_ray import CACHE
 from leaml_ray.models import chat
 from leaml_ray.models.registry import LM_PROJECTIONS, ModelSpec, load_model, load_processor, local_folder
 
@@ -192,13 +193,11 @@ def _fixed_mmap_threshold() -> None:
 
 
 def prepare_environment(job: TrainJob) -> None:
-    """Process settings before DeepSpeed is imported: its CPU accelerator, thread count, extension cache."""
+    """Process settings before DeepSpeed is imported: its CPU accelerator, thread count, allocator."""
     if not job.on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(job.threads_per_worker)
         _fixed_mmap_threshold()
-    # DeepSpeed JIT-compiles its CPU comm op once per machine; keep it across runs
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(CACHE / "torch_extensions"))
 
 
 def build_model(job: TrainJob, spec: ModelSpec, path: str) -> torch.nn.Module:
@@ -230,10 +229,31 @@ class Trainee:
     total_steps: int
 
 
+def import_deepspeed() -> ModuleType:
+    """deepspeed, imported without MLflow: its autotuner (never used here) imports MLflow at import time when it is
+    installed (the `track` extra), 1.5 s of every training worker's start."""
+    if "mlflow" in sys.modules:
+        import deepspeed
+    else:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, which the autotuner catches
+        try:
+            import deepspeed
+        finally:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
 def build_trainee(job: TrainJob, objective: Objective, world: int) -> Trainee:
     """Load the model and processor and wrap them in a DeepSpeed engine (needs torch.distributed set up)."""
-    import deepspeed
     from transformers import get_cosine_schedule_with_warmup
+
+    deepspeed = import_deepspeed()
+
+    if not job.on_gpu:
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory comm op (~25 s of 2 cores on a fresh machine, then a
+        # load in every worker of every run) that only its inference all-reduce uses: training all-reduces through
+        # torch.distributed (gloo). Its probe result is one module-level dict, kept across reads: marked off here.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     path = local_folder(job.model_path)  # a URI is copied to this node once
     spec = job.spec()
