@@ -39,6 +39,7 @@ from leaml_ray.models import chat, quality  # noqa: E402
 from leaml_ray.models.registry import ModelSpec  # noqa: E402
 from leaml_ray.models.tiny import build_random  # noqa: E402
 from leaml_ray.placement import EngineSettings  # noqa: E402
+from leaml_ray.runtime import local_ray_env  # noqa: E402
 
 MAX_TOKENS = 32
 LARGE_TOKENS = 64
@@ -110,6 +111,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"  # one thread per side: stable ratios on a shared 2-core box
     torch.set_num_threads(1)
+    local_ray_env()
     ray.init(
         address="local",
         num_cpus=4,

@@ -24,9 +24,11 @@ def child(n: int) -> None:
 
     from leaml_ray.config import load_config
     from leaml_ray.pipeline import run_pipeline
+    from leaml_ray.runtime import local_ray_env
     from leaml_ray.stages.prepare import PREPARE
 
     tmp = tempfile.mkdtemp(prefix="bench-prepare-")
+    local_ray_env()
     ray.init(
         address="local",
         num_cpus=4,

@@ -30,6 +30,7 @@ from leaml_ray.models import tiny  # noqa: E402
 
 # noqa: E402
 from leaml_ray.placement import TrainPlacement  # noqa: E402
+from leaml_ray.runtime import local_ray_env  # noqa: E402
 from leaml_ray.train.core import Objective, TrainJob  # noqa: E402
 from leaml_ray.train.loop import run_training  # noqa: E402
 from leaml_ray.train.neurons import NeuronDistillation  # noqa: E402
@@ -146,6 +147,7 @@ def main() -> None:
     parser.add_argument("--only-zero", action="store_true", help="only the ZeRO-3 vs ZeRO-2 memory figures")
     parser.add_argument("--only-scaling", action="store_true", help="only the 1 vs 2 worker figures")
     args = parser.parse_args()
+    local_ray_env()
     ray.init(
         address="local",
         num_cpus=4,

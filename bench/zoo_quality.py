@@ -23,6 +23,7 @@ import torch  # noqa: E402
 
 from leaml_ray import zoo  # noqa: E402
 from leaml_ray.models import quality  # noqa: E402
+from leaml_ray.runtime import local_ray_env  # noqa: E402
 
 
 def measure(paths: dict[str, str], n: int) -> dict[str, float]:
@@ -48,6 +49,7 @@ def main() -> None:
     else:
         print(f"the shipped zoo ({zoo.shipped_key()}) is not the recipe in code ({zoo.recipe_key()}): run `make zoo`")
     if args.rebuild or not zoos:
+        local_ray_env()
         ray.init(
             address="local",
             include_dashboard=False,

@@ -10,6 +10,7 @@ import pytest
 import ray
 
 from leaml_ray.config import Config, load_config
+from leaml_ray.runtime import local_ray_env
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -82,6 +83,7 @@ def ray_local(s3_server):
         return
     temp_dir = tempfile.mkdtemp(prefix="lr-test-")
     # more logical CPUs than cores so actor pools and read tasks never starve each other on 2 cores
+    local_ray_env()
     ray.init(
         address="local",
         num_cpus=4,

@@ -248,3 +248,22 @@ def test_unusable_sources_fail_with_one_clear_line(tmp_path):
     pq.write_table(pa.table({"x": [1]}), tmp_path / "notkvasir" / "a.parquet")
     with pytest.raises(SourceError, match="not the Kvasir-VQA parquet layout"):
         prepare(tmp_path / "c", "data.source=kvasir_vqa", f"data.path={tmp_path / 'notkvasir'}")
+
+
+def test_a_parquet_read_on_a_small_machine_starts_one_footer_reader(tmp_path):
+    # every stage reads parquet; Ray Data's default pool of 32 footer-reading actors (a process each) per read cost
+    # seconds per read on 2 cores: the local Ray instance (runtime.local_ray_env, conftest) starts cpus // 4 of them
+    import os
+
+    import ray
+    import ray.data
+
+    def footer_readers() -> int:
+        actors = ray._private.state.state.actor_table(None).values()
+        return sum(a.get("ActorClassName") == "FooterReader" for a in actors)
+
+    pq.write_table(pa.table({"x": list(range(10))}), tmp_path / "part-0.parquet")
+    pq.write_table(pa.table({"x": list(range(10, 20))}), tmp_path / "part-1.parquet")
+    before = footer_readers()
+    assert len(ray.data.read_parquet(str(tmp_path)).take_all()) == 20
+    assert footer_readers() - before == max(1, (os.cpu_count() or 1) // 4)
