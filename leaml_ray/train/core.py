@@ -248,7 +248,6 @@ def build_trainee(job: TrainJob, objective: Objective, world: int) -> Trainee:
     from transformers import get_cosine_schedule_with_warmup
 
     deepspeed = import_deepspeed()
-
     if not job.on_gpu:
         # DeepSpeed's CPU backend JIT-compiles a shared-memory comm op (~25 s of 2 cores on a fresh machine, then a
         # load in every worker of every run) that only its inference all-reduce uses: training all-reduces through
