@@ -2,12 +2,15 @@
 
 import io
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
+import ray.data
 from PIL import Image
 
 from leaml_ray.data.sources import SourceError
@@ -253,11 +256,6 @@ def test_unusable_sources_fail_with_one_clear_line(tmp_path):
 def test_a_parquet_read_on_a_small_machine_starts_one_footer_reader(tmp_path):
     # every stage reads parquet; Ray Data's default pool of 32 footer-reading actors (a process each) per read cost
     # seconds per read on 2 cores: the local Ray instance (runtime.local_ray_env, conftest) starts cpus // 4 of them
-    import os
-
-    import ray
-    import ray.data
-
     def footer_readers() -> int:
         actors = ray._private.state.state.actor_table(None).values()
         return sum(a.get("ActorClassName") == "FooterReader" for a in actors)
