@@ -3,6 +3,10 @@
 A stage writes its outputs into a private work folder; only when it returns are they moved into the run
 directory and recorded in the manifest. A crash mid-stage therefore leaves the previous outputs (or none)
 and a manifest that says the stage did not finish, and the next run redoes exactly that stage.
+On an object store (s3://, gs://) a move is a copy, and AWS refuses to copy an object above 5 GiB in one request
+(a 7B model's weights): there a stage writes its outputs in place, after deleting the previous ones, and the
+manifest entry alone says whether they are complete. A crash mid-stage then leaves that stage's outputs incomplete
+(never the previous ones) under an entry that is not done, and the next run redoes the stage.
 
 A stage's cache key is the hash of the config values it declares (`config_keys`) and the fingerprints of its
 inputs. The stage sees a config restricted to what it declares (`config_keys`, `unhashed_keys` and `EVERY_STAGE`),
@@ -264,12 +268,17 @@ def run_lock(run_dir: str) -> Iterator[None]:
 
 
 def _run_stage(stage: Stage, cfg: Config, run_dir: str, manifest: dict, key: dict) -> StageResult:
-    work_dir = storage.join(run_dir, "_work", f"{stage.name}-{uuid.uuid4().hex[:8]}")
+    # object stores: outputs are written in place (see the module docstring), the manifest entry is the commit
+    in_place = storage.on_object_store(run_dir)
+    work_dir = run_dir if in_place else storage.join(run_dir, "_work", f"{stage.name}-{uuid.uuid4().hex[:8]}")
     resume_root = storage.join(run_dir, "_resume", stage.name)
     resume_dir = resume_path(run_dir, stage.name, key)
     entry = {**key, "status": "running", "started": time.time(), "last_action": "ran"}
     manifest["stages"][stage.name] = entry
     _save_manifest(run_dir, manifest)
+    if in_place:  # the entry no longer vouches for them: a rerun must not mix its files with the last attempt's
+        for rel in stage.outputs:
+            storage.delete(storage.join(run_dir, rel))
     log.info("stage %s: started", stage.name)
     dashboard.gauge("stage_running", 1, run_dir, stage.name)
     t0 = time.perf_counter()
@@ -282,13 +291,15 @@ def _run_stage(stage: Stage, cfg: Config, run_dir: str, manifest: dict, key: dic
             src = storage.join(work_dir, rel)
             if not storage.exists(src):
                 raise StageError(f"stage {stage.name} did not write its declared output {rel}")
-            storage.replace(src, storage.join(run_dir, rel))
+            if not in_place:
+                storage.replace(src, storage.join(run_dir, rel))
     except BaseException as e:
         entry.update(status="failed", error=f"{type(e).__name__}: {e}"[:2000], seconds=time.perf_counter() - t0)
         _save_manifest(run_dir, manifest)
         raise
     finally:
-        storage.delete(work_dir)
+        if not in_place:
+            storage.delete(work_dir)
         dashboard.gauge("stage_running", 0, run_dir, stage.name)
     storage.delete(resume_root)  # partial results of this or older attempts are now in the outputs
     seconds = time.perf_counter() - t0

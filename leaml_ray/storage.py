@@ -18,15 +18,21 @@ class StorageError(OSError):
     """An object store or remote folder that cannot be used, said in one line."""
 
 
-def _is_uri(path: str) -> bool:
+def is_uri(path: str) -> bool:
+    """An object-store (or other URI) path rather than a local one."""
     return "://" in path
+
+
+def on_object_store(path: str) -> bool:
+    """The path is on an object store (s3://, gs://): no rename, and an upload appears whole or not at all."""
+    return is_uri(path) and not isinstance(resolve(path)[0], pafs.LocalFileSystem)
 
 
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or URI."""
     # from_uri reads AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL, at each call (measured with pyarrow 26), so
     # S3-compatible stores need nothing here; S3FileSystem() built directly would ignore both.
-    if not _is_uri(path):
+    if not is_uri(path):
         path = os.path.abspath(os.path.expanduser(path))
     return pafs.FileSystem.from_uri(path)
 
@@ -50,7 +56,7 @@ def _fail_fast(fs: pafs.FileSystem) -> pafs.FileSystem:
 
 def check_reachable(path: str) -> None:
     """Raise StorageError (one line, within seconds) unless the bucket behind a URI answers; local paths pass."""
-    if not _is_uri(path):
+    if not is_uri(path):
         return
     hint = "check AWS_ENDPOINT_URL / credentials / the bucket name"
     try:
@@ -68,7 +74,7 @@ def check_reachable(path: str) -> None:
 
 def join(base: str, *parts: str) -> str:
     """Join path parts under a local path or a URI."""
-    if not _is_uri(base):
+    if not is_uri(base):
         base = os.path.abspath(os.path.expanduser(base))
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
@@ -85,10 +91,15 @@ def read_bytes(path: str) -> bytes:
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Write to a temporary sibling, then rename: a crash never leaves a half-written file."""
+    """Write to a temporary sibling, then rename: a crash never leaves a half-written file. An object store's upload
+    is atomic by itself (and its rename a copy, refused above 5 GiB by AWS): written in place there."""
     fs, p = resolve(path)
     parent = p.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
+    if on_object_store(path):
+        with fs.open_output_stream(p) as f:
+            f.write(data)
+        return
     tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
     with fs.open_output_stream(tmp) as f:
         f.write(data)
@@ -100,7 +111,7 @@ def create_exclusive(path: str, data: bytes) -> bool:
     (no exclusive create) a check-then-write, which two runs starting in the same instant can both pass."""
     fs, p = resolve(path)
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    if not _is_uri(path):
+    if not is_uri(path):
         try:
             fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -146,17 +157,15 @@ def delete(path: str) -> None:
 
 
 def replace(src: str, dst: str) -> None:
-    """Move src over dst (file or folder). Local renames are atomic; object stores copy then delete."""
-    fs, s = resolve(src)
-    _, d = resolve(dst)
+    """Move a local file or folder over dst (a rename: atomic). Object stores have no rename, only copies, and AWS
+    refuses to copy an object above 5 GiB in one request: their writers write in place instead (upload_dir, the
+    pipeline's commit)."""
+    if on_object_store(src) or on_object_store(dst):
+        raise ValueError(f"replace {src} -> {dst}: object stores have no rename; write in place")
+    (_, s), (_, d) = resolve(src), resolve(dst)
     delete(dst)
-    fs.create_dir(d.rsplit("/", 1)[0], recursive=True)
-    try:
-        fs.move(s, d)
-    except (NotImplementedError, OSError):
-        # object stores cannot rename folders
-        pafs.copy_files(s, d, source_filesystem=fs, destination_filesystem=fs)
-        delete(src)
+    os.makedirs(os.path.dirname(d), exist_ok=True)
+    os.replace(s, d)
 
 
 def fingerprint(path: str) -> str | None:
@@ -176,21 +185,20 @@ def fingerprint(path: str) -> str | None:
 
 
 def upload_dir(local_dir: str, dst: str) -> None:
-    """Copy a local folder to dst (path or URI) via a temporary sibling, replacing what was there."""
+    """Copy a local folder to dst (path or URI), replacing what was there: locally via a temporary sibling renamed
+    over it; on an object store file by file in place (each upload multipart, never a copy inside the bucket, which
+    AWS refuses above 5 GiB), so a crash leaves a partial folder that only a finished stage's manifest entry would
+    vouch for."""
     fs, d = resolve(dst)
+    if on_object_store(dst):
+        delete(dst)
+        fs.create_dir(d, recursive=True)
+        pafs.copy_files(local_dir, d, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        return
     tmp = f"{d}.tmp-{uuid.uuid4().hex[:8]}"
     fs.create_dir(tmp, recursive=True)
     pafs.copy_files(local_dir, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    scheme = dst.split("://", 1)[0] + "://" if "://" in dst else ""
-    replace(scheme + tmp, dst)
-
-
-def copy_dir(src: str, dst: str) -> None:
-    """Copy a folder within one filesystem (local or object store)."""
-    fs, s = resolve(src)
-    _, d = resolve(dst)
-    fs.create_dir(d, recursive=True)
-    pafs.copy_files(s, d, source_filesystem=fs, destination_filesystem=fs)
+    replace(tmp, dst)
 
 
 def _model_cache_root(cache_root: str | None) -> str:
@@ -218,7 +226,7 @@ WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 def local_model_dir(path: str, cache_root: str | None = None, weights: bool = True) -> str:
     """A local folder with the model at path: a URI is copied once per node, anything else is returned as is.
     `weights=False` copies only the small files (configs, tokenizer, processor): what a driver needs for prompts."""
-    if not _is_uri(path):
+    if not is_uri(path):
         return path  # a local folder or a hub id
     try:
         fs, root = resolve(path)

@@ -18,23 +18,27 @@ S3_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_REGION": "us-east-1",
 }
+S3_COPY_LIMIT = 2**20  # AWS: 5 GiB; the tiny models' weights are 2-3 MB
 
 
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1, exported through AWS_ENDPOINT_URL and test credentials; yields the endpoint.
 
-    In its own process: inside the test process its request handling would share the GIL with the Ray driver."""
+    In its own process: inside the test process its request handling would share the GIL with the Ray driver. It
+    refuses copies inside the store of objects above S3_COPY_LIMIT (tests/s3_server.py: AWS's 5 GiB, scaled down)."""
     import subprocess
     import sys
     import time
     import urllib.request
+    from pathlib import Path
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, str(Path(__file__).with_name("s3_server.py")), "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "S3_COPY_LIMIT": str(S3_COPY_LIMIT)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -1,6 +1,7 @@
 """Fault injection for the training tests: an objective wrapper whose first attempt dies mid-run."""
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -40,3 +41,46 @@ class DiesOnce(Objective):
 
     def load_state_dict(self, state):
         self.inner.load_state_dict(state)
+
+
+class KilledOnce(DiesOnce):
+    """`inner`, except that the worker process running micro batch `micro` is SIGKILLed once (a lost node)."""
+
+    def step(self, engine, batch):
+        if batch["micro"] == self.micro and not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner.step(engine, batch)
+
+
+class CaptionGradientProbe(DiesOnce):
+    """`inner` (a NeuronDistillation), plus, per step, how much caption gradient reached unselected and selected
+    neurons: a hook after the objective's own sees each gradient as the optimizer will (metrics "cap_grad_unselected"
+    and "cap_grad_selected"). With the QA loss on, every weight moves, so the weights cannot show this."""
+
+    def __init__(self, inner: Objective):
+        super().__init__(inner, micro=-1, marker="")
+        self.sums = {"cap_grad_unselected": 0.0, "cap_grad_selected": 0.0}
+
+    def setup(self, engine, job, processor, labeled):
+        from leaml_ray.train.neurons import _neuron_mask, neuron_params
+
+        scored = self.inner.setup(engine, job, processor, labeled)
+        for layer, params in neuron_params(engine.module, self.inner.scope).items():
+            for _, param, axis in params:
+
+                def probe(grad, layer=layer, axis=axis):
+                    if self.inner.caption_pass:
+                        mask = _neuron_mask(self.inner.masks[layer].to(grad.device), grad, axis).expand_as(grad)
+                        self.sums["cap_grad_unselected"] += grad[~mask].abs().sum().item()
+                        self.sums["cap_grad_selected"] += grad[mask].abs().sum().item()
+                    return grad
+
+                param.register_hook(probe)
+        return scored
+
+    def step(self, engine, batch):
+        metrics = self.inner.step(engine, batch)
+        out = {**metrics, **self.sums}
+        self.sums = dict.fromkeys(self.sums, 0.0)
+        return out

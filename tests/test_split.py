@@ -104,22 +104,3 @@ def test_validation_images_stay_out_of_train_and_test():
     assert counts["test"] == 40 and counts["labeled"] == 16
     without = assign_splits(images({"a": 100, "b": 100}), 0.1, 0.2, 0)
     assert splits == {**without, **{f"v-{k}": "val" for k in range(30)}}
-
-
-def test_rows_meet_their_images_in_their_own_order():
-    # training order follows this join: Acero's hash join alone returns chunked inputs in a varying order
-    import pyarrow as pa
-
-    from leaml_ray.data.examples import _join_images
-
-    ids = [f"img{i}" for i in range(500)]
-    images = pa.concat_tables(
-        [pa.table({"image_id": ids[i : i + 50], "image": [b"x"] * 50}) for i in range(0, 500, 50)]
-    )
-    picks = [ids[(7 * k) % 500] for k in range(20_000)] + ["missing"]
-    rows = pa.table({"image_id": picks, "n": range(len(picks))})
-    rows = pa.concat_tables([rows.slice(i, 400) for i in range(0, rows.num_rows, 400)])
-    for _ in range(3):
-        joined = _join_images(images, rows)
-        assert joined.column_names == ["image_id", "image", "n"]
-        assert joined["n"].to_pylist() == list(range(20_000))  # in order, the row without an image dropped

@@ -111,27 +111,39 @@ def test_delete_file_and_folder(bucket, direct):
     assert not storage.exists(storage.join(bucket, "d"))
 
 
-def test_replace_folder_and_file(bucket, direct):
-    put(direct, bucket, {"new/a": b"A", "new/sub/b": b"B", "old/stale": b"x", "f.new": b"N", "f": b"O"})
-    storage.replace(storage.join(bucket, "new"), storage.join(bucket, "old"))  # S3 cannot rename a folder
-    storage.replace(storage.join(bucket, "f.new"), storage.join(bucket, "f"))
-    assert files(direct, bucket) == {"old/a": b"A", "old/sub/b": b"B", "f": b"N"}
+def test_replace_renames_locally_and_refuses_object_stores(tmp_path, bucket):
+    (tmp_path / "new" / "sub").mkdir(parents=True)
+    (tmp_path / "new" / "sub" / "b").write_bytes(b"B")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "stale").write_bytes(b"x")
+    storage.replace(str(tmp_path / "new"), str(tmp_path / "old"))
+    assert [p.name for p in (tmp_path / "old").rglob("*")] == ["sub", "b"] and not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match="object stores have no rename"):
+        storage.replace(storage.join(bucket, "new"), storage.join(bucket, "old"))
 
 
-def test_copy_dir(bucket, direct):
-    put(direct, bucket, {"src/a": b"A", "src/sub/b": b"B"})
-    storage.copy_dir(storage.join(bucket, "src"), storage.join(bucket, "dst"))
-    assert files(direct, f"{bucket}/dst") == {"a": b"A", "sub/b": b"B"}
-    assert files(direct, f"{bucket}/src") == {"a": b"A", "sub/b": b"B"}
+def test_the_test_store_refuses_copies_of_large_objects_as_aws_does_above_5_gib(bucket, direct):
+    from tests.conftest import S3_COPY_LIMIT
+
+    put(direct, bucket, {"small": b"s" * 10, "large": b"l" * (S3_COPY_LIMIT + 1)})
+    root = bucket.split("://", 1)[1]
+    direct.copy_file(f"{root}/small", f"{root}/small-copy")
+    with pytest.raises(OSError, match="larger than the maximum allowable size for a copy source"):
+        direct.copy_file(f"{root}/large", f"{root}/large-copy")
 
 
-def test_upload_dir_replaces_what_was_there(tmp_path, bucket, direct):
+def test_upload_dir_replaces_what_was_there_without_copies_in_the_store(tmp_path, bucket, direct):
+    from tests.conftest import S3_COPY_LIMIT
+
+    weights = os.urandom(3 * S3_COPY_LIMIT)  # a model shard past the store's copy limit (AWS: 5 GiB)
     (tmp_path / "m" / "sub").mkdir(parents=True)
     (tmp_path / "m" / "config.json").write_bytes(b"{}")
-    (tmp_path / "m" / "sub" / "w.bin").write_bytes(b"\x00" * 1000)
+    (tmp_path / "m" / "sub" / "w.bin").write_bytes(weights)
     put(direct, bucket, {"ckpt/stale.bin": b"old"})
     storage.upload_dir(str(tmp_path / "m"), storage.join(bucket, "ckpt"))
-    assert files(direct, bucket) == {"ckpt/config.json": b"{}", "ckpt/sub/w.bin": b"\x00" * 1000}
+    assert files(direct, bucket) == {"ckpt/config.json": b"{}", "ckpt/sub/w.bin": weights}
+    storage.upload_dir(str(tmp_path / "m"), str(tmp_path / "local"))
+    assert (tmp_path / "local" / "sub" / "w.bin").read_bytes() == weights
 
 
 def test_fingerprint(bucket, direct):

@@ -1,8 +1,7 @@
 """Training examples from a run directory: text tables joined with their images, as Ray Datasets.
 
 Text (QA pairs, captions) is small and read on the driver; images stay in prepared/images.parquet and are
-attached inside Ray Data tasks, so the driver never holds the unlabeled images. Only the labeled images (a few
-percent of the data by construction) are read on the driver, for the generator's labeled pairs.
+attached inside Ray Data tasks, so the driver never holds an image.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -60,14 +60,43 @@ def caption_examples(captions: pa.Table) -> pa.Table:
     )
 
 
-def _join_images(images: pa.Table, rows: pa.Table) -> pa.Table:
-    """Each row with its image's bytes, in the order of `rows` (rows whose image is missing are dropped)."""
-    # Acero's hash join emits chunked inputs in an order that varies from call to call; training order (and so
-    # the trained model) follows this order, hence the explicit sort
-    indexed = rows.append_column("__row", pa.array(range(rows.num_rows), pa.int64()))
-    joined = indexed.join(images.select(["image_id", "image"]), "image_id", join_type="inner").sort_by("__row")
+# at most this many bytes of images per output table: one array of binary values holds at most 2 GiB
+MAX_BLOCK_BYTES = 256 << 20
+
+
+def _attach(images: pa.Table, rows: pa.Table, every_row: bool = False) -> Iterator[pa.Table]:
+    """`rows` with their image's bytes, in the order of `rows`, as tables of at most MAX_BLOCK_BYTES of images (and
+    at least one row). Rows whose image is not in `images` are dropped, or an error with `every_row`.
+
+    A lookup by index and slices of the image column, never a join on the bytes: Arrow's hash join crashes (SIGSEGV)
+    once its output passes 2 GiB (apache/arrow#39332), which a few labeled pairs repeated over MB-sized images
+    reach; a take on the whole column would first concatenate it, with the same 2 GiB limit."""
+    index = pc.index_in(rows["image_id"], value_set=images["image_id"])
+    if every_row and index.null_count:
+        missing = rows["image_id"].filter(pc.is_null(index))
+        raise ValueError(f"{len(missing)} rows have no image in prepared/images.parquet (e.g. {missing[0]})")
+    found = pc.is_valid(index)
+    rows, index = rows.filter(found), index.filter(found).to_numpy()
+    column = images["image"]
+    starts = np.cumsum([0, *(len(c) for c in column.chunks)])
+    chunk = np.searchsorted(starts, index, side="right") - 1
+    sizes = np.concatenate([[0], *(pc.binary_length(c).to_numpy(zero_copy_only=False) for c in column.chunks)])
+    sizes = sizes[1:][index] if len(index) else sizes[:0]
     rest = [c for c in rows.column_names if c not in ("image_id", "image")]
-    return joined.select(["image_id", "image", *rest])
+    first, size = 0, 0
+    for i in range(len(index) + 1):
+        if i < len(index) and (i == first or size + sizes[i] <= MAX_BLOCK_BYTES):
+            size += sizes[i]
+            continue
+        if i > first:
+            picked = [column.chunk(chunk[j]).slice(index[j] - starts[chunk[j]], 1) for j in range(first, i)]
+            piece = rows.slice(first, i - first)
+            yield pa.table(
+                [piece["image_id"], pa.concat_arrays(picked), *(piece[c] for c in rest)],
+                names=["image_id", "image", *rest],
+            )
+        if i < len(index):
+            first, size = i, sizes[i]
 
 
 @contextmanager
@@ -86,9 +115,9 @@ def with_images(images_path: str, rows: pa.Table) -> ray.data.Dataset:
     # refs in a list: Ray Data passes them through unresolved
     refs = [ray.put(rows.combine_chunks()), ray.put(pc.unique(rows["image_id"]))]
 
-    def attach(batch: pa.Table, refs: list) -> pa.Table:
+    def attach(batch: pa.Table, refs: list) -> Iterator[pa.Table]:
         rows, ids = ray.get(refs)
-        return _join_images(batch.filter(pc.is_in(batch["image_id"], value_set=ids)), rows)
+        yield from _attach(batch.filter(pc.is_in(batch["image_id"], value_set=ids)), rows)
 
     return (
         ray.data.read_parquet(images_path)
@@ -97,9 +126,28 @@ def with_images(images_path: str, rows: pa.Table) -> ray.data.Dataset:
     )
 
 
-def labeled_with_images(images_path: str, rows: pa.Table) -> pa.Table:
-    """Small (labeled) rows with their image bytes, on the driver."""
-    return _join_images(read_table(images_path, ["image_id", "image"], split="labeled"), rows)
+def labeled_rows(images_path: str, rows: pa.Table, rows_per_block: int = 64) -> ray.data.Dataset:
+    """Small (labeled) text rows, in their order and in blocks of `rows_per_block` (as `ray_dataset`), each with its
+    image's bytes attached inside a Ray Data task; every row must have its image.
+
+    Neither the images nor the joined rows pass through the driver: Ray Data reads the rows' images once into the
+    object store and each task looks its rows' images up there. Cycled labeled pairs repeat each image up to
+    thousands of times (a few GB of rows on the driver, and Arrow's join crashed past 2 GiB)."""
+    ids = pc.unique(rows["image_id"])
+    images = (
+        ray.data.read_parquet(images_path)
+        .select_columns(["image_id", "image"])
+        .map_batches(lambda b: b.filter(pc.is_in(b["image_id"], value_set=ids)), batch_format="pyarrow", num_cpus=0.25)
+        .materialize()
+    )
+    refs = images.to_arrow_refs()  # in a list: Ray Data passes them through unresolved
+
+    def attach(batch: pa.Table, refs: list) -> Iterator[pa.Table]:
+        yield from _attach(pa.concat_tables(ray.get(refs)), batch, every_row=True)
+
+    return ray_dataset(rows, rows_per_block).map_batches(
+        attach, batch_format="pyarrow", batch_size=None, fn_kwargs={"refs": refs}, num_cpus=0.25
+    )
 
 
 def stable_int(key: str, seed: int) -> int:

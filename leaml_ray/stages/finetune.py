@@ -63,7 +63,7 @@ def finetune_method(ctx: StageContext, method: str) -> dict[str, Any]:
     finetune = finetune_mode(cfg, method)
     text = examples.cycled(labeled, labeled_rows)
     unlabeled = pseudo if method == "leaml" else None
-    parts = [examples.ray_dataset(examples.labeled_with_images(images_path, text))]
+    parts = [examples.labeled_rows(images_path, text)]
     if unlabeled is not None and unlabeled.num_rows:
         parts.append(examples.with_images(images_path, unlabeled))
     data = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

@@ -51,8 +51,8 @@ def generator_stage(ctx: StageContext) -> dict[str, Any]:
     qa = examples.generator_examples(examples.read_table(ctx.input("prepared/qa.parquet"), split="labeled"))
     if qa.num_rows == 0:
         raise StageError("generator: no labeled QA pairs to train on")
-    labeled = examples.labeled_with_images(images_path, qa).drop_columns(["image_id"])
-    labeled = labeled.append_column("pair", pa.array(range(labeled.num_rows), pa.int64()))
+    qa = qa.append_column("pair", pa.array(range(qa.num_rows), pa.int64()))
+    labeled = examples.labeled_rows(images_path, qa).drop_columns(["image_id"])
 
     captions = unlabeled_captions(images_path, ctx.input("captions.parquet"))
     heldout = heldout_caption_ids(captions["image_id"].to_pylist(), cfg)
@@ -72,7 +72,7 @@ def generator_stage(ctx: StageContext) -> dict[str, Any]:
     )
     out = ctx.output("generator")
     # the caption rows are the clock: enough of them for both budgets
-    budget = max(gen.epochs * labeled.num_rows, gen.caption_epochs * captions.num_rows)
+    budget = max(gen.epochs * qa.num_rows, gen.caption_epochs * captions.num_rows)
     job = job_for(cfg, gen, resolve(gen.model), out, num_rows=captions.num_rows)
     job = dataclasses.replace(job, epochs=budget / captions.num_rows)
     log.info(
@@ -80,8 +80,8 @@ def generator_stage(ctx: StageContext) -> dict[str, Any]:
         "caption distillation %s",
         captions.num_rows,
         len(heldout),
-        labeled.num_rows,
-        budget / labeled.num_rows,
+        qa.num_rows,
+        budget / qa.num_rows,
         "on" if gen.caption_distill else "off",
     )
     result = train_on(
@@ -91,17 +91,17 @@ def generator_stage(ctx: StageContext) -> dict[str, Any]:
         "generator",
         storage.join(ctx.resume_dir, "ray_train"),
         objective=objective,
-        labeled_dataset=examples.ray_dataset(labeled),
+        labeled_dataset=labeled,
     )
     storage.write_json_atomic(storage.join(out, "train_log.json"), result["history"])
     steps = result["history"][-1]["step"]
     views = pair_views(
-        labeled.num_rows, steps * cfg.train.grad_accum * cfg.train.num_workers * job.batch_size, job.seed
+        qa.num_rows, steps * cfg.train.grad_accum * cfg.train.num_workers * job.batch_size, job.seed
     )
     counts: dict[str, Any] = {
         "captions": captions.num_rows,
         "heldout_captions": len(heldout),
-        "labeled_qa": labeled.num_rows,
+        "labeled_qa": qa.num_rows,
         "steps": steps,
         "final_loss": round(result["history"][-1]["loss"], 4),
         # how often each labeled pair was trained on: equal up to one

@@ -280,6 +280,11 @@ def full_state_dict(engine: Any, job: TrainJob, rank: int) -> dict[str, torch.Te
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
+# weight files of at most this size (transformers 5 defaults to 50GB: one 16.6 GB file for a 7B model), so every file
+# of a model folder uploads, downloads and resumes in pieces an object store handles well
+MAX_SHARD_SIZE = "2GB"
+
+
 def save_hf(trainee: Trainee, job: TrainJob, rank: int, objective: Objective) -> None:
     """Save the trained model as an HF folder at `job.output` from rank 0 (LoRA: the adapter and merged weights)."""
     state = full_state_dict(trainee.engine, job, rank)
@@ -291,7 +296,7 @@ def save_hf(trainee: Trainee, job: TrainJob, rank: int, objective: Objective) ->
         if job.finetune == "lora":
             model.save_pretrained(os.path.join(tmp, "adapter"))
             model = model.merge_and_unload()
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
         trainee.processor.save_pretrained(tmp)
         save_state(objective, os.path.join(tmp, objective.state_name, f"{objective.state_name}.safetensors"))
         from leaml_ray import storage
