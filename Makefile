@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 
-.PHONY: setup demo test test-quick lint bench zoo clean
+.PHONY: setup demo test test-quick lint bench zoo clean gpu-wheelhouse
 
 setup: $(READY)
 
@@ -41,3 +41,8 @@ bench: $(READY)
 
 clean:
 	rm -rf runs .pytest_cache
+
+# .gpu-wheels/: DeepSpeed and the other wheels bench/gpu_smoke.py needs on the GPU check machine (no downloads
+# there); the offline install + run command is in tools/gpu_wheelhouse.sh and the smoke's docstring.
+gpu-wheelhouse:
+	bash tools/gpu_wheelhouse.sh

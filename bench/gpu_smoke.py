@@ -11,8 +11,14 @@ one JSON object.
     python bench/gpu_smoke.py --device cpu     # the tiny model over gloo (CI runs this: tests/test_gpu_smoke.py)
 
 Needs torch, transformers, peft, deepspeed (+ its pure-Python deps), safetensors, tokenizers, pillow, numpy,
-pydantic and pyyaml; not ray, vllm or pyarrow.
-"""
+pydantic, pyyaml and torchvision (transformers' Qwen2-VL image/video processors import it); not ray, vllm or pyarrow.
+On the GPU check machine (Python 3.12, torch 2.11 CUDA 13, transformers 5.17, peft, accelerate; no downloads, at most
+64 MiB carried per call), build the rest as a wheelhouse here, then carry `.gpu-wheels` and run there, from the repo
+root (torchvision from if-missing/ only where the machine has none):
+
+    bash tools/gpu_wheelhouse.sh       # or `make gpu-wheelhouse`: .gpu-wheels/, ~19 MiB
+    python -m pip install -q -U --no-index --no-deps --target /tmp/gpu-deps .gpu-wheels/*.whl $(python -c 'import torchvision' 2>/dev/null || echo .gpu-wheels/if-missing/*.whl) && PYTHONPATH=/tmp/gpu-deps python bench/gpu_smoke.py
+"""  # noqa: E501 (the install + run line stays one line, to paste as it is)
 
 from __future__ import annotations
 

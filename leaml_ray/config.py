@@ -80,13 +80,25 @@ class ModelSection(Section):
     replicas: int = Field(1, ge=1, description="engine replicas")
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs reserved per engine replica")
     engine_batch_size: int = Field(16, ge=1, description="rows per engine batch")
+    max_num_seqs: int = Field(
+        64, ge=1, description="sequences a replica decodes at once (vLLM's batch; its KV cache must hold them)"
+    )
     max_model_len: int = Field(512, ge=64, description="engine context length")
+    # Ray asks for it as the custom resource `accelerator_type:<name>` (0.001 per actor / bundle), which only node
+    # types that declare it (or nodes where Ray detects it) have; Ray's names: ray/util/accelerators/accelerators.py
+    accelerator_type: str | None = Field(
+        None,
+        description="Ray accelerator type of the GPUs this role's engine replicas need (H100, A100-80G, A100-40G,"
+        " L4...); asked as the resource accelerator_type:NAME, which the cluster's GPU node types declare (gpu only)",
+    )
 
     @model_validator(mode="after")
     def _placement_is_possible(self) -> ModelSection:
         gpus = self.tensor_parallel_size * self.pipeline_parallel_size
         if gpus > 1 and self.device != "gpu":
             raise ValueError(f"tensor x pipeline parallel {gpus} needs device: gpu")
+        if self.accelerator_type and self.device != "gpu":
+            raise ValueError(f"accelerator_type {self.accelerator_type} needs device: gpu")
         if gpus > 1 and self.engine == "actor_pool":
             raise ValueError("engine actor_pool runs one device per replica; use ray_data_llm for parallelism")
         return self
@@ -199,6 +211,33 @@ class TrainSection(Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (memory for time)")
     attention: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="attention kernel")
+
+    @model_validator(mode="after")
+    def _attention_is_installed(self) -> TrainSection:
+        # transformers would fail in every training worker, after the models load, minutes into the run
+        if self.attention == "flash_attention_2":
+            import importlib.util
+
+            if self.device != "gpu":
+                raise ValueError("attention flash_attention_2 needs device: gpu")
+            if importlib.util.find_spec("flash_attn") is None:
+                raise ValueError(
+                    "attention flash_attention_2 needs the flash-attn package, which this environment lacks (the"
+                    " image does not install it); use sdpa"
+                )
+        return self
+
+    accelerator_type: str | None = Field(
+        None,
+        description="Ray accelerator type of the GPUs the training workers need (as for an engine: H100, A100-40G...;"
+        " device gpu only)",
+    )
+
+    @model_validator(mode="after")
+    def _accelerator_needs_a_gpu(self) -> TrainSection:
+        if self.accelerator_type and self.device != "gpu":
+            raise ValueError(f"accelerator_type {self.accelerator_type} needs device: gpu")
+        return self
 
 
 # the ablations (no caption, full distillation, random neurons...) are leaml with generator settings changed, each

@@ -1,12 +1,14 @@
 """cluster/ and the Dockerfile: every launcher YAML validates against the schema inside the installed ray package
 and declares the true CPU/GPU counts of its instance types (a planner reads them); the node types hold the
-production presets (the 72B teacher at tensor parallel 8, one whole 8-worker ZeRO-3 group per train node); the
-hosts get an NVIDIA driver >= 580 and every node runs the project's CUDA 13 image, which the Dockerfile builds;
-the KubeRay manifest has its kind, apiVersion and required fields and a memory-backed /dev/shm on every pod; the
-runtime env is one Ray accepts; nothing binds publicly beyond the cluster network."""
+production presets (the 72B teacher's two tensor-parallel-4 replicas on one node, one whole 8-worker ZeRO-3 group
+per train node); the hosts get an NVIDIA driver >= 580 and every node runs the project's CUDA 13 image, which the
+Dockerfile builds; the GPU workers keep the model caches (LEAML_CACHE, HF_HOME) on local NVMe; the KubeRay manifest
+has its kind, apiVersion and required fields and a memory-backed /dev/shm on every pod; the runtime env is one Ray
+accepts; nothing binds publicly beyond the cluster network."""
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import jsonschema
@@ -15,12 +17,19 @@ import ray
 import yaml
 from ray.runtime_env import RuntimeEnv
 
+from leaml_ray.config import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 SCHEMA = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
 LAUNCHERS = ["aws.yaml", "gcp.yaml"]
 TEACHER, TRAIN = "gpu_8x_teacher", "gpu_8x_train"
 TRAIN_WORKERS, CPUS_PER_WORKER = 8, 8  # the presets' train.num_workers x train.cpus_per_worker, 1 GPU each
+# the model caches of the GPU workers' containers: on local NVMe, mounted here (leaml_ray/storage.py reads
+# LEAML_CACHE, huggingface_hub HF_HOME)
+NVME, CACHES = "/mnt/nvme", {"LEAML_CACHE": "/mnt/nvme/leaml-ray", "HF_HOME": "/mnt/nvme/huggingface"}
+# where the host has its local NVMe: the DLAMI's instance store mount; the RAID 0 of GCP's Local SSDs
+HOST_NVME = {"aws.yaml": "/opt/dlami/nvme", "gcp.yaml": "/mnt/nvme"}
 
 
 def _launcher(name):
@@ -41,8 +50,11 @@ def _gpu_node_types(config):
 
 @pytest.mark.parametrize("name", LAUNCHERS)
 def test_launcher_yaml_validates_against_rays_schema(name):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
     config = _launcher(name)
     jsonschema.validate(config, SCHEMA)
+    validate_config(prepare_config(config))  # what `ray up` does with it: defaults filled in, schema and own checks
     nodes = config["available_node_types"]
     head = nodes[config["head_node_type"]]
     assert head["resources"]["GPU"] == 0  # the head never holds GPUs
@@ -69,7 +81,12 @@ def test_node_types_hold_the_production_presets(name):
     config = _launcher(name)
     nodes = config["available_node_types"]
     assert config["head_node_type"] == "head" and {TEACHER, TRAIN} <= set(nodes)
-    assert nodes[TEACHER]["resources"]["GPU"] >= 8  # teacher.tensor_parallel_size: 8 on one node
+    for preset in ("kvasir-vqa-1pct", "sportu-1pct"):
+        # every teacher replica (tensor x pipeline parallel GPUs) of a preset on one teacher node: 2 x 4
+        teacher = load_config(preset).teacher
+        gpus = teacher.tensor_parallel_size * teacher.pipeline_parallel_size
+        assert (gpus, teacher.replicas) == (4, 2)
+        assert nodes[TEACHER]["resources"]["GPU"] >= gpus * teacher.replicas
     train = nodes[TRAIN]["resources"]
     assert train["GPU"] == TRAIN_WORKERS  # a whole ZeRO-3 group on one node
     assert train["CPU"] >= TRAIN_WORKERS * CPUS_PER_WORKER
@@ -167,8 +184,100 @@ def test_kuberay_pods_mount_a_memory_backed_dev_shm():
             empty_dir = volumes[mounts[0]["name"]].get("emptyDir")
             assert empty_dir and empty_dir["medium"] == "Memory" and empty_dir["sizeLimit"]
     teacher = next(g for g in cluster["workerGroupSpecs"] if g["groupName"] == "gpu-8x-teacher")
-    (shm,) = teacher["template"]["spec"]["volumes"]
-    assert shm["emptyDir"]["sizeLimit"] == "64Gi"  # NCCL at tensor parallel 8
+    (shm,) = [v for v in teacher["template"]["spec"]["volumes"] if v["name"] == "dshm"]
+    assert shm["emptyDir"]["sizeLimit"] == "64Gi"  # NCCL at tensor parallel 4 (two engines) and vLLM's queues
+
+
+def _worker_docker_run(config: dict, node_type: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The bind mounts (container path: host path) and environment of the `docker run` that starts a worker of
+    `node_type`, built as Ray's launcher builds it: the node type's `docker` section over the global one
+    (StandardAutoscaler._get_node_specific_docker_config), run_options + worker_run_options
+    (DockerCommandRunner.run_init), then ray's own docker_start_cmds."""
+    from ray.autoscaler._private.docker import docker_start_cmds
+
+    docker = {**config["docker"], **config["available_node_types"][node_type].get("docker", {})}
+    options = docker.get("run_options", []) + docker.get("worker_run_options", [])
+    command = docker_start_cmds(
+        "ubuntu", docker["image"], {}, docker["container_name"], options, config["cluster_name"], "/home/ray", "docker"
+    )
+    words = shlex.split(command)
+    mounts, env = {}, {}
+    for flag, value in zip(words, words[1:], strict=False):
+        if flag == "-v":
+            host, container = value.split(":")[:2]
+            mounts[container] = host
+        elif flag in ("-e", "--env"):
+            key, _, val = value.partition("=")
+            env[key] = val
+    return mounts, env
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_gpu_worker_containers_keep_the_model_caches_on_local_nvme(name, monkeypatch):
+    from leaml_ray.storage import _model_cache_root
+
+    config = _launcher(name)
+    host = HOST_NVME[name]
+    for key in _gpu_node_types(config):
+        mounts, env = _worker_docker_run(config, key)
+        assert mounts[NVME] == host, (key, mounts)
+        assert {k: env.get(k) for k in CACHES} == CACHES, (key, env)
+        # on the host, before the container starts: both folders exist and belong to the image's `ray` user
+        init = " ; ".join(config["available_node_types"][key]["initialization_commands"])
+        folders = f"{host}/leaml-ray {host}/huggingface"
+        assert f"sudo mkdir -p {folders}" in init and f"sudo chown 1000:1000 {folders}" in init, key
+    assert "--uid 1000" in _dockerfile()
+    # the head's container gets none of it (head_run_options / the global docker section)
+    head_options = config["docker"].get("run_options", []) + config["docker"].get("head_run_options", [])
+    assert not any(NVME in option for option in head_options)
+    # the code's cache of s3:// / gs:// model folders is then on the NVMe
+    monkeypatch.setenv("LEAML_CACHE", CACHES["LEAML_CACHE"])
+    assert _model_cache_root(None) == "/mnt/nvme/leaml-ray/models"
+
+
+def test_aws_caches_wait_for_the_dlami_instance_store_mount():
+    """The DLAMI mounts the instance store at /opt/dlami/nvme (its release notes' nvme_location); p5 and p4d have
+    one, which EC2 attaches without a block device mapping."""
+    config = _launcher("aws.yaml")
+    for key, node in _gpu_node_types(config).items():
+        assert node["node_config"]["InstanceType"] in ("p5.48xlarge", "p4d.24xlarge")
+        (wait, _) = node["initialization_commands"]
+        assert "mountpoint -q /opt/dlami/nvme && break" in wait, key
+
+
+def test_gcp_gpu_nodes_raid_and_mount_their_local_nvme_ssds():
+    config = _launcher("gcp.yaml")
+    zone = config["provider"]["availability_zone"]
+    nodes = _gpu_node_types(config)
+    # A2 Ultra brings its own Local SSD; A2 Standard gets 8 x 375 GB only when the instance asks for them
+    assert nodes[TEACHER]["node_config"]["machineType"] == "a2-ultragpu-8g"
+    assert [d for d in nodes[TEACHER]["node_config"]["disks"] if d["type"] == "SCRATCH"] == []
+    scratch = [d for d in nodes[TRAIN]["node_config"]["disks"] if d["type"] == "SCRATCH"]
+    assert len(scratch) == 8
+    for disk in scratch:
+        assert disk["interface"] == "NVME" and disk["autoDelete"] is True
+        assert disk["initializeParams"]["diskType"] == f"zones/{zone}/diskTypes/local-ssd"
+    for node in nodes.values():
+        mount, _ = node["initialization_commands"]
+        assert mount.startswith("if ! mountpoint -q /mnt/nvme; then")  # once: a mounted array is left alone
+        assert "/dev/disk/by-id/google-local-nvme-ssd-*" in mount and "grep -v -- -part" in mount
+        assert "mdadm --create $dev --name=leaml-nvme --level=0 --raid-devices=$n" in mount
+        assert "blkid $dev >/dev/null || sudo mkfs.ext4" in mount  # never reformats an existing filesystem
+        assert "mount -o discard,defaults $dev /mnt/nvme" in mount
+
+
+def test_kuberay_gpu_workers_keep_the_model_caches_on_node_local_storage():
+    cluster = _kuberay()["spec"]["rayClusterSpec"]
+    for group in cluster["workerGroupSpecs"]:
+        spec = group["template"]["spec"]
+        (container,) = spec["containers"]
+        assert int(container["resources"]["limits"]["nvidia.com/gpu"]) > 0
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert {k: env.get(k) for k in CACHES} == CACHES, group["groupName"]
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == NVME]
+        volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+        # an emptyDir on the node's disk (its ephemeral storage: local NVMe on a pool set up so), not memory
+        assert "medium" not in volume["emptyDir"] and volume["emptyDir"]["sizeLimit"], group["groupName"]
 
 
 def test_runtime_env_is_valid_and_holds_no_secrets():

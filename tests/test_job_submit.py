@@ -135,3 +135,31 @@ def _submit(address: str, env: dict, run_dir: Path, source: Path) -> subprocess.
         env=env,
         timeout=600,
     )
+
+
+def test_the_submitted_working_dir_holds_the_shipped_zoo_and_no_local_state(tmp_path):
+    """The package `ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml` uploads, built by Ray's own
+    packaging with what submit combines (Ray's default excludes, .gitignore, the runtime_env's excludes): the tiny zoo's
+    weights are in it (an excluded *.safetensors left the embedded default without models on a cluster), a run
+    dir and the venv are not."""
+    import zipfile
+
+    import yaml
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import create_package
+
+    (ROOT / "runs").mkdir(exist_ok=True)  # gitignored local state that must stay home
+    marker = ROOT / "runs" / f"never-uploaded-{os.getpid()}.txt"
+    marker.write_text("x")
+    try:
+        runtime_env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
+        excludes = ray_constants.get_runtime_env_default_excludes() + runtime_env["excludes"]
+        create_package(str(ROOT), tmp_path / "pkg.zip", include_gitignore=True, excludes=excludes)
+    finally:
+        marker.unlink()
+    names = set(zipfile.ZipFile(tmp_path / "pkg.zip").namelist())
+    shipped = {str(p.relative_to(ROOT)) for p in (ROOT / "leaml_ray" / "zoo_shipped").rglob("*") if p.is_file()}
+    assert {n for n in shipped if n.endswith(".safetensors")} and shipped <= names
+    assert "jobs/adapt.py" in names and "cluster/runtime_env.yaml" in names
+    assert not any(n.startswith((".venv/", "runs/", ".git/")) for n in names)
+    assert sum(zipfile.ZipFile(tmp_path / "pkg.zip").getinfo(n).file_size for n in names) < 100 * 2**20

@@ -1,27 +1,45 @@
 """Placement from the config, built on this CPU machine: the exact ray.data.llm, actor-pool, Ray Serve and Ray Train
-configs of the paper presets (GPU bundles, tensor parallel 8 on one node, no CPU env, nccl, bf16), the tiny-cpu
-preset's CPU configs, and the `--plan` dry run against the shipped cluster configs."""
+configs of the paper presets (GPU bundles, two tensor-parallel-4 teacher replicas on one node, accelerator types, no
+CPU env, nccl, bf16),
+the tiny-cpu preset's CPU configs, and the `--plan` dry run against the shipped cluster configs: the node type Ray's
+own autoscaler code launches for each stage, and whether the stage fits in that type's GPU memory."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
+import ray
 import yaml
+from ray._common.utils import resources_from_ray_options
 
-from leaml_ray.config import load_config
+from leaml_ray.config import ConfigError, load_config
 from leaml_ray.inference.engine import engine_args
 from leaml_ray.placement import (
     CPU_ENV,
+    GPU_MEMORY_LABEL,
+    KNOWN_MODELS,
+    ROLES,
     actor_pool_placement,
+    autoscaler_nodes,
     check_cluster,
+    engine_memory,
     engine_settings,
+    format_plan,
+    lora_params,
+    model_shape,
+    place_on_cluster,
     plan,
+    ray_data_llm_backend,
     ray_data_llm_placement,
     scaling_config,
     serve_placement,
+    shape_from_config,
+    stage_demands,
     torch_config,
+    train_memory,
     train_placement,
 )
 from leaml_ray.train.core import deepspeed_config
@@ -29,31 +47,60 @@ from leaml_ray.train.loop import job_for
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ["kvasir-vqa-1pct", "sportu-1pct"]
+# the presets name the AWS teacher type (H100); GCP's 80 GB teacher type is an A100 (preset comment, gcp.yaml)
+ON = {"aws": [], "gcp": ["teacher.accelerator_type=A100-80G"]}
+TEACHER_STAGES = {"caption", "pseudo_qa/teacher"}
 
 
 def cluster(name: str) -> dict:
     return yaml.safe_load((ROOT / "cluster" / f"{name}.yaml").read_text())
 
 
+def placed(preset: str, name: str, *overrides: str, on: dict | None = None) -> tuple[dict, list[str]]:
+    """The preset's plan placed on a shipped cluster (or `on`), with that cloud's overrides."""
+    return place_on_cluster(plan(load_config(preset, [*ON[name], *overrides])), on or cluster(name))
+
+
 @pytest.mark.parametrize("preset", PAPER)
-def test_paper_teacher_is_one_tensor_parallel_8_replica_packed_on_one_gpu_node(preset):
-    from ray.data.llm import vLLMEngineProcessorConfig
+def test_paper_teacher_replica_is_one_actor_holding_its_gpus_and_no_placement_group(preset):
+    """The engine stage's remote args are what Ray Data gives every replica actor: the replica's GPUs on the actor
+    itself (one node), vLLM's own processes for the ranks, and no `ray_remote_args_fn` (ray.data.llm's "ray" executor
+    created a placement group at each of its calls; tests/test_generation.py runs tensor parallel 2 on this CPU)."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     settings = engine_settings(load_config(preset), "teacher")
     kwargs = engine_args(settings, "/models/teacher")
-    assert kwargs["tensor_parallel_size"] == 8 and kwargs["enforce_eager"] is False
+    assert kwargs["tensor_parallel_size"] == 4 and kwargs["pipeline_parallel_size"] == 1
+    assert kwargs["enforce_eager"] is False
+    assert kwargs["mm_encoder_tp_mode"] == "data"  # each rank encodes its own images (vLLM's Qwen2.5-VL recipe)
+    assert kwargs["limit_mm_per_prompt"] == {"image": 1, "video": 0}
+    assert kwargs["max_model_len"] == 2048 and kwargs["max_num_seqs"] == 128
     assert kwargs["mm_processor_kwargs"]["max_pixels"] == 1003520  # the preset's pixel budget reaches vLLM
     kwargs.pop("model")
+    kwargs["distributed_executor_backend"] = ray_data_llm_backend(settings)
     config = vLLMEngineProcessorConfig(
         model_source="/models/teacher",
         engine_kwargs=kwargs,
         batch_size=settings.batch_size,
+        tokenize_stage=False,
+        detokenize_stage=False,
         **ray_data_llm_placement(settings),
     )
-    assert config.concurrency == 1 and config.runtime_env is None  # no CPU env on GPUs
-    bundles = config.placement_group_config["bundles"]
-    assert len(bundles) == 8 and all(b["GPU"] == 1 for b in bundles)
-    assert config.placement_group_config["strategy"] == "STRICT_PACK"  # all 8 ranks on one node
+    assert config.concurrency == (2, 2) and config.runtime_env is None  # a fixed pool of 2; no CPU env on GPUs
+    # one bundle per replica holding all its GPUs (not one per rank: vLLM's "mp" ranks live inside the actor)
+    assert ray_data_llm_placement(settings)["placement_group_config"] == {"bundles": [{"CPU": 8.0, "GPU": 4}]}
+    assert config.placement_group_config["bundles"] == [{"CPU": 8.0, "GPU": 4}]
+    processor = build_processor(config)
+    stage = processor.get_stage_by_name("vLLMEngineStage")
+    assert "ray_remote_args_fn" not in stage.map_batches_kwargs
+    assert stage.map_batches_kwargs["num_gpus"] == 4 and stage.map_batches_kwargs["num_cpus"] == 8
+    assert stage.fn_constructor_kwargs["engine_kwargs"]["distributed_executor_backend"] == "mp"
+    # the actor asks for the H100 type: Ray core's resources of those remote args are the plan's demand
+    assert stage.map_batches_kwargs["accelerator_type"] == "H100"
+    remote = {k: stage.map_batches_kwargs.get(k) for k in ("num_cpus", "num_gpus", "accelerator_type", "resources")}
+    resources = resources_from_ray_options(remote)
+    assert resources == {"CPU": 8, "GPU": 4, "accelerator_type:H100": 0.001}
+    assert stage_demands(plan(load_config(preset))["stages"]["caption"]) == [resources, resources]
 
 
 @pytest.mark.parametrize("preset", PAPER)
@@ -62,9 +109,20 @@ def test_paper_generator_and_target_engines_are_gpu_replicas(preset):
     for role in ("generator", "target"):
         settings = engine_settings(cfg, role)
         assert settings.device == "gpu" and settings.replicas == 8 and settings.gpus_per_replica == 1
-        assert actor_pool_placement(settings) == {"num_cpus": 4.0, "num_gpus": 1}
+        kwargs = engine_args(settings, "/models/x")
+        assert kwargs["tensor_parallel_size"] == 1 and "mm_encoder_tp_mode" not in kwargs  # nothing to shard
+        assert kwargs["limit_mm_per_prompt"] == {"image": 1, "video": 0}
+        assert kwargs["max_model_len"] == 2048 and kwargs["max_num_seqs"] == 128
+        pool = actor_pool_placement(settings)
+        assert pool == {"num_cpus": 4.0, "num_gpus": 1, "accelerator_type": "A100-40G"}
         placement = ray_data_llm_placement(settings)
         assert placement["placement_group_config"]["bundles"] == [{"GPU": 1, "CPU": 4.0}]
+        assert placement["concurrency"] == (8, 8) and ray_data_llm_backend(settings) == "uni"
+        assert placement["accelerator_type"] == "A100-40G"
+        # what map_batches asks of each actor pool actor is what the plan gives the autoscaler
+        stage = "evaluate" if role == "target" else "pseudo_qa"
+        demands = stage_demands(plan(cfg)["stages"][stage])
+        assert demands == [resources_from_ray_options(pool)] * 8
 
 
 def test_serve_configs_follow_the_role_not_the_machine():
@@ -74,7 +132,22 @@ def test_serve_configs_follow_the_role_not_the_machine():
 
     gpu = llm_config("teacher", "/models/teacher", engine_settings(load_config("kvasir-vqa-1pct"), "teacher"))
     assert isinstance(gpu, LLMConfig) and gpu.accelerator_config.kind == "gpu"
-    assert len(gpu.placement_group_config["bundles"]) == 8
+    # Serve keeps a GPU bundle per tensor-parallel rank (its own engine placement), 4 per replica, all on one node
+    assert gpu.placement_group_config == {"bundles": [{"GPU": 1, "CPU": 2.0}] * 4, "strategy": "STRICT_PACK"}
+    assert gpu.engine_kwargs["tensor_parallel_size"] == 4 and gpu.engine_kwargs["mm_encoder_tp_mode"] == "data"
+    # Serve's engine config puts the accelerator type in every bundle; STRICT_PACK: the autoscaler adds them up
+    assert gpu.accelerator_type == "H100"
+    engine = gpu.get_engine_config()
+    assert engine.placement_strategy == "STRICT_PACK"
+    total: dict[str, float] = {}
+    for bundle in engine.placement_bundles:
+        assert bundle["accelerator_type:H100"] == 0.001
+        for k, v in bundle.items():
+            total[k] = total.get(k, 0) + v
+    assert len(engine.placement_bundles) == 4
+    # one Serve replica's bundles add up to one of the plan's two replica demands
+    demand, other = stage_demands(plan(load_config("kvasir-vqa-1pct"))["stages"]["caption"])
+    assert demand == other and total == pytest.approx({**demand, "accelerator_type:H100": 4 * 0.001})
     cpu = llm_config("teacher", "/models/teacher", engine_settings(load_config(), "teacher"))
     assert cpu.accelerator_config.kind == "cpu" and cpu.runtime_env["env_vars"] == CPU_ENV
     assert serve_placement(engine_settings(load_config(), "target"))["placement_group_config"] == {
@@ -88,6 +161,10 @@ def test_paper_training_is_zero3_on_gpus_over_nccl_in_bf16(preset):
     placement = train_placement(cfg)
     scaling = scaling_config(placement)
     assert scaling.num_workers == 8 and scaling.use_gpu and scaling.resources_per_worker == {"CPU": 8}
+    assert scaling.accelerator_type == "A100-40G"  # the training node type, where a whole ZeRO-3 group fits
+    worker = {"CPU": 8, "GPU": 1, "accelerator_type:A100-40G": 0.001}
+    assert scaling._resources_per_worker_not_none == worker  # each worker's bundle (ray/air/config.py)
+    assert stage_demands(plan(cfg)["stages"]["generator"]) == [worker] * 8
     assert torch_config(placement).backend == "nccl"
     for role in ("generator", "target"):
         section = getattr(cfg, role)
@@ -114,28 +191,290 @@ def test_tiny_cpu_keeps_every_engine_and_worker_on_the_cpu():
     assert not deepspeed_config(job_for(cfg, cfg.target, "/m", "o", 10))["bf16"]["enabled"]
 
 
+@pytest.mark.parametrize("preset", [*PAPER, None])  # None: the tiny-cpu default
+def test_engine_args_of_every_role_are_ones_vllm_accepts(preset, monkeypatch):
+    """vLLM's own EngineArgs takes every key (an unknown one is a TypeError), and its multimodal config, which
+    `create_engine_config` builds from them, validates their values (mm_encoder_tp_mode, the per-modality limits).
+    Neither reads the model folder; create_engine_config would, so it is not called."""
+    import huggingface_hub.constants
+    from vllm.config.multimodal import MultiModalConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    # offline, EngineArgs resolves the model id through the hub cache: keep it to the arguments
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    cfg = load_config(preset)
+    for role in ROLES:
+        settings = engine_settings(cfg, role)
+        kwargs = engine_args(settings, "/models/x")
+        del kwargs["model"]
+        kwargs["distributed_executor_backend"] = ray_data_llm_backend(settings)
+        args = EngineArgs(model="/models/x", **kwargs)
+        assert args.tensor_parallel_size == settings.tensor_parallel_size
+        assert args.mm_encoder_tp_mode == ("data" if settings.tensor_parallel_size > 1 else "weights")
+        multimodal = MultiModalConfig(
+            limit_per_prompt=args.limit_mm_per_prompt,
+            mm_processor_kwargs=args.mm_processor_kwargs,
+            mm_encoder_tp_mode=args.mm_encoder_tp_mode,
+        )
+        assert multimodal.get_limit_per_prompt("image") == 1 and multimodal.get_limit_per_prompt("video") == 0
+    with pytest.raises(ValueError):  # the values are checked: a mode vLLM does not have is refused
+        MultiModalConfig(mm_encoder_tp_mode="sharded")
+
+
 @pytest.mark.parametrize("preset", PAPER)
-@pytest.mark.parametrize("name", ["aws", "gcp"])
-def test_paper_plans_fit_the_shipped_clusters(preset, name):
-    the_plan = plan(load_config(preset))
+@pytest.mark.parametrize("name, teacher_type, teacher_gb", [("aws", "H100", 80), ("gcp", "A100-80G", 80)])
+def test_paper_plans_fit_the_shipped_clusters(preset, name, teacher_type, teacher_gb):
+    the_plan, problems = placed(preset, name)
     stages = the_plan["stages"]
-    assert stages["caption"]["gpus_per_replica"] == 8
+    assert problems == []
+    # two tensor-parallel-4 teacher replicas: both on ONE 8-GPU teacher node (the loop below checks `nodes`)
+    assert stages["caption"]["gpus_per_replica"] == 4 and stages["caption"]["replicas"] == 2
+    assert sum(d["GPU"] for d in stage_demands(stages["caption"])) == 8
     assert all(e["device"] == "gpu" for s, e in stages.items() if s != "prepare")
-    assert check_cluster(the_plan, cluster(name)) == []
+    for stage, entry in stages.items():
+        if stage == "prepare":
+            continue
+        teacher = stage in TEACHER_STAGES
+        # the teacher on the 80 GB teacher type, everything else on the 40 GB A100 training type, one node each
+        assert entry["accelerator_type"] == (teacher_type if teacher else "A100-40G")
+        assert entry["node_type"] == ("gpu_8x_teacher" if teacher else "gpu_8x_train")
+        assert entry["nodes"] == {entry["node_type"]: 1}
+        assert entry["gpu_memory_gb"] == (teacher_gb if teacher else 40)
+        assert 0 < entry["gpu_memory_needed_gb"] < entry["gpu_memory_gb"]
+
+
+def test_without_an_accelerator_type_the_autoscaler_puts_the_teacher_on_the_spot_a100_type():
+    """The issue: Ray's utilization score prefers the type with fewer idle CPUs (p4d 96 vs p5 192), so a teacher that
+    names no accelerator type lands on the 40 GB spot type; naming H100 is what puts it on the p5."""
+    unnamed, _ = placed("kvasir-vqa-1pct", "aws", "teacher.accelerator_type=")
+    assert unnamed["stages"]["caption"]["accelerator_type"] is None
+    assert unnamed["stages"]["caption"]["node_type"] == "gpu_8x_train"
+    named, _ = placed("kvasir-vqa-1pct", "aws")
+    assert named["stages"]["caption"]["node_type"] == "gpu_8x_teacher"
+
+
+@pytest.mark.parametrize("preset", PAPER)
+def test_on_gcp_the_presets_h100_teacher_is_a_problem_that_names_the_types_there(preset):
+    _, problems = place_on_cluster(plan(load_config(preset)), cluster("gcp"))
+    assert {p.split(":")[0] for p in problems} == TEACHER_STAGES
+    for problem in problems:
+        assert "teacher.accelerator_type H100: no node type declares accelerator_type:H100" in problem
+        assert "A100-80G (gpu_8x_teacher)" in problem and "A100-40G (gpu_8x_train)" in problem
+
+
+def test_the_launcher_yamls_declare_accelerator_types_and_gpu_memory_that_ray_accepts():
+    from ray._private.label_utils import validate_node_label_syntax
+    from ray.util import accelerators
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    names = {v for k, v in vars(accelerators.accelerators).items() if k.isupper() and isinstance(v, str)}
+    declared = {}
+    for name in ("aws", "gcp"):
+        config = cluster(name)
+        jsonschema.validate(config, schema)  # `labels` of a node type: string values
+        for key, node in config["available_node_types"].items():
+            if not node["resources"]["GPU"]:
+                assert "labels" not in node
+                continue
+            validate_node_label_syntax(node["labels"])  # what `ray start` accepts as node labels
+            accelerators_here = [r.split(":", 1)[1] for r in node["resources"] if r.startswith("accelerator_type:")]
+            assert len(accelerators_here) == 1 and set(accelerators_here) <= names, accelerators_here
+            assert node["resources"][f"accelerator_type:{accelerators_here[0]}"] == 1
+            declared[name, key] = accelerators_here[0], float(node["labels"][GPU_MEMORY_LABEL])
+    assert declared == {
+        ("aws", "gpu_8x_teacher"): ("H100", 80),  # p5.48xlarge
+        ("aws", "gpu_8x_train"): ("A100-40G", 40),  # p4d.24xlarge
+        ("gcp", "gpu_8x_teacher"): ("A100-80G", 80),  # a2-ultragpu-8g
+        ("gcp", "gpu_8x_train"): ("A100-40G", 40),  # a2-highgpu-8g
+    }
+
+
+def test_kuberay_groups_provide_the_accelerator_types_the_presets_ask_for():
+    """The KubeRay autoscaler's own view of the groups (custom resources from rayStartParams) places every stage."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _node_type_from_group_spec
+
+    manifest = yaml.safe_load((ROOT / "cluster" / "kuberay-rayjob.yaml").read_text())
+    groups = manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    types = {g["groupName"]: _node_type_from_group_spec(g, is_head=False) for g in groups}
+    the_plan = plan(load_config("kvasir-vqa-1pct"))
+    for stage, entry in the_plan["stages"].items():
+        if entry["device"] == "gpu":
+            nodes, residual = autoscaler_nodes(types, 4, stage_demands(entry))
+            assert residual == [] and nodes == {"gpu-8x-teacher" if stage in TEACHER_STAGES else "gpu-8x-train": 1}
+
+
+def test_accelerator_types_need_a_gpu_device():
+    for key in ("teacher", "generator", "target", "train"):
+        with pytest.raises(ConfigError, match=f"{key}: .*accelerator_type L4 needs device: gpu"):
+            load_config(None, [f"{key}.accelerator_type=L4"])
+        if key != "train":
+            assert engine_settings(load_config(None, [f"{key}.accelerator_type=L4", f"{key}.device=gpu"]), key)
+    assert train_placement(load_config(None, ["train.accelerator_type=L4", "train.device=gpu"])).accelerator_type
+    assert actor_pool_placement(engine_settings(load_config(), "teacher")).get("accelerator_type") is None
+
+
+def test_every_stage_declares_the_placement_keys_it_reads():
+    """A stage sees the config restricted to the keys it declares: each reads its role's accelerator type."""
+    from leaml_ray.stages import pipeline_stages
+
+    cfg = load_config("kvasir-vqa-1pct", ["pseudo_qa.consistency_filter=target"])
+    engines = {"caption": ["teacher"], "pseudo_qa": ["generator", "target"], "evaluate": ["target"]}
+    for stage in pipeline_stages(cfg):
+        seen = cfg.restricted(stage.readable(cfg))
+        for role in engines.get(stage.name, []):
+            assert engine_settings(seen, role).accelerator_type == getattr(cfg, role).accelerator_type
+        if stage.name == "generator" or stage.name.startswith("finetune"):
+            assert train_placement(seen).accelerator_type == "A100-40G", stage.name
 
 
 def test_a_node_type_with_too_few_gpus_is_a_problem():
+    # 4-GPU teacher nodes hold one tensor-parallel-4 replica each: the two replicas take two nodes
+    four = cluster("aws")
+    four["available_node_types"]["gpu_8x_teacher"]["resources"]["GPU"] = 4
+    the_plan, problems = placed("kvasir-vqa-1pct", "aws", on=four)
+    assert problems == [] and the_plan["stages"]["caption"]["nodes"] == {"gpu_8x_teacher": 2}
+    # fewer GPUs than one replica's tensor parallel size: no node holds a replica
     small = cluster("aws")
-    for node in small["available_node_types"].values():
-        node["resources"]["GPU"] = min(node["resources"]["GPU"], 4)
+    small["available_node_types"]["gpu_8x_teacher"]["resources"]["GPU"] = 2
     problems = check_cluster(plan(load_config("kvasir-vqa-1pct")), small)
-    assert problems and all("8 GPUs" in p for p in problems)
     assert {p.split(":")[0] for p in problems} == {"caption", "pseudo_qa/teacher"}
+    for problem in problems:
+        assert "needs 4 GPUs and 8 CPUs on one node of accelerator type H100" in problem
+        assert "no worker node type has that (largest: 2)" in problem
 
 
 def test_more_workers_than_the_gpu_nodes_hold_is_a_problem():
-    problems = check_cluster(plan(load_config("sportu-1pct", ["train.num_workers=64"])), cluster("gcp"))
+    _, problems = placed("sportu-1pct", "gcp", "train.num_workers=64")
     assert {p.split(":")[0] for p in problems} == {"generator", "finetune"}
+    assert all("the node types fit 16 within max_workers" in p for p in problems)  # 2 A100-40G nodes of 8
+    sixteen, problems = placed("sportu-1pct", "gcp", "train.num_workers=16")
+    assert problems == [] and sixteen["stages"]["finetune"]["nodes"] == {"gpu_8x_train": 2}
+
+
+def test_a_node_type_without_its_gpu_memory_is_a_problem():
+    bare = cluster("aws")
+    del bare["available_node_types"]["gpu_8x_teacher"]["labels"]
+    _, problems = placed("kvasir-vqa-1pct", "aws", on=bare)
+    assert any(p.startswith("node type gpu_8x_teacher: its labels must state its GPU memory") for p in problems)
+
+
+@pytest.mark.parametrize("name", ["aws", "gcp"])
+def test_a_teacher_that_does_not_fit_in_gpu_memory_is_a_problem(name):
+    small = cluster(name)
+    small["available_node_types"]["gpu_8x_teacher"]["labels"][GPU_MEMORY_LABEL] = "24"  # L4-sized GPUs
+    the_plan, problems = placed("kvasir-vqa-1pct", name, on=small)
+    assert {p.split(":")[0] for p in problems} == TEACHER_STAGES
+    assert the_plan["stages"]["caption"]["gpu_memory_gb"] == 24
+    # 58.2 GB: 34.2 of weights (73.4 B x 2 bytes / TP 4 = 36.7e9 B), a 20 GB KV cache (128 sequences x 2048 tokens
+    # x 80 layers x K,V x 2 KV heads per rank x 128 x 2 bytes = 20 GiB), 4 of overhead; vLLM gets 90% of 24 GB
+    assert "caption: needs ~58.2 GB per GPU (weights 34.2, kv cache 20, overhead 4)" in problems[0]
+    assert "gpu_8x_teacher has 24 GB GPUs (vLLM allocates 90%: 21.6)" in problems[0]
+    # at tensor parallel 4 the 72B needs the 80 GB type: on the 40 GB training type it does not fit
+    forty, problems = placed("kvasir-vqa-1pct", name, "teacher.accelerator_type=A100-40G")
+    assert forty["stages"]["caption"]["node_type"] == "gpu_8x_train"
+    assert {p.split(":")[0] for p in problems} == TEACHER_STAGES
+    assert "needs ~58.2 GB per GPU" in problems[0]
+    assert "gpu_8x_train has 40 GB GPUs (vLLM allocates 90%: 36)" in problems[0]
+    # tensor parallel 2: 68 GB of weights and a 40 GB KV cache per GPU do not fit an 80 GB GPU either
+    tp2, problems = placed("kvasir-vqa-1pct", name, "teacher.tensor_parallel_size=2")
+    assert tp2["stages"]["caption"]["gpu_memory_needed_gb"] == pytest.approx(68.4 + 40 + 4, abs=0.2)
+    assert {p.split(":")[0] for p in problems} == TEACHER_STAGES and "has 80 GB GPUs" in problems[0]
+
+
+def test_training_without_gradient_checkpointing_does_not_fit_the_40gb_type():
+    """The presets' comment: the 7B at batch 4 with a 152k-word vocabulary needs gradient checkpointing on 40 GB."""
+    with_it, problems = placed("kvasir-vqa-1pct", "aws")
+    assert problems == [] and with_it["stages"]["generator"]["gpu_memory_needed_gb"] < 20
+    without, problems = placed("kvasir-vqa-1pct", "aws", "train.gradient_checkpointing=false")
+    assert {p.split(":")[0] for p in problems} == {"generator", "finetune"}
+    assert all("gpu_8x_train has 40 GB GPUs" in p for p in problems)
+    assert without["stages"]["generator"]["gpu_memory_needed_gb"] > 40
+
+
+def _qwen25_vl_config(text: dict, tied: bool, out: int) -> dict:
+    """A Qwen2.5-VL config.json (transformers 5 layout): the text part given, the 32-block 1280-wide vision tower."""
+    vision = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "out_hidden_size": out}
+    return {"text_config": text, "vision_config": vision, "tie_word_embeddings": tied, "dtype": "bfloat16"}
+
+
+def _text(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int) -> dict:
+    """The text part of a Qwen2.5-VL config.json."""
+    return {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "intermediate_size": intermediate,
+        "vocab_size": vocab,
+    }
+
+
+@pytest.mark.parametrize(
+    "name, text, tied",
+    [  # the shapes of each model's config.json on the hub; KNOWN_MODELS holds their published parameter counts
+        ("Qwen2.5-VL-72B-Instruct", _text(8192, 80, 64, 8, 29568, 152064), False),
+        ("Qwen2.5-VL-7B-Instruct", _text(3584, 28, 28, 4, 18944, 152064), False),
+        ("Qwen2.5-VL-3B-Instruct", _text(2048, 36, 16, 2, 11008, 151936), True),
+    ],
+)
+def test_parameters_counted_from_a_config_json_match_the_published_counts(name, text, tied, tmp_path):
+    config = _qwen25_vl_config(text, tied, text["hidden_size"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shape, dtype = model_shape(str(tmp_path))
+    known = KNOWN_MODELS[name]
+    assert dtype == "bfloat16" and shape.params == pytest.approx(known.params, rel=0.01)
+    assert shape == shape_from_config(config)
+    assert (shape.layers, shape.kv_heads, shape.head_dim, shape.intermediate) == (
+        known.layers,
+        known.kv_heads,
+        known.head_dim,
+        known.intermediate,
+    )
+
+
+def test_models_are_known_by_folder_name_zoo_config_or_not_at_all():
+    assert model_shape("Qwen/Qwen2.5-VL-72B-Instruct")[0] is KNOWN_MODELS["Qwen2.5-VL-72B-Instruct"]
+    assert model_shape("s3://bucket/models/Qwen2.5-VL-7B-Instruct/")[0] is KNOWN_MODELS["Qwen2.5-VL-7B-Instruct"]
+    zoo, dtype = model_shape("zoo:teacher")  # the shipped tiny zoo's config.json
+    assert zoo.layers == 3 and zoo.hidden == 128 and zoo.params < 5e6 and dtype == "float32"
+    assert model_shape("org/unknown-model") is None
+    # a model the plan cannot size: no memory figure and no memory problem, the table says "?"
+    the_plan, problems = placed("kvasir-vqa-1pct", "aws", "teacher.model=org/unknown-model")
+    assert problems == [] and the_plan["stages"]["caption"]["gpu_memory_needed_gb"] is None
+    assert "?/80" in format_plan(the_plan).splitlines()[2]
+
+
+def test_memory_estimates_follow_the_documented_formulas():
+    """Checked against figures computed by hand: KV cache per token = layers x 2 (K, V) x KV heads x head dim x
+    bytes; LoRA r=64 on all 7 projections of Qwen2.5-7B's language model = PEFT's 161,480,704 trainable."""
+    gib = 2**30
+    s72 = KNOWN_MODELS["Qwen2.5-VL-72B-Instruct"]
+    cfg = load_config("kvasir-vqa-1pct")
+    teacher = engine_memory(s72, engine_settings(cfg, "teacher"), 2)
+    assert teacher["weights"] == pytest.approx(73.4e9 * 2 / 4 / gib)  # TP 4: a quarter of the bf16 weights
+    # 128 sequences x 2048 tokens x 80 layers x (K, V) x 2 KV heads (8 / TP 4) x 128 head dim x 2 bytes = 20 GiB
+    assert teacher["kv_cache"] == pytest.approx(128 * 2048 * 80 * 2 * 2 * 128 * 2 / gib) == pytest.approx(20.0)
+    assert teacher["overhead"] == 4.0
+    s3 = KNOWN_MODELS["Qwen2.5-VL-3B-Instruct"]
+    tp8_cfg = load_config("kvasir-vqa-1pct", ["target.tensor_parallel_size=8"])
+    tp8 = engine_memory(s3, engine_settings(tp8_cfg, "target"), 2)
+    assert tp8["kv_cache"] == pytest.approx(128 * 2048 * 36 * 2 * 1 * 128 * 2 / gib)  # 2 KV heads: replicated on 8
+    s7 = KNOWN_MODELS["Qwen2.5-VL-7B-Instruct"]
+    assert lora_params(s7, 64) == 161_480_704
+    seq = 1003520 // (28 * 28) + 256  # 1280 image tokens + the text
+    zero3 = train_memory(s7, "lora", 64, cfg.train, seq)
+    assert zero3["model_states"] == pytest.approx((8.29e9 * 2 + 161_480_704 * 16) / 8 / gib)
+    zero2 = train_memory(s7, "lora", 64, load_config("kvasir-vqa-1pct", ["train.zero_stage=2"]).train, seq)
+    assert zero2["model_states"] == pytest.approx((8.29e9 * 2 + 161_480_704 * 2) / gib + 161_480_704 * 14 / 8 / gib)
+    assert zero3["logits"] == pytest.approx(4 * seq * 152064 * 8 / gib)
+    full = train_memory(s7, "full", 64, cfg.train, seq)
+    assert full["model_states"] == pytest.approx(8.29e9 * 16 / 8 / gib)
+    # the finetune stage is sized by its largest mode: the full-finetuning baseline of eval.methods
+    finetune = plan(cfg)["stages"]["finetune"]
+    assert finetune["gpu_memory_parts_gb"]["model_states"] == pytest.approx(3.75e9 * 16 / 8 / gib, abs=0.05)
+    lora3 = sum(train_memory(s3, "lora", 64, cfg.train, seq).values())
+    assert finetune["gpu_memory_needed_gb"] == round(sum(train_memory(s3, "full", 64, cfg.train, seq).values()), 1)
+    assert finetune["gpu_memory_needed_gb"] > lora3 + 4  # the full baseline's states: ~7 GB per GPU, LoRA's ~1
 
 
 def test_undeclared_node_resources_are_a_problem():
@@ -165,20 +504,33 @@ def test_plan_cli_prints_a_table_and_a_json_last_line_without_starting_ray(tmp_p
     assert last["stages"]["caption"] == {
         "role": "teacher",
         "device": "gpu",
-        "replicas": 1,
-        "gpus_per_replica": 8,
+        "replicas": 2,
+        "gpus_per_replica": 4,
         "cpus_per_replica": 8.0,
+        "accelerator_type": "H100",
+        "node_type": "gpu_8x_teacher",  # where Ray's autoscaler launches it: p5.48xlarge
+        "nodes": {"gpu_8x_teacher": 1},  # both replicas on one node
+        "gpu_memory_gb": 80.0,
+        "gpu_memory_needed_gb": 58.2,
+        "gpu_memory_parts_gb": {"weights": 34.2, "kv_cache": 20.0, "overhead": 4.0},
     }
-    assert last["stages"]["finetune"]["workers"] == 8 and last["stages"]["finetune"]["gpus_per_worker"] == 1
+    finetune = last["stages"]["finetune"]
+    assert finetune["workers"] == 8 and finetune["gpus_per_worker"] == 1
+    assert finetune["node_type"] == "gpu_8x_train" and finetune["trains"] == "target"
+    table = ok.stdout.splitlines()
+    assert table[2].split()[-3:] == ["H100", "gpu_8x_teacher", "58.2/80"]  # caption: accelerator, node type, GB
     tiny = json.loads(_plan_cli().stdout.strip().splitlines()[-1])
     assert {e["device"] for e in tiny["stages"].values()} == {"cpu"}
     small = cluster("aws")
-    small["available_node_types"]["gpu_8x_teacher"]["resources"]["GPU"] = 4
-    small["available_node_types"]["gpu_8x_train"]["resources"]["GPU"] = 4
+    small["available_node_types"]["gpu_8x_teacher"]["resources"]["GPU"] = 2  # fewer than one replica's TP 4
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(small))
     bad = _plan_cli("--config", "kvasir-vqa-1pct", "--cluster", str(tmp_path / "small.yaml"))
-    assert bad.returncode == 1 and "problem: caption: needs 8 GPUs" in bad.stdout
+    assert bad.returncode == 1 and "problem: caption: needs 4 GPUs" in bad.stdout
     assert not json.loads(bad.stdout.strip().splitlines()[-1])["fits"]
+    assert "WARNING" not in bad.stderr  # the autoscaler's own warning for what fits no node type stays quiet
+    gcp = _plan_cli("--config", "kvasir-vqa-1pct", "--cluster", str(ROOT / "cluster" / "gcp.yaml"), *ON["gcp"])
+    assert gcp.returncode == 0, gcp.stdout
+    assert json.loads(gcp.stdout.strip().splitlines()[-1])["stages"]["caption"]["node_type"] == "gpu_8x_teacher"
 
 
 def test_a_local_run_dir_is_refused_where_other_nodes_would_write(ray_local, tmp_path):

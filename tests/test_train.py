@@ -89,6 +89,20 @@ def test_rerun_after_a_failed_run_resumes_at_the_checkpointed_step(zero_runs):
     assert (run["output"] / "model.safetensors").exists()
 
 
+def test_the_driver_reads_the_step_log_without_downloading_the_checkpoint(zero_runs, monkeypatch):
+    from ray.train import Checkpoint
+
+    from leaml_ray.train.loop import train_log
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the whole checkpoint was downloaded")
+
+    checkpoint = Checkpoint(zero_runs[3]["checkpoint"])  # the ZeRO-3 run's last checkpoint, with its model states
+    monkeypatch.setattr(Checkpoint, "as_directory", refuse)
+    monkeypatch.setattr(Checkpoint, "to_directory", refuse)
+    assert train_log(checkpoint) == zero_runs[3]["history"]
+
+
 def test_batches_are_shuffled_by_the_seed_alone():
     # the same rows give the same batches whatever the windows' arrival timing; each row at most once per epoch
     import numpy as np

@@ -3,7 +3,8 @@
 
 Without arguments it runs the embedded default (the tiny-cpu preset) on a private local Ray instance;
 under `ray job submit` it runs on the cluster it was submitted to. `--plan [--cluster YAML]` starts nothing: it
-prints where every stage would run (and whether that fits the cluster's node types) and exits.
+prints where every stage would run (with a cluster YAML: the node type Ray's autoscaler would launch for it, and whether
+it fits there, GPU memory included) and exits.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from leaml_ray.config import DEFAULT_PRESET, PRESET_DIR, Config, ConfigError, load_config
-from leaml_ray.placement import check_cluster, format_plan, plan
+from leaml_ray.placement import format_plan, place_on_cluster, plan
 from leaml_ray.storage import redact
 
 PROG = Path(sys.argv[0]).name  # adapt.py under `python jobs/adapt.py`, leaml-adapt as a console script
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg: Config, only: list[str] | None, force: list[str] | None) -> int:
     """Run the pipeline's stages (all, or `only`) and print the summary; returns the exit code."""
-    # imported here: --help, --print-config, --plan and config errors answer without loading torch, Ray or vLLM
+    # imported here: --help, --print-config, --plan and config errors answer without loading torch or vLLM (and
+    # without Ray, but for its autoscaler's scheduling code under --plan --cluster)
     from leaml_ray.data.sources import SourceError
     from leaml_ray.pipeline import StageError, run_pipeline, summary
     from leaml_ray.runtime import setup_logging
@@ -101,7 +103,7 @@ def start_ray(cfg: Config) -> None:
 
 def print_plan(cfg, cluster_yaml: str | None) -> int:
     """The dry run: the plan table, its problems against the cluster YAML, then one JSON line; 1 if it does not fit."""
-    the_plan = plan(cfg)
+    the_plan = plan(cfg)  # starts no Ray: placing it on the YAML's node types runs the autoscaler's scheduling code
     problems: list[str] = []
     if cluster_yaml:
         try:
@@ -109,7 +111,7 @@ def print_plan(cfg, cluster_yaml: str | None) -> int:
         except (OSError, yaml.YAMLError) as e:
             print(f"{PROG}: --cluster {cluster_yaml}: {e}", file=sys.stderr)
             return 2
-        problems = check_cluster(the_plan, cluster)
+        the_plan, problems = place_on_cluster(the_plan, cluster)
     print(format_plan(the_plan))
     for problem in problems:
         print(f"problem: {problem}")

@@ -51,6 +51,9 @@ def engine_args(settings: EngineSettings, path: str, trust_remote_code: bool = F
     """vLLM engine arguments for a model folder under a role's settings (every engine path uses these); eager on
     CPU (graph capture costs ~40 s there)."""
     processor = {"use_fast": False} | ({"max_pixels": settings.max_pixels} if settings.max_pixels else {})
+    # a vision encoder sharded over tensor-parallel ranks all-reduces after every layer of a small model; each rank
+    # encoding its own images is faster (vLLM's Qwen2.5-VL recipe: --mm-encoder-tp-mode data)
+    parallel = {"mm_encoder_tp_mode": "data"} if settings.tensor_parallel_size > 1 else {}
     return {
         "model": path,
         "dtype": settings.dtype,
@@ -60,12 +63,13 @@ def engine_args(settings: EngineSettings, path: str, trust_remote_code: bool = F
         "tensor_parallel_size": settings.tensor_parallel_size,
         "pipeline_parallel_size": settings.pipeline_parallel_size,
         "trust_remote_code": trust_remote_code,
-        "limit_mm_per_prompt": {"image": 1},
+        "limit_mm_per_prompt": {"image": 1, "video": 0},  # no video: vLLM then reserves no memory for it
         "mm_processor_kwargs": processor,  # the pixel budget training used, so the engine sees the same tokens
         "enforce_eager": settings.device == "cpu",
         # engine stats on: a rate-limited log line (tame_engine_logs) and, through ray.data.llm and ray.serve.llm,
         # vLLM's metrics on Ray's Prometheus endpoint (the dashboard's Metrics tab)
         "disable_log_stats": False,
+        **parallel,
     }
 
 

@@ -18,7 +18,7 @@ from leaml_ray.inference.client import generate_served
 from leaml_ray.inference.engine import engine_args, in_blocks_of
 from leaml_ray.inference.requests import prefix_tokens, prompt_template, request, scored, sequence_scores
 from leaml_ray.models.registry import ModelSpec, load_processor
-from leaml_ray.placement import EngineSettings, ray_data_llm_placement
+from leaml_ray.placement import EngineSettings, ray_data_llm_backend, ray_data_llm_placement
 
 
 def generate(
@@ -45,6 +45,7 @@ def generate(
 
     kwargs = engine_args(settings, path, spec.trust_remote_code)
     kwargs.pop("model")
+    kwargs["distributed_executor_backend"] = ray_data_llm_backend(settings)
     config = vLLMEngineProcessorConfig(
         model_source=path,
         engine_kwargs=kwargs,

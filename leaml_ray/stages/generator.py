@@ -95,9 +95,7 @@ def generator_stage(ctx: StageContext) -> dict[str, Any]:
     )
     storage.write_json_atomic(storage.join(out, "train_log.json"), result["history"])
     steps = result["history"][-1]["step"]
-    views = pair_views(
-        qa.num_rows, steps * cfg.train.grad_accum * cfg.train.num_workers * job.batch_size, job.seed
-    )
+    views = pair_views(qa.num_rows, steps * cfg.train.grad_accum * cfg.train.num_workers * job.batch_size, job.seed)
     counts: dict[str, Any] = {
         "captions": captions.num_rows,
         "heldout_captions": len(heldout),

@@ -168,11 +168,12 @@ def deepspeed_config(job: TrainJob, backward_passes: int = 1, hidden_size: int |
     }
 
 
-def hidden_size(path: str) -> int | None:
-    """The language model's hidden size of a model folder (sizes DeepSpeed's buckets)."""
+def hidden_size(path: str, trust_remote_code: bool = False) -> int | None:
+    """The language model's hidden size of a model folder (sizes DeepSpeed's buckets); remote-code configs (NVILA)
+    load only with trust_remote_code."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     return getattr(getattr(config, "text_config", config), "hidden_size", None)
 
 
@@ -261,7 +262,7 @@ def build_trainee(job: TrainJob, objective: Objective, world: int) -> Trainee:
     total = job.optimizer_steps(world)
     optimizer = torch.optim.AdamW(objective.param_groups(model, job.weight_decay), lr=job.lr, betas=(0.9, 0.98))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(job.warmup_ratio * total), total)
-    ds_config = deepspeed_config(job, objective.backward_passes, hidden_size(path))
+    ds_config = deepspeed_config(job, objective.backward_passes, hidden_size(path, job.trust_remote_code))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return Trainee(engine, scheduler, processor, spec, path, total)
 
