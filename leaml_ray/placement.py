@@ -269,19 +269,13 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
 
 
 def _config_json(model: str) -> dict[str, Any] | None:
-    """config.json of a local model folder or a `zoo:` model; None for hub ids and object-store folders."""
+    """config.json of a local model folder; None for hub ids, object-store folders and `zoo:` models (the CPU demo's
+    tiny zoo: looking it up here would import the zoo, which builds on this module)."""
     import json
     from pathlib import Path
 
-    if model.startswith("zoo:"):
-        from leaml_ray.zoo import ZooMissing, resolve
-
-        try:
-            model = resolve(model)
-        except (ZooMissing, ValueError):
-            return None
     path = Path(model).expanduser() / "config.json"
-    return json.loads(path.read_text()) if "://" not in model and path.is_file() else None
+    return json.loads(path.read_text()) if "://" not in model and ":" not in model and path.is_file() else None
 
 
 def model_shape(model: str) -> tuple[ModelShape, str] | None:

@@ -432,11 +432,14 @@ def test_parameters_counted_from_a_config_json_match_the_published_counts(name, 
     )
 
 
-def test_models_are_known_by_folder_name_zoo_config_or_not_at_all():
+def test_models_are_known_by_folder_name_local_config_or_not_at_all():
+    from leaml_ray.zoo import resolve
+
     assert model_shape("Qwen/Qwen2.5-VL-72B-Instruct")[0] is KNOWN_MODELS["Qwen2.5-VL-72B-Instruct"]
     assert model_shape("s3://bucket/models/Qwen2.5-VL-7B-Instruct/")[0] is KNOWN_MODELS["Qwen2.5-VL-7B-Instruct"]
-    zoo, dtype = model_shape("zoo:teacher")  # the shipped tiny zoo's config.json
-    assert zoo.layers == 3 and zoo.hidden == 128 and zoo.params < 5e6 and dtype == "float32"
+    local, dtype = model_shape(resolve("zoo:teacher"))  # a local folder: its config.json (the shipped tiny teacher)
+    assert local.layers == 3 and local.hidden == 128 and local.params < 5e6 and dtype == "float32"
+    assert model_shape("zoo:teacher") is None  # the CPU demo's zoo is not sized (the plan shows "?")
     assert model_shape("org/unknown-model") is None
     # a model the plan cannot size: no memory figure and no memory problem, the table says "?"
     the_plan, problems = placed("kvasir-vqa-1pct", "aws", "teacher.model=org/unknown-model")
