@@ -211,6 +211,11 @@ class TrainSection(Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (memory for time)")
     attention: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="attention kernel")
+    accelerator_type: str | None = Field(
+        None,
+        description="Ray accelerator type of the GPUs the training workers need (as for an engine: H100, A100-40G...;"
+        " device gpu only)",
+    )
 
     @model_validator(mode="after")
     def _attention_is_installed(self) -> TrainSection:
@@ -226,12 +231,6 @@ class TrainSection(Section):
                     " image does not install it); use sdpa"
                 )
         return self
-
-    accelerator_type: str | None = Field(
-        None,
-        description="Ray accelerator type of the GPUs the training workers need (as for an engine: H100, A100-40G...;"
-        " device gpu only)",
-    )
 
     @model_validator(mode="after")
     def _accelerator_needs_a_gpu(self) -> TrainSection:
