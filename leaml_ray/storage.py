@@ -190,15 +190,14 @@ def upload_dir(local_dir: str, dst: str) -> None:
     AWS refuses above 5 GiB), so a crash leaves a partial folder that only a finished stage's manifest entry would
     vouch for."""
     fs, d = resolve(dst)
-    if on_object_store(dst):
+    in_place = on_object_store(dst)
+    if in_place:
         delete(dst)
-        fs.create_dir(d, recursive=True)
-        pafs.copy_files(local_dir, d, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-        return
-    tmp = f"{d}.tmp-{uuid.uuid4().hex[:8]}"
-    fs.create_dir(tmp, recursive=True)
-    pafs.copy_files(local_dir, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    replace(tmp, dst)
+    target = d if in_place else f"{d}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.create_dir(target, recursive=True)
+    pafs.copy_files(local_dir, target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    if not in_place:
+        replace(target, dst)
 
 
 def _model_cache_root(cache_root: str | None) -> str:

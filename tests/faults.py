@@ -1,4 +1,5 @@
-"""Fault injection for the training tests: an objective wrapper whose first attempt dies mid-run."""
+"""Objective wrappers for the training tests: a first attempt that dies (or is killed) mid-run, and a probe of the
+caption gradient."""
 
 import os
 import signal
@@ -13,12 +14,11 @@ from leaml_ray.train.core import Objective
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-class DiesOnce(Objective):
-    """`inner`, except that the step of micro batch `micro` raises while `marker` does not exist (and creates it):
-    a worker lost mid-training, once."""
+class Wrapped(Objective):
+    """`inner`, every call passed through: the base of the wrappers below."""
 
-    def __init__(self, inner: Objective, micro: int, marker: str):
-        self.inner, self.micro, self.marker = inner, micro, marker
+    def __init__(self, inner: Objective):
+        self.inner = inner
         self.backward_passes, self.state_name = inner.backward_passes, inner.state_name
 
     def param_groups(self, model, weight_decay):
@@ -31,9 +31,6 @@ class DiesOnce(Objective):
         return self.inner.batch_rows(rows, micro)
 
     def step(self, engine, batch):
-        if batch["micro"] == self.micro and not os.path.exists(self.marker):
-            Path(self.marker).touch()
-            raise RuntimeError(f"injected fault at micro batch {self.micro}")
         return self.inner.step(engine, batch)
 
     def state_dict(self):
@@ -43,23 +40,38 @@ class DiesOnce(Objective):
         self.inner.load_state_dict(state)
 
 
-class KilledOnce(DiesOnce):
-    """`inner`, except that the worker process running micro batch `micro` is SIGKILLed once (a lost node)."""
+class DiesOnce(Wrapped):
+    """`inner`, except that the step of micro batch `micro` raises while `marker` does not exist (and creates it):
+    a worker lost mid-training, once."""
+
+    def __init__(self, inner: Objective, micro: int, marker: str):
+        super().__init__(inner)
+        self.micro, self.marker = micro, marker
 
     def step(self, engine, batch):
         if batch["micro"] == self.micro and not os.path.exists(self.marker):
             Path(self.marker).touch()
-            os.kill(os.getpid(), signal.SIGKILL)
+            self.fail()
         return self.inner.step(engine, batch)
 
+    def fail(self) -> None:
+        raise RuntimeError(f"injected fault at micro batch {self.micro}")
 
-class CaptionGradientProbe(DiesOnce):
+
+class KilledOnce(DiesOnce):
+    """`inner`, except that the worker process running micro batch `micro` is SIGKILLed once (a lost node)."""
+
+    def fail(self) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class CaptionGradientProbe(Wrapped):
     """`inner` (a NeuronDistillation), plus, per step, how much caption gradient reached unselected and selected
     neurons: a hook after the objective's own sees each gradient as the optimizer will (metrics "cap_grad_unselected"
     and "cap_grad_selected"). With the QA loss on, every weight moves, so the weights cannot show this."""
 
     def __init__(self, inner: Objective):
-        super().__init__(inner, micro=-1, marker="")
+        super().__init__(inner)
         self.sums = {"cap_grad_unselected": 0.0, "cap_grad_selected": 0.0}
 
     def setup(self, engine, job, processor, labeled):

@@ -80,8 +80,7 @@ def _attach(images: pa.Table, rows: pa.Table, every_row: bool = False) -> Iterat
     column = images["image"]
     starts = np.cumsum([0, *(len(c) for c in column.chunks)])
     chunk = np.searchsorted(starts, index, side="right") - 1
-    sizes = np.concatenate([[0], *(pc.binary_length(c).to_numpy(zero_copy_only=False) for c in column.chunks)])
-    sizes = sizes[1:][index] if len(index) else sizes[:0]
+    sizes = pc.binary_length(column).to_numpy()[index]
     rest = [c for c in rows.column_names if c not in ("image_id", "image")]
     first, size = 0, 0
     for i in range(len(index) + 1):
