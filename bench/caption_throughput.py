@@ -31,14 +31,13 @@ import ray  # noqa: E402
 import ray.data  # noqa: E402
 import torch  # noqa: E402
 
-from leaml_ray import zoo  # noqa: E402
 from leaml_ray.data import synthetic  # noqa: E402
 from leaml_ray.formats import CAPTION_PROMPT  # noqa: E402
-from leaml_ray.inference.offline import generate  # noqa: E402
+from leaml_ray.inference.generate import generate  # noqa: E402
 from leaml_ray.models import chat, quality  # noqa: E402
-from leaml_ray.models.registry import ModelSpec  # noqa: E402
+from leaml_ray.models.registry import model_source  # noqa: E402
+from leaml_ray.models.spec import Engine, ModelSpec  # noqa: E402
 from leaml_ray.models.tiny import build_random  # noqa: E402
-from leaml_ray.placement import EngineSettings  # noqa: E402
 from leaml_ray.runtime import local_ray_env  # noqa: E402
 
 MAX_TOKENS = 32
@@ -55,18 +54,17 @@ def rows(start: int, n: int) -> list[dict]:
     return out
 
 
+def bench_engine(path: str, backend: str, seqs: int) -> Engine:
+    """One CPU engine replica on a model folder, `seqs` sequences per batch."""
+    spec = ModelSpec("teacher", path, False, "auto", 256 * 28 * 28, None)
+    return Engine(spec, 256, 1, 1, 0, "cpu", backend, 1, 1.0, seqs, seqs, None, None)
+
+
 def engine_seconds(path: str, items: list[dict], backend: str, tokens: int = MAX_TOKENS, seqs: int = 64) -> float:
-    spec = ModelSpec("teacher", path)
-    settings = EngineSettings(batch_size=seqs, max_num_seqs=seqs, max_model_len=256, backend=backend)
     t0 = time.perf_counter()
     # min_tokens = max_tokens: every image costs the same number of tokens on both sides
-    out = generate(
-        ray.data.from_items(items),
-        spec,
-        path,
-        {"temperature": 0.0, "max_tokens": tokens, "min_tokens": tokens},
-        settings,
-    ).take_all()
+    sampling = {"temperature": 0.0, "max_tokens": tokens, "min_tokens": tokens}
+    out = generate(ray.data.from_items(items), bench_engine(path, backend, seqs), sampling).take_all()
     assert len(out) == len(items)
     return time.perf_counter() - t0
 
@@ -119,7 +117,7 @@ def main() -> None:
         _temp_dir=tempfile.mkdtemp(prefix="lr-bench-"),
         log_to_driver=False,
     )
-    path = zoo.resolve("zoo:teacher")
+    path = model_source("zoo:teacher")
     large = str(build_random(Path(tempfile.mkdtemp(prefix="lr-large-")) / "large", size="bench-29m", seed=0))
     backends = () if args.only_large else ("ray_data_llm", "actor_pool")
     engines = {backend: steady_state(path, args.small, args.images, backend) for backend in backends}

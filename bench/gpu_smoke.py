@@ -124,13 +124,13 @@ def _memory_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_run(name: str, job, objective, data: list[dict], steps: int, device: str, generator: bool) -> dict:
+def train_run(name: str, job, run, objective, data: list[dict], steps: int, device: str, generator: bool) -> dict:
     """`steps` optimizer steps of one job through the training core; throughput, MFU, memory, losses."""
     from leaml_ray.train.core import build_trainee
 
     if device == "gpu":
         torch.cuda.reset_peak_memory_stats()
-    trainee = build_trainee(job, objective, world=1)
+    trainee = build_trainee(job, run, objective, world=1)
     engine = trainee.engine
     if generator:
         objective.setup(engine, job, trainee.processor, lambda: labeled_table(data))
@@ -211,8 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     wanted = lambda run: not args.runs or run in args.runs.split(",")  # noqa: E731
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from dataclasses import replace
+
+    from leaml_ray.models.spec import ModelSpec
     from leaml_ray.models.tiny import build_random
-    from leaml_ray.train.core import Objective, TrainJob, build_trainee, full_state_dict, prepare_environment
+    from leaml_ray.train.core import Objective, build_trainee, full_state_dict, prepare_environment
+    from leaml_ray.train.job import TrainJob, TrainRun
     from leaml_ray.train.neurons import NeuronDistillation
 
     data = rows(4 * batch_size, image_size)
@@ -221,26 +225,39 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         model_dir = str(build_random(Path(tmp) / "model", size, seed=0))
         print(f"built {size} in {time.perf_counter() - t0:.1f} s", flush=True)
-        base = {
-            "model_path": model_dir,
-            "output": str(Path(tmp) / "out"),
-            "num_rows": 10**6,
-            "batch_size": batch_size,
-            "device": device,
-            "gradient_checkpointing": True,  # as in the paper presets (LoRA + ZeRO-3 + it needs DeepSpeed >= 0.19.8)
-            "max_pixels": image_size * image_size,
-            "warmup_ratio": 0.0,
-            "lr": 1e-4,
-        }
-        prepare_environment(TrainJob(**base))
+        dtype = "bfloat16" if device == "gpu" else "float32"
+        base = TrainJob(
+            spec=ModelSpec("train", model_dir, False, dtype, image_size * image_size, None),
+            finetune="full",
+            lora_r=0,
+            lora_alpha=0,
+            lr=1e-4,
+            weight_decay=0.0,
+            warmup_ratio=0.0,
+            batch_size=batch_size,
+            grad_accum=1,
+            zero_stage=2,
+            seed=0,
+            device=device,
+            workers=1,
+            gradient_checkpointing=True,  # as in the paper presets (LoRA + ZeRO-3 + it needs DeepSpeed >= 0.19.8)
+            attention="sdpa",
+            cpus_per_worker=1.0,
+            accelerator_type=None,
+            max_failures=0,
+            checkpoint_every=10**6,
+        )
+        run = TrainRun(num_rows=10**6, epochs=1.0, output=str(Path(tmp) / "out"), run_dir="")
+        prepare_environment(base)
         init_world(device)
         for zero in (2, 3):
             for finetune in ("full", "lora"):
                 if not wanted(f"target_{finetune}_zero{zero}"):
                     continue
-                job = TrainJob(**base, zero_stage=zero, finetune=finetune, lora_r=16)
+                lora = {"lora_r": 16, "lora_alpha": 32} if finetune == "lora" else {}
+                job = replace(base, zero_stage=zero, finetune=finetune, **lora)
                 result, trainee = train_run(
-                    f"target_{finetune}_zero{zero}", job, Objective(), data, steps, device, False
+                    f"target_{finetune}_zero{zero}", job, run, Objective(), data, steps, device, False
                 )
                 print(json.dumps(result), flush=True)
                 results.append(result)
@@ -249,13 +266,22 @@ def main(argv: list[str] | None = None) -> int:
         for zero in (2, 3):
             if not wanted(f"generator_zero{zero}"):
                 continue
-            job = TrainJob(**base, zero_stage=zero)
-            objective = NeuronDistillation(score="gradient", ratio=0.1, qa_weight=0.0, score_batches=2)
+            job = replace(base, zero_stage=zero)
+            objective = NeuronDistillation(
+                score="gradient",
+                ratio=0.1,
+                caption_weight=1.0,
+                score_batches=2,
+                seed=0,
+                scope="lm_mlp",
+                caption_distill=True,
+                qa_weight=0.0,
+            )
             # the starting weights, gathered the same way as the trained ones (ZeRO-3 partitions them)
-            probe = build_trainee(job, Objective(), world=1)
+            probe = build_trainee(job, run, Objective(), world=1)
             before = full_state_dict(probe.engine, job, rank=0)
             del probe
-            result, trainee = train_run(f"generator_zero{zero}", job, objective, data, steps, device, True)
+            result, trainee = train_run(f"generator_zero{zero}", job, run, objective, data, steps, device, True)
             after = full_state_dict(trainee.engine, job, rank=0)
             check = neurons_confined(before, after, objective.masks)
             result.update({k: v for k, v in check.items() if k != "broken"})

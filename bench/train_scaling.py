@@ -27,11 +27,12 @@ import ray.data  # noqa: E402
 from leaml_ray.data import synthetic  # noqa: E402
 from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT, qa_target  # noqa: E402
 from leaml_ray.models import tiny  # noqa: E402
+from leaml_ray.models.spec import ModelSpec  # noqa: E402
 
 # noqa: E402
-from leaml_ray.placement import TrainPlacement  # noqa: E402
 from leaml_ray.runtime import local_ray_env  # noqa: E402
-from leaml_ray.train.core import Objective, TrainJob  # noqa: E402
+from leaml_ray.train.core import Objective  # noqa: E402
+from leaml_ray.train.job import TrainJob, TrainRun  # noqa: E402
 from leaml_ray.train.loop import run_training  # noqa: E402
 from leaml_ray.train.neurons import NeuronDistillation  # noqa: E402
 
@@ -70,25 +71,29 @@ def train(model: str, data: list[dict], tmp: str, name: str, workers: int, objec
         [{"image": r["qa_image"], "instruction": QA_GEN_PROMPT, "response": r["qa_response"]} for r in data]
     )
     job = TrainJob(
-        model_path=model,
-        output=f"{tmp}/{name}",
-        num_rows=len(data),
-        batch_size=16,
-        epochs=1.0,
-        checkpoint_every=10**6,
-        zero_stage=zero,
+        spec=ModelSpec("train", model, False, "float32", 256 * 28 * 28, None),
+        finetune="full",
+        lora_r=0,
+        lora_alpha=0,
+        lr=1e-3,
+        weight_decay=0.0,
         warmup_ratio=0.0,
+        batch_size=16,
+        grad_accum=1,
+        zero_stage=zero,
+        seed=0,
+        device="cpu",
+        workers=workers,
+        gradient_checkpointing=False,
+        attention="sdpa",
+        cpus_per_worker=1.0,
+        accelerator_type=None,
+        max_failures=0,
+        checkpoint_every=10**6,
     )
-    result = run_training(
-        job,
-        ds,
-        name,
-        f"{tmp}/ckpt",
-        TrainPlacement(workers=workers, cpus_per_worker=1.0),
-        0,
-        objective,
-        labeled if isinstance(objective, NeuronDistillation) else None,
-    )
+    run = TrainRun(num_rows=len(data), epochs=1.0, output=f"{tmp}/{name}", run_dir="")
+    pairs = labeled if isinstance(objective, NeuronDistillation) else None
+    result = run_training(job, run, ds, name, f"{tmp}/ckpt", objective, pairs)
     history = [r for r in result["history"] if "seconds" in r]
     first, last = history[0], history[-1]
     # steady state: from the end of the first optimizer step (data pipeline start-up and the first batch excluded)
@@ -119,7 +124,10 @@ def scaling(data: list[dict], tmp: str, cols: list[str]) -> dict:
     model = str(tiny.build_random(Path(tmp) / "base", "base", seed=0))
     one = train(model, data, tmp, "one", 1, Objective(), cols=cols)
     two = train(model, data, tmp, "two", 2, Objective(), cols=cols)
-    masked = train(model, data, tmp, "masked", 2, NeuronDistillation(score_batches=4))
+    distill = NeuronDistillation(
+        score="gradient", ratio=0.1, caption_weight=1.0, score_batches=4, seed=0, scope="lm_mlp", caption_distill=True
+    )
+    masked = train(model, data, tmp, "masked", 2, distill)
     unmasked = train(model, data, tmp, "unmasked", 2, UnmaskedDistillation(score_batches=4))
     # the scoring pass covered 4 batches x 16 rows x 2 workers; one epoch over those rows at the plain rate
     epoch_seconds = 4 * 16 * 2 / two["steady_samples_per_s"]

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 
 from leaml_ray import zoo  # noqa: E402
 from leaml_ray.models import quality  # noqa: E402
+from leaml_ray.models import zoo as lookup  # noqa: E402
 from leaml_ray.runtime import local_ray_env  # noqa: E402
 
 
@@ -44,10 +45,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     zoos = {}
-    if zoo.shipped_key() == zoo.recipe_key():
+    if lookup.shipped_key() == lookup.recipe_key():
         zoos["shipped"] = zoo.ensure_zoo()
     else:
-        print(f"the shipped zoo ({zoo.shipped_key()}) is not the recipe in code ({zoo.recipe_key()}): run `make zoo`")
+        print(f"the shipped zoo ({lookup.shipped_key()}) is not the recipe in code ({lookup.recipe_key()}): run `make zoo`")
     if args.rebuild or not zoos:
         local_ray_env()
         ray.init(
@@ -56,12 +57,12 @@ def main() -> None:
             _temp_dir=tempfile.mkdtemp(prefix="lr-zoo-"),
             log_to_driver=False,
         )
-        shutil.rmtree(zoo.zoo_dir(), ignore_errors=True)
+        shutil.rmtree(lookup.zoo_dir(), ignore_errors=True)
         t0 = time.perf_counter()
-        zoo.build(zoo.zoo_dir())
-        print(f"rebuilt at {zoo.zoo_dir()} in {time.perf_counter() - t0:.0f} s")
+        zoo.build(lookup.zoo_dir())
+        print(f"rebuilt at {lookup.zoo_dir()} in {time.perf_counter() - t0:.0f} s")
         ray.shutdown()
-        zoos["rebuilt"] = {role: str(zoo.zoo_dir() / folder) for role, folder in zoo.ROLE_FOLDERS.items()}
+        zoos["rebuilt"] = {role: str(lookup.zoo_dir() / folder) for role, folder in lookup.ROLE_FOLDERS.items()}
     results = {name: measure(paths, args.n) for name, paths in zoos.items()}
     for name, figures in results.items():
         for k, v in figures.items():

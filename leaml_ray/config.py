@@ -11,27 +11,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
+from leaml_ray.errors import UserError
+
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "tiny-cpu"
 
 
-class ConfigError(ValueError):
-    """A configuration problem, phrased as one line for the user."""
+class ConfigError(UserError, ValueError):
+    """A configuration problem."""
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    def __getattr__(self, name: str) -> Any:
-        # only reached for a field that Config.restricted() took out: a stage read what it does not declare
-        if name in type(self).model_fields:
-            sections = [s for s, f in Config.model_fields.items() if f.annotation is type(self)]
-            key = ".".join([*sections[:1], name])
-            raise AttributeError(
-                f"config {key} is not among the keys the running stage declares (add it to the Stage's"
-                " config_keys, or to its unhashed_keys when it cannot change the stage's outputs)"
-            )
-        return super().__getattr__(name)
 
 
 class RunSection(Section):
@@ -135,7 +126,7 @@ class GeneratorSection(TrainableModelSection):
     )
     caption_distill: bool = True
     caption_weight: float = Field(1.0, ge=0, description="lambda of L_cap")
-    # full: chosen on the validation split (README, label efficiency): 39.7 vs 36.7 (lm_mlp) and 38.5 (all_mlp)
+    # full: chosen on the validation split (bench/results/design_choices.md)
     distill_scope: Literal["lm_mlp", "all_mlp", "full"] = Field(
         "full",
         description="where the caption gradient may go: selected neurons of the language model's MLP blocks, of"
@@ -153,7 +144,7 @@ class PseudoQASection(Section):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(32, ge=1)
-    # labeled + greedy: +11.9 points over the paper's mode at 1% labels, 3 seeds (README, label efficiency)
+    # labeled + greedy: ahead of the paper's mode at 1% labels (bench/results/design_choices.md)
     questions: Literal["generated", "labeled"] = Field(
         "labeled",
         description="labeled: each sample asks one of the labeled questions (distinct per image, drawn as often as"
@@ -313,33 +304,6 @@ class Config(Section):
         for name, field, _ in self.unused_learning_rates():
             del data[name][field]
         return yaml.safe_dump(data, sort_keys=False)
-
-    def restricted(self, keys: tuple[str, ...]) -> Config:
-        """A copy in which only the dotted keys (sections or section.field) can be read; reading any other field
-        raises AttributeError. What a stage sees, so that its cache key cannot miss a setting it reads."""
-        out = self.model_copy(deep=True)
-        for name in Config.model_fields:
-            if name in keys:
-                continue
-            fields = {k.split(".", 1)[1] for k in keys if k.startswith(name + ".")}
-            if not fields:
-                del out.__dict__[name]
-                continue
-            section = out.__dict__[name]
-            for field in set(type(section).model_fields) - fields:
-                del section.__dict__[field]
-        return out
-
-    def subset(self, keys: tuple[str, ...]) -> dict[str, Any]:
-        """The values of dotted keys (sections or fields), for hashing a stage's dependencies."""
-        dumped = self.model_dump(mode="json")
-        out = {}
-        for key in keys:
-            node: Any = dumped
-            for part in key.split("."):
-                node = node[part]
-            out[key] = node
-        return out
 
 
 def stable_hash(obj: Any) -> str:

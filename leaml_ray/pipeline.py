@@ -8,9 +8,10 @@ On an object store (s3://, gs://) a move is a copy, and AWS refuses to copy an o
 manifest entry alone says whether they are complete. A crash mid-stage then leaves that stage's outputs incomplete
 (never the previous ones) under an entry that is not done, and the next run redoes the stage.
 
-A stage's cache key is the hash of the config values it declares (`config_keys`) and the fingerprints of its
-inputs. The stage sees a config restricted to what it declares (`config_keys`, `unhashed_keys` and `EVERY_STAGE`),
-so reading anything else fails loudly instead of leaving a stale output skipped when that setting changes.
+Each stage plans, then runs (docs/design.md#plan-then-run): `plan(cfg)` reads the config once into a frozen
+dataclass of what the work needs, and `run(plan, ctx)` works only from it. The stage's cache key is the hash of its
+plan, less the fields that only place the work (`plan.placement()`), and the fingerprints of its inputs; the manifest
+keeps each stage's whole plan as the record of what ran.
 """
 
 from __future__ import annotations
@@ -26,25 +27,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from leaml_ray import dashboard, storage, tracking
+from leaml_ray import dashboard, plan, storage, tracking
 from leaml_ray.config import Config, stable_hash
+from leaml_ray.errors import UserError
 
 log = logging.getLogger("leaml_ray")
 MANIFEST = "manifest.json"
 CONFIG_YAML = "config.yaml"
-# where a run lives and talks to Ray: every stage may read these, none of them changes what a stage computes
-EVERY_STAGE = ("run.dir", "run.log_level", "run.shared_fs", "cluster")
 
 
-class StageError(RuntimeError):
-    """A stage cannot run (missing inputs, unknown name); one line for the user."""
+class StageError(UserError, RuntimeError):
+    """A stage cannot run (missing inputs, unknown name)."""
 
 
 @dataclass
 class StageContext:
-    """What a running stage sees: the config, where to read inputs and where to write outputs."""
+    """Where a running stage reads its inputs and writes its outputs (what it computes is in its plan)."""
 
-    cfg: Config
     run_dir: str
     work_dir: str
     resume_dir: str  # survives a crash; kept only while the stage's config and inputs are unchanged
@@ -60,34 +59,21 @@ class StageContext:
 
 @dataclass(frozen=True)
 class Stage:
-    """One pipeline step and its contract: run-dir inputs, outputs and the config keys it reads.
-
-    `config_keys` (dotted sections or fields) can change the outputs and are hashed into the cache key;
-    `unhashed_keys` are read but cannot change the outputs except through the inputs: where or how the work runs
-    (devices, replicas, endpoints). Either may be a function of the config. A name `family:member` (finetune:lora)
-    is also selected by its family name in `only` and `force`.
-    """
+    """One pipeline step and its contract: `plan` (config -> the stage's plan, pure), `run` (plan, context -> counts),
+    its run-dir inputs and outputs. `inputs` and `external_inputs` (files outside the run dir, e.g. the data source)
+    may be functions of the plan. A name `family:member` (finetune:lora) is also selected by its family name in `only`
+    and `force`."""
 
     name: str
-    run: Callable[[StageContext], dict[str, Any]]
+    plan: Callable[[Config], Any]
+    run: Callable[[Any, StageContext], dict[str, Any]]
     outputs: tuple[str, ...]
-    inputs: tuple[str, ...] | Callable[[Config], tuple[str, ...]] = ()  # run-dir paths, or a function of the config
-    config_keys: tuple[str, ...] | Callable[[Config], tuple[str, ...]] = ()
-    unhashed_keys: tuple[str, ...] | Callable[[Config], tuple[str, ...]] = ()
-    external_inputs: Callable[[Config], list[str]] = field(default=lambda cfg: [])
+    inputs: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
+    external_inputs: Callable[[Any], list[str]] = field(default=lambda plan: [])
 
-    def hashed(self, cfg: Config) -> tuple[str, ...]:
-        """The config keys in the stage's cache key."""
-        return self.config_keys(cfg) if callable(self.config_keys) else self.config_keys
-
-    def readable(self, cfg: Config) -> tuple[str, ...]:
-        """Every config key the stage may read."""
-        unhashed = self.unhashed_keys(cfg) if callable(self.unhashed_keys) else self.unhashed_keys
-        return (*self.hashed(cfg), *unhashed, *EVERY_STAGE)
-
-    def input_paths(self, cfg: Config) -> tuple[str, ...]:
+    def input_paths(self, the_plan: Any) -> tuple[str, ...]:
         """The run-dir paths the stage reads."""
-        return self.inputs(cfg) if callable(self.inputs) else self.inputs
+        return self.inputs(the_plan) if callable(self.inputs) else self.inputs
 
 
 @dataclass
@@ -107,21 +93,22 @@ def _save_manifest(run_dir: str, manifest: dict) -> None:
     storage.write_json_atomic(storage.join(run_dir, MANIFEST), manifest)
 
 
-def stage_key(stage: Stage, cfg: Config, run_dir: str, producers: dict[str, str] | None = None) -> dict:
-    """What decides whether a stage's outputs are current: its config hash and the fingerprints of its inputs."""
+def stage_key(stage: Stage, the_plan: Any, run_dir: str, producers: dict[str, str] | None = None) -> dict:
+    """What decides whether a stage's outputs are current: the hash of its plan (placement left out) and the
+    fingerprints of its inputs."""
     producers = producers or {}
-    rels = stage.input_paths(cfg)
+    rels = stage.input_paths(the_plan)
     inputs = {rel: storage.fingerprint(storage.join(run_dir, rel)) for rel in rels}
     for rel, fp in inputs.items():
         if fp is None:
             hint = f"; run stage {producers[rel]} first" if rel in producers else ""
             raise StageError(f"stage {stage.name} needs {storage.join(run_dir, rel)}, which does not exist{hint}")
-    for ext in stage.external_inputs(cfg):
+    for ext in stage.external_inputs(the_plan):
         fp = storage.fingerprint(ext)
         if fp is None:
             raise StageError(f"stage {stage.name}: input {ext} does not exist")
         inputs[ext] = fp
-    return {"config_hash": stable_hash(cfg.subset(stage.hashed(cfg))), "input_hashes": inputs}
+    return {"plan_hash": stable_hash(plan.hashed_fields(the_plan)), "input_hashes": inputs}
 
 
 def resume_path(run_dir: str, stage_name: str, key: dict) -> str:
@@ -132,7 +119,7 @@ def resume_path(run_dir: str, stage_name: str, key: dict) -> str:
 def _is_current(entry: dict | None, key: dict, stage: Stage, run_dir: str) -> bool:
     if not entry or entry.get("status") != "done":
         return False
-    if entry.get("config_hash") != key["config_hash"] or entry.get("input_hashes") != key["input_hashes"]:
+    if entry.get("plan_hash") != key["plan_hash"] or entry.get("input_hashes") != key["input_hashes"]:
         return False
     outputs = {rel: storage.fingerprint(storage.join(run_dir, rel)) for rel in stage.outputs}
     return outputs == entry.get("output_hashes")
@@ -152,6 +139,7 @@ def run_pipeline(
     """
     only, force = select(stages, only), select(stages, force)
     producers = {out: s.name for s in stages for out in s.outputs}
+    plans = {s.name: s.plan(cfg) for s in stages}  # pure: a config a stage cannot run with fails before any work
     run_dir = cfg.run.dir
     try:
         storage.check_reachable(run_dir)  # seconds, not pyarrow's ~100 s of retries, on a wrong endpoint or bucket
@@ -160,7 +148,8 @@ def run_pipeline(
     except (storage.StorageError, tracking.TrackingError) as e:
         raise StageError(str(e)) from None
     with run_lock(run_dir):
-        return _run_stages(cfg, stages, only, before_first_run, producers, downstream(cfg, stages, force or []))
+        forced = downstream(stages, plans, force or [])
+        return _run_stages(cfg, stages, plans, only, before_first_run, producers, forced)
 
 
 def select(stages: list[Stage], names: list[str] | None) -> list[str] | None:
@@ -175,11 +164,11 @@ def select(stages: list[Stage], names: list[str] | None) -> list[str] | None:
     return [name for found in picked.values() for name in found]
 
 
-def downstream(cfg: Config, stages: list[Stage], names: list[str]) -> set[str]:
+def downstream(stages: list[Stage], plans: dict[str, Any], names: list[str]) -> set[str]:
     """The named stages and every stage that reads, directly or not, what one of them writes."""
     out = set(names)
     for stage in stages:  # in pipeline order, so one pass sees every chain
-        rels = stage.input_paths(cfg)
+        rels = stage.input_paths(plans[stage.name])
         writers = {s.name for s in stages for o in s.outputs for rel in rels if rel == o or rel.startswith(o + "/")}
         if writers & out:
             out.add(stage.name)
@@ -189,6 +178,7 @@ def downstream(cfg: Config, stages: list[Stage], names: list[str]) -> set[str]:
 def _run_stages(
     cfg: Config,
     stages: list[Stage],
+    plans: dict[str, Any],
     only: list[str] | None,
     before_first_run: Callable[[], None],
     producers: dict,
@@ -206,7 +196,7 @@ def _run_stages(
         for stage in stages:
             if only and stage.name not in only:
                 continue
-            key = stage_key(stage, cfg, run_dir, producers)
+            key = stage_key(stage, plans[stage.name], run_dir, producers)
             entry = manifest["stages"].get(stage.name)
             if stage.name not in forced and _is_current(entry, key, stage, run_dir):
                 log.info("stage %s: outputs are current, skipped", stage.name)
@@ -217,7 +207,7 @@ def _run_stages(
             if all(r.action == "skipped" for r in results):
                 before_first_run()
                 tracker = tracking.Tracker(cfg) if cfg.tracking.backend != "none" else None
-            results.append(_run_stage(stage, cfg, run_dir, manifest, key))
+            results.append(_run_stage(stage, plans[stage.name], run_dir, manifest, key))
             if tracker:
                 tracker.stage_done(stage.name, stage.outputs, results[-1].seconds, results[-1].counts)
     except BaseException:
@@ -267,13 +257,13 @@ def run_lock(run_dir: str) -> Iterator[None]:
         storage.delete(path)
 
 
-def _run_stage(stage: Stage, cfg: Config, run_dir: str, manifest: dict, key: dict) -> StageResult:
+def _run_stage(stage: Stage, the_plan: Any, run_dir: str, manifest: dict, key: dict) -> StageResult:
     # object stores: outputs are written in place (see the module docstring), the manifest entry is the commit
     in_place = storage.on_object_store(run_dir)
     work_dir = run_dir if in_place else storage.join(run_dir, "_work", f"{stage.name}-{uuid.uuid4().hex[:8]}")
     resume_root = storage.join(run_dir, "_resume", stage.name)
     resume_dir = resume_path(run_dir, stage.name, key)
-    entry = {**key, "status": "running", "started": time.time(), "last_action": "ran"}
+    entry = {**key, "status": "running", "started": time.time(), "last_action": "ran", "plan": plan.record(the_plan)}
     manifest["stages"][stage.name] = entry
     _save_manifest(run_dir, manifest)
     if in_place:  # the entry no longer vouches for them: a rerun must not mix its files with the last attempt's
@@ -283,10 +273,8 @@ def _run_stage(stage: Stage, cfg: Config, run_dir: str, manifest: dict, key: dic
     dashboard.gauge("stage_running", 1, run_dir, stage.name)
     t0 = time.perf_counter()
     try:
-        ctx = StageContext(
-            cfg=cfg.restricted(stage.readable(cfg)), run_dir=run_dir, work_dir=work_dir, resume_dir=resume_dir
-        )
-        counts = stage.run(ctx) or {}
+        ctx = StageContext(run_dir=run_dir, work_dir=work_dir, resume_dir=resume_dir)
+        counts = stage.run(the_plan, ctx) or {}
         for rel in stage.outputs:
             src = storage.join(work_dir, rel)
             if not storage.exists(src):

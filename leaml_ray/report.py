@@ -1,4 +1,4 @@
-"""report.json / report.md / plots/ of a run (DESIGN.md section 2 gives the JSON shape)."""
+"""report.json / report.md / plots/ of a run (docs/design.md#the-stage-line gives the JSON shape)."""
 
 from __future__ import annotations
 

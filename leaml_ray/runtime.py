@@ -9,7 +9,7 @@ import tempfile
 import ray
 
 from leaml_ray.config import ClusterSection, Config
-from leaml_ray.pipeline import StageError
+from leaml_ray.errors import UserError
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -69,7 +69,7 @@ def check_run_dir_for_cluster(cfg: Config) -> None:
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     if len(nodes) > 1 or (gpu_roles and not has_gpus):
         why = f"{len(nodes)} nodes" if len(nodes) > 1 else "GPU nodes the autoscaler adds"
-        raise StageError(
+        raise UserError(
             f"run.dir {cfg.run.dir} is a local path on a cluster with {why}; use an s3:// / gs:// run dir, "
             "or set run.shared_fs=true if every node mounts it"
         )

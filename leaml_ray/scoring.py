@@ -1,4 +1,4 @@
-"""Answer scoring (DESIGN.md section 4): normalised exact match, option letters, "; "-joined answers as sets."""
+"""Answer scoring (docs/design.md#scoring): normalised exact match, option letters, "; "-joined answers as sets."""
 
 from __future__ import annotations
 

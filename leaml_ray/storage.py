@@ -13,9 +13,11 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from leaml_ray.errors import UserError
 
-class StorageError(OSError):
-    """An object store or remote folder that cannot be used, said in one line."""
+
+class StorageError(UserError, OSError):
+    """An object store or remote folder that cannot be used."""
 
 
 def is_uri(path: str) -> bool:
@@ -25,10 +27,10 @@ def is_uri(path: str) -> bool:
 
 def on_object_store(path: str) -> bool:
     """The path is on an object store (s3://, gs://): no rename, and an upload appears whole or not at all."""
-    return is_uri(path) and not isinstance(resolve(path)[0], pafs.LocalFileSystem)
+    return is_uri(path) and not isinstance(filesystem(path)[0], pafs.LocalFileSystem)
 
 
-def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or URI."""
     # from_uri reads AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL, at each call (measured with pyarrow 26), so
     # S3-compatible stores need nothing here; S3FileSystem() built directly would ignore both.
@@ -60,7 +62,7 @@ def check_reachable(path: str) -> None:
         return
     hint = "check AWS_ENDPOINT_URL / credentials / the bucket name"
     try:
-        fs, p = resolve(path)
+        fs, p = filesystem(path)
         if isinstance(fs, pafs.LocalFileSystem):  # file:// URIs
             return
         bucket = p.split("/", 1)[0]
@@ -80,12 +82,12 @@ def join(base: str, *parts: str) -> str:
 
 
 def exists(path: str) -> bool:
-    fs, p = resolve(path)
+    fs, p = filesystem(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
 def read_bytes(path: str) -> bytes:
-    fs, p = resolve(path)
+    fs, p = filesystem(path)
     with fs.open_input_stream(p) as f:
         return f.read()
 
@@ -93,7 +95,7 @@ def read_bytes(path: str) -> bytes:
 def write_bytes_atomic(path: str, data: bytes) -> None:
     """Write to a temporary sibling, then rename: a crash never leaves a half-written file. An object store's upload
     is atomic by itself (and its rename a copy, refused above 5 GiB by AWS): written in place there."""
-    fs, p = resolve(path)
+    fs, p = filesystem(path)
     parent = p.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
     if on_object_store(path):
@@ -109,7 +111,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
 def create_exclusive(path: str, data: bytes) -> bool:
     """Create a file only if it does not exist; False if it does. Atomic on local disks; on object stores
     (no exclusive create) a check-then-write, which two runs starting in the same instant can both pass."""
-    fs, p = resolve(path)
+    fs, p = filesystem(path)
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     if not is_uri(path):
         try:
@@ -148,7 +150,7 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 def delete(path: str) -> None:
     """Remove a file or a folder if it is there."""
-    fs, p = resolve(path)
+    fs, p = filesystem(path)
     kind = fs.get_file_info(p).type
     if kind == pafs.FileType.Directory:
         fs.delete_dir(p)
@@ -162,7 +164,7 @@ def replace(src: str, dst: str) -> None:
     pipeline's commit)."""
     if on_object_store(src) or on_object_store(dst):
         raise ValueError(f"replace {src} -> {dst}: object stores have no rename; write in place")
-    (_, s), (_, d) = resolve(src), resolve(dst)
+    (_, s), (_, d) = filesystem(src), filesystem(dst)
     delete(dst)
     os.makedirs(os.path.dirname(d), exist_ok=True)
     os.replace(s, d)
@@ -170,7 +172,7 @@ def replace(src: str, dst: str) -> None:
 
 def fingerprint(path: str) -> str | None:
     """Cheap identity of a file or folder tree (names, sizes, mtimes); None when it does not exist."""
-    fs, p = resolve(path)
+    fs, p = filesystem(path)
     info = fs.get_file_info(p)
     if info.type == pafs.FileType.NotFound:
         return None
@@ -189,7 +191,7 @@ def upload_dir(local_dir: str, dst: str) -> None:
     over it; on an object store file by file in place (each upload multipart, never a copy inside the bucket, which
     AWS refuses above 5 GiB), so a crash leaves a partial folder that only a finished stage's manifest entry would
     vouch for."""
-    fs, d = resolve(dst)
+    fs, d = filesystem(dst)
     in_place = on_object_store(dst)
     if in_place:
         delete(dst)
@@ -228,7 +230,7 @@ def local_model_dir(path: str, cache_root: str | None = None, weights: bool = Tr
     if not is_uri(path):
         return path  # a local folder or a hub id
     try:
-        fs, root = resolve(path)
+        fs, root = filesystem(path)
         root = root.rstrip("/")
         selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
         files = [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]

@@ -21,13 +21,14 @@ import yaml
 
 from leaml_ray import storage
 from leaml_ray.config import Config
+from leaml_ray.errors import UserError
 
 PLOTS = ("accuracy.png", "loss.png", "neuron_scores.png")  # evaluate's plots/ (those a run has)
 CURVES = ("loss", "loss_qa", "loss_cap", "lr", "samples_per_s")  # per optimizer step, from train_log.json
 
 
-class TrackingError(ValueError):
-    """A tracking setting that cannot work (one line for the user)."""
+class TrackingError(UserError, ValueError):
+    """A tracking setting that cannot work."""
 
 
 def location(cfg: Config) -> str:

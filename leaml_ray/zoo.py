@@ -1,4 +1,5 @@
-"""The tiny model zoo of the embedded default: built offline, pretrained on the synthetic world, cached.
+"""Pretraining the tiny model zoo of the embedded default: built offline on the synthetic world, cached (where it
+lives and which recipe: `models/zoo.py`; this tool sits above the train loop it pretrains with).
 
 - teacher: the larger tiny model, pretrained on captions of the `wide` domain (textures, all colours, sizes),
   like a 72B model that has seen more of the world; never on target-domain QA.
@@ -16,49 +17,24 @@ When the recipe in code changes, the shipped zoo no longer matches and `zoo:` mo
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from leaml_ray import CACHE, storage
-from leaml_ray.config import stable_hash
+from leaml_ray import storage
 from leaml_ray.data import synthetic
 from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT, qa_target
+from leaml_ray.models import zoo as lookup
+from leaml_ray.models.zoo import Recipe
 
 log = logging.getLogger("leaml_ray")
-ZOO_VERSION = 2  # 2: the base's text-only vocabulary sentences
-ROLE_FOLDERS = {"teacher": "teacher", "generator": "base", "target": "base"}
 PRETRAIN_SEED = 1000  # the zoo never sees images of the seeds runs use for their data
-SHIPPED = Path(__file__).resolve().parent / "zoo_shipped"
 TEXT_PROMPT = "Write a sentence about shapes."
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How one zoo model is pretrained (its hash names the cache folder)."""
-
-    size: str
-    domain: str
-    samples: int  # training samples seen (epochs over a pool of `images` rendered once)
-    images: int
-    caption_share: float  # the rest: text-only sentences, then answering and asking questions
-    text_share: float = 0.0
-    lr: float = 1e-3
-    batch_size: int = 16
-    image_size: int = 56
-
-
-RECIPES = {
-    "teacher": Recipe(size="teacher", domain="wide", samples=36_000, images=8_000, caption_share=1.0),
-    "base": Recipe(size="base", domain="general", samples=48_000, images=8_000, caption_share=0.4, text_share=0.1),
-}
 
 
 def pretrain_rows(batch: dict, recipe: Recipe, seed: int) -> pa.Table:
@@ -85,30 +61,14 @@ def pretrain_rows(batch: dict, recipe: Recipe, seed: int) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
-def recipe_key() -> str:
-    """The hash of the zoo recipe in code: names the cache folder and is recorded beside the shipped zoo."""
-    return stable_hash({"version": ZOO_VERSION, "recipes": {k: asdict(v) for k, v in RECIPES.items()}})
-
-
-def zoo_dir() -> Path:
-    """The cache folder a zoo built on this machine from the recipe in code goes to."""
-    return CACHE / "zoo" / recipe_key()
-
-
-def shipped_key() -> str | None:
-    """The recipe hash the shipped zoo was built from (None when the package has no shipped zoo)."""
-    path = SHIPPED / "zoo.json"
-    return json.loads(path.read_text())["recipe_key"] if path.exists() else None
-
-
 def pretrain(name: str, recipe: Recipe, out: Path, num_workers: int = 2) -> dict:
     """Pretrain one zoo model from a random init through the shared train loop."""
-    # here, not at the top: looking the zoo up (`resolve`, every CLI) must not import torch, Ray Train, DeepSpeed
+    # here, not at the top: `python -m leaml_ray.zoo --help` and the zoo's lookups import no torch or Ray Train
     import ray.data
 
+    from leaml_ray.models.spec import ModelSpec
     from leaml_ray.models.tiny import build_random
-    from leaml_ray.placement import TrainPlacement
-    from leaml_ray.train.core import TrainJob
+    from leaml_ray.train.job import TrainJob, TrainRun
     from leaml_ray.train.loop import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,30 +86,33 @@ def pretrain(name: str, recipe: Recipe, out: Path, num_workers: int = 2) -> dict
             .materialize()
         )
         job = TrainJob(
-            model_path=str(init),
-            output=str(out),
-            num_rows=recipe.images,
-            epochs=recipe.samples / recipe.images,
+            spec=ModelSpec(name, str(init), False, "float32", 256 * 28 * 28, None),
+            finetune="full",
+            lora_r=0,
+            lora_alpha=0,
             lr=recipe.lr,
-            batch_size=recipe.batch_size,
+            weight_decay=0.0,
             warmup_ratio=0.07,
-            checkpoint_every=10**6,
+            batch_size=recipe.batch_size,
+            grad_accum=1,
+            zero_stage=2,
             seed=PRETRAIN_SEED,
-        )
-        return run_training(
-            job,
-            data,
-            f"zoo-{name}",
-            str(Path(tmp) / "ckpt"),
-            # fractional CPUs: the data tasks need CPUs too
-            TrainPlacement(workers=num_workers, cpus_per_worker=0.5),
+            device="cpu",
+            workers=num_workers,
+            gradient_checkpointing=False,
+            attention="sdpa",
+            cpus_per_worker=0.5,  # fractional CPUs: the data tasks need CPUs too
+            accelerator_type=None,
             max_failures=1,
+            checkpoint_every=10**6,
         )
+        run = TrainRun(num_rows=recipe.images, epochs=recipe.samples / recipe.images, output=str(out), run_dir="")
+        return run_training(job, run, data, f"zoo-{name}", str(Path(tmp) / "ckpt"))
 
 
 def build(root: Path) -> None:
     """Pretrain every zoo model missing from `root` (needs Ray)."""
-    for name, recipe in RECIPES.items():
+    for name, recipe in lookup.RECIPES.items():
         if (root / name / "config.json").exists():
             continue
         log.info("zoo: pretraining the tiny %s (%d samples of the %s domain)", name, recipe.samples, recipe.domain)
@@ -158,57 +121,31 @@ def build(root: Path) -> None:
         log.info("zoo: %s done, final loss %.3f", name, result["history"][-1]["loss"])
 
 
-class ZooMissing(FileNotFoundError):
-    """The tiny zoo of the code's recipe is not built (one line for the user)."""
-
-
-def zoo_root() -> Path:
-    """Where the zoo of the code's recipe lives: the shipped folders when they were built from it, else this
-    machine's cache."""
-    return SHIPPED if shipped_key() == recipe_key() else zoo_dir()
-
-
 def ensure_zoo() -> dict[str, str]:
     """Local folders of the zoo models by role, pretraining on this machine what the code's recipe lacks (needs
-    Ray; `python -m leaml_ray.zoo build`). Stages only look the zoo up (`resolve`)."""
-    root, shipped = zoo_root(), shipped_key()
-    if root != SHIPPED and shipped is not None and not (root / "base" / "config.json").exists():
+    Ray; `python -m leaml_ray.zoo build`). Stages only look the zoo up (`models.registry.model_source`)."""
+    root, shipped = lookup.zoo_root(), lookup.shipped_key()
+    if root != lookup.SHIPPED and shipped is not None and not (root / "base" / "config.json").exists():
         log.warning(
             "zoo: the shipped zoo was built from recipe %s, the code's recipe is %s: pretraining it on this machine "
             "(numbers will differ from the README's; `make zoo` rebuilds and re-ships)",
             shipped,
-            recipe_key(),
+            lookup.recipe_key(),
         )
     build(root)
-    return {role: str(root / folder) for role, folder in ROLE_FOLDERS.items()}
+    return {role: str(root / folder) for role, folder in lookup.ROLE_FOLDERS.items()}
 
 
 def ship(root: Path) -> None:
     """Replace the shipped zoo with the one built in `root` (copied beside it, then renamed into place)."""
-    staging = SHIPPED.with_name(SHIPPED.name + ".tmp")
+    staging = lookup.SHIPPED.with_name(lookup.SHIPPED.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(root, staging)
-    record = {"recipe_key": recipe_key(), "version": ZOO_VERSION, "recipes": {k: asdict(v) for k, v in RECIPES.items()}}
+    recipes = {k: asdict(v) for k, v in lookup.RECIPES.items()}
+    record = {"recipe_key": lookup.recipe_key(), "version": lookup.ZOO_VERSION, "recipes": recipes}
     storage.write_json_atomic(str(staging / "zoo.json"), record)
-    shutil.rmtree(SHIPPED, ignore_errors=True)
-    staging.rename(SHIPPED)
-
-
-def resolve(name_or_path: str) -> str:
-    """A model reference as a local folder or hub id; `zoo:<role>` looks the tiny zoo up and never trains: a zoo
-    missing for the code's recipe is one line telling how to build it."""
-    if name_or_path.startswith("zoo:"):
-        role = name_or_path.split(":", 1)[1]
-        if role not in ROLE_FOLDERS:
-            raise ValueError(f"unknown zoo model {name_or_path!r}; available: zoo:{', zoo:'.join(ROLE_FOLDERS)}")
-        root = zoo_root()
-        if not all((root / name / "config.json").exists() for name in RECIPES):
-            raise ZooMissing(
-                f"zoo: no tiny zoo for recipe {recipe_key()} (the shipped one is {shipped_key()}): build it with "
-                "`python -m leaml_ray.zoo build` (~8 min on 2 cores; `make zoo` also re-ships it)"
-            )
-        return str(root / ROLE_FOLDERS[role])
-    return os.path.expanduser(name_or_path)
+    shutil.rmtree(lookup.SHIPPED, ignore_errors=True)
+    staging.rename(lookup.SHIPPED)
 
 
 def main() -> None:
@@ -221,13 +158,13 @@ def main() -> None:
     parser.add_argument("--ship", action="store_true", help="then replace the shipped zoo in the package with it")
     args = parser.parse_args()
     setup_logging()
-    root = zoo_dir()
+    root = lookup.zoo_dir()
     shutil.rmtree(root, ignore_errors=True)  # from scratch, not from an earlier build
     connect(ClusterSection())
     build(root)
     if args.ship:
         ship(root)
-    print(SHIPPED if args.ship else root)
+    print(lookup.SHIPPED if args.ship else root)
 
 
 if __name__ == "__main__":

@@ -123,12 +123,13 @@ def greedy_reference(tmp_path_factory):
 
     from leaml_ray.data import synthetic
     from leaml_ray.models import chat
-    from leaml_ray.models.registry import ModelSpec, load_model, load_processor
+    from leaml_ray.models.registry import load_model, load_processor
     from leaml_ray.models.tiny import build_random
+    from tests.helpers import local_spec
 
     path = str(build_random(tmp_path_factory.mktemp("greedy") / "m", "base", seed=1, init_std=0.5))
-    spec = ModelSpec("teacher", path, dtype="float32")
-    model, processor = load_model(spec, path), load_processor(spec, path)
+    spec = local_spec(path, "teacher")
+    model, processor = load_model(spec), load_processor(spec)
     eos = processor.tokenizer.eos_token_id
     rows, expected = [], {}
     for k in range(6):

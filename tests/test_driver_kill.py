@@ -84,13 +84,13 @@ def _kill(proc: subprocess.Popen, ray_dir: str) -> None:
 
 
 def _caption_parts(run_dir: str) -> list[str]:
-    fs, root = storage.resolve(storage.join(run_dir, "_resume", "caption"))
+    fs, root = storage.filesystem(storage.join(run_dir, "_resume", "caption"))
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     return [i.path for i in infos if "/parts/part-" in i.path and i.path.endswith(".parquet")]
 
 
 def test_killed_driver_resumes_and_matches_an_uninterrupted_run(tmp_path, greedy_reference, s3_run_dir):
-    model = greedy_reference[0].name_or_path  # outputs depend on the image: a mixed-up caption would show
+    model = greedy_reference[0].model  # outputs depend on the image: a mixed-up caption would show
     run_dir = s3_run_dir
     overrides = _overrides(run_dir, model)
     ray_dir = tempfile.mkdtemp(prefix="lrk-", dir="/tmp")  # short: Ray's socket paths have a length limit

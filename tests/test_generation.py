@@ -6,8 +6,8 @@ import time
 import pytest
 import ray.data
 
-from leaml_ray.inference.offline import generate
-from leaml_ray.placement import EngineSettings
+from leaml_ray.inference.generate import generate
+from tests.helpers import local_engine
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -16,10 +16,10 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 @pytest.mark.parametrize("backend", ["ray_data_llm", "actor_pool"])
 def test_engine_generates_what_transformers_does_for_every_image(greedy_reference, backend):
     spec, rows, expected = greedy_reference
-    settings = EngineSettings(dtype="float32", max_model_len=256, max_num_seqs=8, batch_size=2, backend=backend)
+    engine = local_engine(spec.model, backend=backend)
     sampling = {"temperature": 0.0, "max_tokens": 5}
     # all rows in one input block, as a stage reads one parquet file
-    out = generate(ray.data.from_items(rows, override_num_blocks=1), spec, spec.name_or_path, sampling, settings)
+    out = generate(ray.data.from_items(rows, override_num_blocks=1), engine, sampling)
     out = out.materialize()
     assert out.num_blocks() >= len(rows) // 2  # results stream out per engine batch, not once the input block is done
     got = out.take_all()
@@ -44,11 +44,9 @@ def test_a_tensor_parallel_engine_reserves_nothing_that_outlives_its_stage(greed
     was, detector.detection_time_interval_s = detector.detection_time_interval_s, 0.2
     before = live_groups()
     try:
-        settings = EngineSettings(
-            dtype="float32", max_model_len=256, max_num_seqs=8, batch_size=2, tensor_parallel_size=2
-        )
+        engine = local_engine(spec.model, tensor_parallel_size=2)
         data = ray.data.from_items(rows, override_num_blocks=2)
-        got = generate(data, spec, spec.name_or_path, {"temperature": 0.0, "max_tokens": 5}, settings).take_all()
+        got = generate(data, engine, {"temperature": 0.0, "max_tokens": 5}).take_all()
     finally:
         detector.detection_time_interval_s = was
     assert {r["image_id"]: r["tokens"] for r in got} == expected
@@ -75,17 +73,17 @@ def test_a_killed_engine_actor_is_restarted_and_every_image_comes_out_once(greed
 
     spec, rows, expected = greedy_reference
     many = [{**r, "image_id": f"{r['image_id']}-{k}"} for k in range(8) for r in rows]  # 48 images
-    settings = EngineSettings(dtype="float32", max_model_len=256, max_num_seqs=8, batch_size=2, backend="actor_pool")
+    engine = local_engine(spec.model, backend="actor_pool")
     data = ray.data.from_items(many, override_num_blocks=4)  # as a parquet read gives them: a task per block
-    out = generate(data, spec, spec.name_or_path, {"temperature": 0.0, "max_tokens": 5}, settings)
+    out = generate(data, engine, {"temperature": 0.0, "max_tokens": 5})
     got, killed = [], None
     for row in out.iter_rows():
         got.append(row)
         if killed is None:  # the engine has answered once: kill it while the rest is in flight
-            engine = engine_actors()
-            assert len(engine) == 1
-            killed, at_kill = engine[0].pid, len(got)
-            engine[0].kill()  # SIGKILL
+            actors = engine_actors()
+            assert len(actors) == 1
+            killed, at_kill = actors[0].pid, len(got)
+            actors[0].kill()  # SIGKILL
     assert at_kill < len(many)  # the kill came while images were still to be generated
     ids = [r["image_id"] for r in got]
     assert sorted(ids) == sorted(r["image_id"] for r in many)  # every image exactly once
@@ -96,7 +94,7 @@ def test_a_killed_engine_actor_is_restarted_and_every_image_comes_out_once(greed
 def test_in_blocks_of_cuts_blocks_with_less_than_a_cpu_free():
     """A stage's input is cut into engine-batch blocks even while engine actors or a Serve replica hold the CPUs
     (Dataset.repartition's whole-CPU tasks would wait forever there)."""
-    from leaml_ray.inference.engine import in_blocks_of
+    from leaml_ray.data.blocks import in_blocks_of
 
     @ray.remote
     class Holder:
@@ -136,10 +134,9 @@ def test_engine_stats_are_on_and_their_log_line_passes_once_per_interval(monkeyp
     import logging
 
     from leaml_ray.inference import engine
-    from leaml_ray.placement import EngineSettings
 
     # stats on: the log line, and the metrics that ray.data.llm (log_engine_metrics) and Serve export to Ray
-    assert engine.engine_args(EngineSettings(), "m")["disable_log_stats"] is False
+    assert engine.engine_args(local_engine("m"), "m")["disable_log_stats"] is False
     clock = [100.0]
     monkeypatch.setattr(engine.time, "monotonic", lambda: clock[0])
     every = engine._StatsEvery(10.0)

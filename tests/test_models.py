@@ -1,21 +1,37 @@
-"""The model layer on a random-init tiny model: registry, save/load, chat formatting and label masking."""
+"""The model layer on a random-init tiny model: specs and references, save/load, chat formatting and label masking."""
+
+from pathlib import Path
 
 import torch
 
 from leaml_ray.data import synthetic
 from leaml_ray.formats import qa_target, question_text
 from leaml_ray.models import chat
-from leaml_ray.models.registry import ModelSpec, load_model, load_processor, spec_for
+from leaml_ray.models.registry import load_model, load_processor, model_folder, model_source
+from leaml_ray.models.spec import model_spec
 from leaml_ray.models.tiny import SPECIAL_TOKENS, build_tokenizer
+from leaml_ray.models.zoo import recipe_key, zoo_folder
 from tests.conftest import make_config
+from tests.helpers import local_spec
 
 
-def test_registry_specs_follow_the_config(tmp_path):
+def test_specs_follow_the_config_and_name_zoo_models_by_their_recipe(tmp_path):
     cfg = make_config(tmp_path, "target.model=/models/x", "target.trust_remote_code=true", "teacher.dtype=bfloat16")
-    target, teacher = spec_for(cfg, "target"), spec_for(cfg, "teacher")
-    assert target.name_or_path == "/models/x" and target.trust_remote_code and not target.is_zoo
-    assert teacher.is_zoo and teacher.dtype == "bfloat16" and not teacher.trust_remote_code
-    assert spec_for(cfg, "generator").max_pixels == cfg.generator.max_pixels
+    target, teacher = model_spec(cfg, "target"), model_spec(cfg, "teacher")
+    assert target.model == "/models/x" and target.trust_remote_code and target.zoo_recipe is None
+    assert teacher.model == "zoo:teacher" and teacher.zoo_recipe == recipe_key()  # a rebuilt zoo is another model
+    assert teacher.dtype == "bfloat16" and not teacher.trust_remote_code
+    assert model_spec(cfg, "generator").max_pixels == cfg.generator.max_pixels
+    trained = teacher.at("/run/generator")  # a trained model of the role: its folder, no zoo recipe
+    assert trained.model == "/run/generator" and trained.zoo_recipe is None and trained.dtype == "bfloat16"
+
+
+def test_model_references_resolve_in_one_place():
+    assert model_source("zoo:target") == zoo_folder("zoo:target")  # the tiny zoo, looked up
+    assert model_source("~/m") == str(Path.home() / "m")
+    assert model_source("s3://bucket/m") == "s3://bucket/m"  # ray.data.llm and Serve download it where it loads
+    assert model_source("Qwen/Qwen2.5-VL-7B-Instruct") == "Qwen/Qwen2.5-VL-7B-Instruct"  # a hub id, as named
+    assert model_folder("zoo:generator") == zoo_folder("zoo:target")  # generator and target start from one base
 
 
 def test_tokenizer_is_small_and_keeps_special_tokens():
@@ -30,8 +46,8 @@ def test_tokenizer_is_small_and_keeps_special_tokens():
 
 
 def test_save_load_round_trip_gives_identical_logits(tiny_model_dir, tmp_path):
-    spec = ModelSpec("target", tiny_model_dir, dtype="float32")
-    model, processor = load_model(spec, tiny_model_dir), load_processor(spec, tiny_model_dir)
+    spec = local_spec(tiny_model_dir)
+    model, processor = load_model(spec), load_processor(spec)
     _, image = synthetic.sample("general", 0, 3, 56)
     batch = chat.collate(
         [chat.encode(processor, image, "what shape is on the left?", "circle")], processor.tokenizer.pad_token_id
@@ -39,15 +55,14 @@ def test_save_load_round_trip_gives_identical_logits(tiny_model_dir, tmp_path):
     batch.pop("labels")
     model.save_pretrained(tmp_path / "copy")
     processor.save_pretrained(tmp_path / "copy")
-    again = load_model(spec, str(tmp_path / "copy"))
+    again = load_model(spec.at(str(tmp_path / "copy")))
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, again(**batch).logits)
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
 
 
 def test_labels_cover_exactly_the_assistant_reply(tiny_model_dir):
-    spec = ModelSpec("target", tiny_model_dir, dtype="float32")
-    processor = load_processor(spec, tiny_model_dir)
+    processor = load_processor(local_spec(tiny_model_dir))
     tok = processor.tokenizer
     _, image = synthetic.sample("general", 0, 1, 56)
     reply = qa_target("what color is the shape on the left?", "blue")
@@ -65,9 +80,8 @@ def test_labels_cover_exactly_the_assistant_reply(tiny_model_dir):
 
 
 def test_collate_pads_right_and_masks_padding(tiny_model_dir):
-    spec = ModelSpec("target", tiny_model_dir, dtype="float32")
-    processor = load_processor(spec, tiny_model_dir)
-    model = load_model(spec, tiny_model_dir)
+    spec = local_spec(tiny_model_dir)
+    processor, model = load_processor(spec), load_model(spec)
     images = [synthetic.sample("general", 0, i, 56)[1] for i in range(2)]
     examples = [
         chat.encode(processor, images[0], "Describe this image.", "a red circle on the left."),

@@ -11,24 +11,21 @@ from safetensors.torch import load_file
 
 from leaml_ray.data import synthetic
 from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT, qa_target
-from leaml_ray.models.registry import ModelSpec, load_model
-from leaml_ray.placement import TrainPlacement
-from leaml_ray.train.core import TrainJob
+from leaml_ray.models.registry import load_model
+from leaml_ray.train.job import TrainJob, TrainRun
 from leaml_ray.train.loop import run_training
 from leaml_ray.train.neurons import (
-    NeuronDistillation,
     QASchedule,
     masks_from_scores,
     neuron_params,
     pair_views,
     select_neurons,
 )
-
-TWO_WORKERS = TrainPlacement(workers=2, cpus_per_worker=0.5)
+from tests.helpers import distillation, local_job, local_spec
 
 
 def test_neuron_params_full_and_lora(tiny_model_dir):
-    model = load_model(ModelSpec("g", tiny_model_dir, dtype="float32"), tiny_model_dir)
+    model = load_model(local_spec(tiny_model_dir))
     layers = neuron_params(model)
     n_layers = model.config.text_config.num_hidden_layers
     assert len(layers) == n_layers
@@ -47,7 +44,7 @@ def test_neuron_params_full_and_lora(tiny_model_dir):
 
 
 def test_distill_scope_decides_which_mlp_blocks_hold_neurons(tiny_model_dir):
-    model = load_model(ModelSpec("g", tiny_model_dir, dtype="float32"), tiny_model_dir)
+    model = load_model(local_spec(tiny_model_dir))
     lm, every = neuron_params(model, "lm_mlp"), neuron_params(model, "all_mlp")
     vision = {layer: params for layer, params in every.items() if ".visual.blocks." in layer}
     assert set(every) == set(lm) | set(vision) and len(vision) == model.config.vision_config.depth
@@ -61,13 +58,13 @@ def test_distill_scope_decides_which_mlp_blocks_hold_neurons(tiny_model_dir):
             ("up_proj.weight", 0),
         ]
     assert neuron_params(model, "full") == {}
-    full = NeuronDistillation(scope="full")
-    job = TrainJob(model_path="", output="", num_rows=1)
+    full = distillation(scope="full")
+    job = local_job("")
     pairs = pa.table({"image": [b""], "instruction": ["q"], "response": ["a"]})
     assert full.setup(None, job, None, lambda: pairs) is False and full.masks == {}  # nothing scored, nothing masked
     assert len(full.param_groups(model, 0.1)) == 1
     with pytest.raises(ValueError, match="distill scope"):
-        NeuronDistillation(scope="vision")
+        distillation(scope="vision")
 
 
 def test_select_neurons_takes_top_ratio_per_layer():
@@ -112,22 +109,22 @@ def test_objective_draws_its_qa_batches_from_the_schedule_not_from_the_caption_r
             "pair": list(range(5))[::-1],
         }
     )
-    job = TrainJob(model_path="", output="", num_rows=1, batch_size=2)
+    job = local_job("", batch_size=2)
     views = np.zeros(5, int)
     for rank in range(2):
-        objective = NeuronDistillation(caption_distill=False, seed=1)
+        objective = distillation(caption_distill=False, seed=1)
         objective.setup(None, job, None, lambda: pairs.take([4, 2, 0, 3, 1]))  # any arrival order
         objective.rank, objective.world = rank, 2
         for micro in range(5):  # 2 ranks x 5 micro batches x 2 = 20 pairs = 4 passes
             for p in objective.qa_rows(micro)["pair"]:
                 views[p] += 1
     assert views.tolist() == [4] * 5
-    assert objective.backward_passes == 1 and NeuronDistillation().backward_passes == 2
+    assert objective.backward_passes == 1 and distillation().backward_passes == 2
     # the data path encodes what batch_rows names: the scheduled pairs, and caption rows only when distilling
     captions = {"image": [b"c"] * 2, "instruction": ["caption"] * 2, "response": ["a", "b"]}
     assert objective.batch_rows(captions, 3).keys() == {"qa_inputs"}
     assert objective.batch_rows(captions, 3)["qa_inputs"] == objective.qa_rows(3)
-    distilling = NeuronDistillation(seed=1)
+    distilling = distillation(seed=1)
     distilling.schedule, distilling.labeled, distilling.batch_size = objective.schedule, objective.labeled, 2
     assert distilling.batch_rows(captions, 3) == {
         "qa_inputs": distilling.qa_rows(3),
@@ -155,7 +152,7 @@ def masked_rows(n: int) -> tuple[list[dict], list[dict]]:
 
 def weights(folder) -> dict[str, torch.Tensor]:
     """Parameters by their in-memory names (the files use the checkpoint layout)."""
-    model = load_model(ModelSpec("g", str(folder), dtype="float32"), str(folder))
+    model = load_model(local_spec(str(folder)))
     return {k: v.detach() for k, v in model.named_parameters()}
 
 
@@ -180,12 +177,11 @@ def assert_only_selected_neurons_moved(before: dict, after: dict, out) -> dict[s
     return masks
 
 
-def masked_caption_job(model_dir: str, out, rows: int, batch_size: int, zero_stage: int, **kw) -> TrainJob:
-    """A short masked run: a high learning rate and weight decay, so any update leaking past the masks shows."""
-    return TrainJob(
-        model_path=model_dir,
-        output=str(out),
-        num_rows=rows,
+def masked_caption_job(model_dir: str, batch_size: int, zero_stage: int, **kw) -> TrainJob:
+    """A short masked run on 2 workers: a high learning rate and weight decay, so any update leaking past the masks
+    shows."""
+    return local_job(
+        model_dir,
         batch_size=batch_size,
         lr=1e-2,
         weight_decay=0.1,  # must not reach masked params
@@ -210,25 +206,24 @@ def test_the_presets_training_at_world_size_2_survives_a_killed_worker_under_zer
     rows, labeled = masked_rows(48)
     job = masked_caption_job(
         tiny_model_dir,
-        tmp_path / "out",
-        len(rows),
         4,
         3,
         finetune="lora",
         lora_r=4,
         lora_alpha=8,
         gradient_checkpointing=True,
+        cpus_per_worker=0.5,
+        max_failures=1,
         checkpoint_every=2,
     )
-    distill = NeuronDistillation(score="gradient", ratio=0.25, scope="lm_mlp")  # QA loss on (qa_weight 1)
+    distill = distillation(ratio=0.25)  # QA loss on (qa_weight 1), scope lm_mlp
     objective = KilledOnce(CaptionGradientProbe(distill), micro=5, marker=str(tmp_path / "killed"))
     result = run_training(
         job,
+        TrainRun(num_rows=len(rows), epochs=1.0, output=str(tmp_path / "out"), run_dir=""),
         ray.data.from_items(rows, override_num_blocks=4),
         "preset-combination",
         str(tmp_path / "ckpt"),
-        TWO_WORKERS,
-        1,
         objective,
         ray.data.from_items(labeled[:10], override_num_blocks=1),
     )

@@ -1,13 +1,26 @@
 """The stage runner: skip when current, resume after a crash, rerun on changes (toy stages, no Ray)."""
 
 import json
+from dataclasses import dataclass
 
 import pytest
 
 from leaml_ray import storage
 from leaml_ray.config import load_config
 from leaml_ray.pipeline import Stage, StageError, load_manifest, run_pipeline
+from leaml_ray.plan import placement
 from tests.conftest import make_config
+
+
+@dataclass(frozen=True)
+class Value:
+    """A toy stage's plan: one setting."""
+
+    value: object
+
+
+def no_settings(cfg) -> Value:
+    return Value(None)
 
 
 class Calls:
@@ -17,23 +30,23 @@ class Calls:
 
 
 def toy_stages(calls: Calls) -> list[Stage]:
-    def first(ctx):
+    def first(plan, ctx):
         calls.names.append("first")
-        storage.write_bytes_atomic(ctx.output("a/data.txt"), f"seed={ctx.cfg.run.seed}".encode())
+        storage.write_bytes_atomic(ctx.output("a/data.txt"), f"seed={plan.value}".encode())
         return {"rows": 3}
 
-    def second(ctx):
+    def second(plan, ctx):
         calls.names.append("second")
         text = storage.read_bytes(ctx.input("a/data.txt")).decode()
         storage.write_bytes_atomic(ctx.output("b.txt"), b"partial")
         if calls.fail_in == "second":
             raise RuntimeError("boom")
-        storage.write_bytes_atomic(ctx.output("b.txt"), (text + "|ratio=" + str(ctx.cfg.data.label_ratio)).encode())
+        storage.write_bytes_atomic(ctx.output("b.txt"), (text + "|ratio=" + str(plan.value)).encode())
         return {}
 
     return [
-        Stage("first", first, outputs=("a",), config_keys=("run.seed",)),
-        Stage("second", second, outputs=("b.txt",), inputs=("a",), config_keys=("data.label_ratio",)),
+        Stage("first", lambda cfg: Value(cfg.run.seed), first, outputs=("a",)),
+        Stage("second", lambda cfg: Value(cfg.data.label_ratio), second, outputs=("b.txt",), inputs=("a",)),
     ]
 
 
@@ -92,12 +105,12 @@ def test_force_reruns_the_named_stage_and_every_stage_that_reads_it(tmp_path):
     calls, cfg = Calls(), make_config(tmp_path)
 
     def apart(name):  # reads nothing the others write
-        def run(ctx):
+        def run(plan, ctx):
             calls.names.append(name)
             storage.write_bytes_atomic(ctx.output(f"{name}.txt"), b"c")
             return {}
 
-        return Stage(name, run, outputs=(f"{name}.txt",))
+        return Stage(name, no_settings, run, outputs=(f"{name}.txt",))
 
     stages = [*toy_stages(calls), apart("apart:x"), apart("apart:y")]
     run_pipeline(cfg, stages)
@@ -117,26 +130,36 @@ def test_force_reruns_the_named_stage_and_every_stage_that_reads_it(tmp_path):
         run_pipeline(cfg, stages, force=["nope"])
 
 
-def test_a_stage_sees_only_the_config_it_declares(tmp_path):
+def test_the_manifest_records_each_plan_and_placement_never_reruns_a_stage(tmp_path):
+    @dataclass(frozen=True)
+    class Placed:
+        ratio: float
+        replicas: int = placement()
+
     seen = []
 
-    def reads(ctx):
-        seen.append((ctx.cfg.run.seed, ctx.cfg.run.dir, ctx.cfg.teacher.model))
-        return {"ratio": ctx.cfg.data.label_ratio}  # not declared: a change of it would leave this output stale
+    def run(plan, ctx):
+        seen.append(plan)
+        return {"ratio": plan.ratio}
 
+    stage = Stage("placed", lambda cfg: Placed(cfg.data.label_ratio, cfg.teacher.replicas), run, outputs=())
     cfg = make_config(tmp_path)
-    stage = Stage("reads", reads, outputs=(), config_keys=("run.seed", "data.test_ratio"), unhashed_keys=("teacher",))
-    with pytest.raises(AttributeError, match="config data.label_ratio is not among the keys the running stage"):
-        run_pipeline(cfg, [stage])
-    assert seen == [(0, cfg.run.dir, "zoo:teacher")]  # run.dir: every stage may read where the run lives
-    assert load_manifest(cfg.run.dir)["stages"]["reads"]["status"] == "failed"
-    declared = Stage(
-        "reads", reads, outputs=(), config_keys=("run.seed", "data.label_ratio"), unhashed_keys=("teacher",)
-    )
-    assert run_pipeline(cfg, [declared])[0].counts == {"ratio": 0.05}
-    # an unhashed key is read but does not rerun the stage; a hashed one does
-    assert run_pipeline(make_config(tmp_path, "teacher.model=other"), [declared])[0].action == "skipped"
-    assert run_pipeline(make_config(tmp_path, "data.label_ratio=0.5"), [declared])[0].action == "ran"
+    assert run_pipeline(cfg, [stage])[0].counts == {"ratio": 0.05}
+    assert load_manifest(cfg.run.dir)["stages"]["placed"]["plan"] == {"ratio": 0.05, "replicas": 1}  # what ran
+    assert run_pipeline(make_config(tmp_path, "teacher.replicas=3"), [stage])[0].action == "skipped"
+    assert run_pipeline(make_config(tmp_path, "data.label_ratio=0.5"), [stage])[0].action == "ran"
+    assert seen == [Placed(0.05, 1), Placed(0.5, 1)]
+    assert load_manifest(cfg.run.dir)["stages"]["placed"]["plan"] == {"ratio": 0.5, "replicas": 1}
+
+
+def test_a_config_no_stage_can_run_with_fails_before_any_work(tmp_path):
+    def refuse(cfg):
+        raise StageError("evaluate: nothing to evaluate")
+
+    calls = Calls()
+    with pytest.raises(StageError, match="nothing to evaluate"):
+        run_pipeline(make_config(tmp_path), [*toy_stages(calls), Stage("last", refuse, lambda p, c: {}, outputs=())])
+    assert calls.names == []  # every plan is made before the first stage runs
 
 
 def test_the_resolved_config_is_saved_in_the_run_dir_and_loads_back(tmp_path, monkeypatch):
@@ -172,7 +195,7 @@ def test_stage_subset_and_missing_input(tmp_path):
 
 def test_stage_that_does_not_write_its_output_fails(tmp_path):
     cfg = make_config(tmp_path)
-    stage = Stage("lazy", lambda ctx: {}, outputs=("x.parquet",))
+    stage = Stage("lazy", no_settings, lambda plan, ctx: {}, outputs=("x.parquet",))
     with pytest.raises(StageError, match="did not write its declared output x.parquet"):
         run_pipeline(cfg, [stage])
     assert load_manifest(cfg.run.dir)["stages"]["lazy"]["status"] == "failed"
@@ -195,7 +218,7 @@ def test_on_an_object_store_stages_commit_in_place_and_the_manifest_says_what_is
     weights = b"w" * (3 * S3_COPY_LIMIT)
     crash = [True]
 
-    def train(ctx):
+    def train(plan, ctx):
         storage.write_bytes_atomic(ctx.output("model/model-00001-of-00002.safetensors"), weights)
         if crash[0]:
             storage.write_bytes_atomic(ctx.output("model/stale-from-the-crash"), b"x")
@@ -203,7 +226,7 @@ def test_on_an_object_store_stages_commit_in_place_and_the_manifest_says_what_is
         storage.write_bytes_atomic(ctx.output("model/model-00002-of-00002.safetensors"), weights)
         return {}
 
-    stages = [Stage("train", train, outputs=("model",))]
+    stages = [Stage("train", no_settings, train, outputs=("model",))]
     cfg = make_config(tmp_path, f"run.dir={s3_run_dir}")
     with pytest.raises(RuntimeError, match="node lost"):
         run_pipeline(cfg, stages)
@@ -228,7 +251,7 @@ def test_a_second_run_on_the_same_dir_is_refused_while_one_runs(tmp_path):
     cfg = make_config(tmp_path)
     seen = []
 
-    def nested(ctx):
+    def nested(plan, ctx):
         # a second pipeline on the same run dir while this one holds it
         with pytest.raises(StageError, match=r"run dir .* is in use by pid \d+ on .* since"):
             run_pipeline(cfg, toy_stages(Calls()))
@@ -236,7 +259,7 @@ def test_a_second_run_on_the_same_dir_is_refused_while_one_runs(tmp_path):
         storage.write_bytes_atomic(ctx.output("x.txt"), b"x")
         return {}
 
-    run_pipeline(cfg, [Stage("outer", nested, outputs=("x.txt",))])
+    run_pipeline(cfg, [Stage("outer", no_settings, nested, outputs=("x.txt",))])
     assert seen == ["refused"]
     assert not (tmp_path / "run" / ".lock").exists()  # released at the end
     assert [r.action for r in run_pipeline(cfg, toy_stages(Calls()))] == ["ran", "ran"]  # free again
@@ -264,11 +287,11 @@ def test_secrets_from_the_environment_never_reach_the_manifest(tmp_path, monkeyp
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "abc/not+real/secret0987")
     cfg = make_config(tmp_path, "cluster.address=ray://user:hf_not_a_real_token_123@head:10001")
 
-    def leaky(ctx):
+    def leaky(plan, ctx):
         raise RuntimeError("could not reach s3 with key abc/not+real/secret0987")
 
     with pytest.raises(RuntimeError):
-        run_pipeline(cfg, [Stage("leaky", leaky, outputs=("y.txt",))])
+        run_pipeline(cfg, [Stage("leaky", no_settings, leaky, outputs=("y.txt",))])
     text = (tmp_path / "run" / "manifest.json").read_text()
     assert "could not reach s3 with key ***" in text and "ray://user:***@head" in text
     assert "hf_not_a_real_token" not in text and "secret0987" not in text

@@ -7,6 +7,7 @@ own autoscaler code launches for each stage, and whether the stage fits in that 
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import jsonschema
@@ -15,35 +16,37 @@ import ray
 import yaml
 from ray._common.utils import resources_from_ray_options
 
-from leaml_ray.config import ConfigError, load_config
-from leaml_ray.inference.engine import engine_args
-from leaml_ray.placement import (
-    CPU_ENV,
+from leaml_ray.cluster_plan import (
     GPU_MEMORY_LABEL,
     KNOWN_MODELS,
-    ROLES,
-    actor_pool_placement,
     autoscaler_nodes,
     check_cluster,
     engine_memory,
-    engine_settings,
     format_plan,
     lora_params,
     model_shape,
     place_on_cluster,
-    plan,
-    ray_data_llm_backend,
-    ray_data_llm_placement,
-    scaling_config,
-    serve_placement,
     shape_from_config,
     stage_demands,
-    torch_config,
+    stage_resources,
     train_memory,
-    train_placement,
 )
+from leaml_ray.config import ConfigError, load_config
+from leaml_ray.errors import UserError
+from leaml_ray.inference.engine import engine_args
+from leaml_ray.models.spec import engine
+from leaml_ray.placement import (
+    CPU_ENV,
+    actor_pool_placement,
+    ray_data_llm_backend,
+    ray_data_llm_placement,
+    serve_placement,
+)
+from leaml_ray.stages.common import train_job
 from leaml_ray.train.core import deepspeed_config
-from leaml_ray.train.loop import job_for
+from leaml_ray.train.loop import scaling_config, torch_config
+
+ROLES = ("teacher", "generator", "target")
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ["kvasir-vqa-1pct", "sportu-1pct"]
@@ -58,7 +61,7 @@ def cluster(name: str) -> dict:
 
 def placed(preset: str, name: str, *overrides: str, on: dict | None = None) -> tuple[dict, list[str]]:
     """The preset's plan placed on a shipped cluster (or `on`), with that cloud's overrides."""
-    return place_on_cluster(plan(load_config(preset, [*ON[name], *overrides])), on or cluster(name))
+    return place_on_cluster(stage_resources(load_config(preset, [*ON[name], *overrides])), on or cluster(name))
 
 
 @pytest.mark.parametrize("preset", PAPER)
@@ -68,7 +71,7 @@ def test_paper_teacher_replica_is_one_actor_holding_its_gpus_and_no_placement_gr
     created a placement group at each of its calls; tests/test_generation.py runs tensor parallel 2 on this CPU)."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    settings = engine_settings(load_config(preset), "teacher")
+    settings = engine(load_config(preset), "teacher")
     kwargs = engine_args(settings, "/models/teacher")
     assert kwargs["tensor_parallel_size"] == 4 and kwargs["pipeline_parallel_size"] == 1
     assert kwargs["enforce_eager"] is False
@@ -100,14 +103,14 @@ def test_paper_teacher_replica_is_one_actor_holding_its_gpus_and_no_placement_gr
     remote = {k: stage.map_batches_kwargs.get(k) for k in ("num_cpus", "num_gpus", "accelerator_type", "resources")}
     resources = resources_from_ray_options(remote)
     assert resources == {"CPU": 8, "GPU": 4, "accelerator_type:H100": 0.001}
-    assert stage_demands(plan(load_config(preset))["stages"]["caption"]) == [resources, resources]
+    assert stage_demands(stage_resources(load_config(preset))["stages"]["caption"]) == [resources, resources]
 
 
 @pytest.mark.parametrize("preset", PAPER)
 def test_paper_generator_and_target_engines_are_gpu_replicas(preset):
     cfg = load_config(preset)
     for role in ("generator", "target"):
-        settings = engine_settings(cfg, role)
+        settings = engine(cfg, role)
         assert settings.device == "gpu" and settings.replicas == 8 and settings.gpus_per_replica == 1
         kwargs = engine_args(settings, "/models/x")
         assert kwargs["tensor_parallel_size"] == 1 and "mm_encoder_tp_mode" not in kwargs  # nothing to shard
@@ -121,7 +124,7 @@ def test_paper_generator_and_target_engines_are_gpu_replicas(preset):
         assert placement["accelerator_type"] == "A100-40G"
         # what map_batches asks of each actor pool actor is what the plan gives the autoscaler
         stage = "evaluate" if role == "target" else "pseudo_qa"
-        demands = stage_demands(plan(cfg)["stages"][stage])
+        demands = stage_demands(stage_resources(cfg)["stages"][stage])
         assert demands == [resources_from_ray_options(pool)] * 8
 
 
@@ -130,65 +133,63 @@ def test_serve_configs_follow_the_role_not_the_machine():
 
     from leaml_ray.inference.deploy import llm_config
 
-    gpu = llm_config("teacher", "/models/teacher", engine_settings(load_config("kvasir-vqa-1pct"), "teacher"))
+    gpu = llm_config("teacher", engine(load_config("kvasir-vqa-1pct"), "teacher").at("/models/teacher"))
     assert isinstance(gpu, LLMConfig) and gpu.accelerator_config.kind == "gpu"
     # Serve keeps a GPU bundle per tensor-parallel rank (its own engine placement), 4 per replica, all on one node
     assert gpu.placement_group_config == {"bundles": [{"GPU": 1, "CPU": 2.0}] * 4, "strategy": "STRICT_PACK"}
     assert gpu.engine_kwargs["tensor_parallel_size"] == 4 and gpu.engine_kwargs["mm_encoder_tp_mode"] == "data"
     # Serve's engine config puts the accelerator type in every bundle; STRICT_PACK: the autoscaler adds them up
     assert gpu.accelerator_type == "H100"
-    engine = gpu.get_engine_config()
-    assert engine.placement_strategy == "STRICT_PACK"
+    served = gpu.get_engine_config()
+    assert served.placement_strategy == "STRICT_PACK"
     total: dict[str, float] = {}
-    for bundle in engine.placement_bundles:
+    for bundle in served.placement_bundles:
         assert bundle["accelerator_type:H100"] == 0.001
         for k, v in bundle.items():
             total[k] = total.get(k, 0) + v
-    assert len(engine.placement_bundles) == 4
+    assert len(served.placement_bundles) == 4
     # one Serve replica's bundles add up to one of the plan's two replica demands
-    demand, other = stage_demands(plan(load_config("kvasir-vqa-1pct"))["stages"]["caption"])
+    demand, other = stage_demands(stage_resources(load_config("kvasir-vqa-1pct"))["stages"]["caption"])
     assert demand == other and total == pytest.approx({**demand, "accelerator_type:H100": 4 * 0.001})
-    cpu = llm_config("teacher", "/models/teacher", engine_settings(load_config(), "teacher"))
+    cpu = llm_config("teacher", engine(load_config(), "teacher").at("/models/teacher"))
     assert cpu.accelerator_config.kind == "cpu" and cpu.runtime_env["env_vars"] == CPU_ENV
-    assert serve_placement(engine_settings(load_config(), "target"))["placement_group_config"] == {
-        "bundles": [{"CPU": 1.0}]
-    }
+    assert serve_placement(engine(load_config(), "target"))["placement_group_config"] == {"bundles": [{"CPU": 1.0}]}
 
 
 @pytest.mark.parametrize("preset", PAPER)
 def test_paper_training_is_zero3_on_gpus_over_nccl_in_bf16(preset):
     cfg = load_config(preset)
-    placement = train_placement(cfg)
-    scaling = scaling_config(placement)
+    generator = train_job(cfg, "generator", cfg.generator.finetune)
+    scaling = scaling_config(generator)
     assert scaling.num_workers == 8 and scaling.use_gpu and scaling.resources_per_worker == {"CPU": 8}
     assert scaling.accelerator_type == "A100-40G"  # the training node type, where a whole ZeRO-3 group fits
     worker = {"CPU": 8, "GPU": 1, "accelerator_type:A100-40G": 0.001}
     assert scaling._resources_per_worker_not_none == worker  # each worker's bundle (ray/air/config.py)
-    assert stage_demands(plan(cfg)["stages"]["generator"]) == [worker] * 8
-    assert torch_config(placement).backend == "nccl"
+    assert stage_demands(stage_resources(cfg)["stages"]["generator"]) == [worker] * 8
+    assert torch_config(generator).backend == "nccl"
     for role in ("generator", "target"):
         section = getattr(cfg, role)
-        job = job_for(cfg, section, "/models/x", "s3://b/out", num_rows=1000)
+        job = train_job(cfg, role, section.finetune)
         assert job.device == "gpu" and job.gradient_checkpointing and job.attention == "sdpa"
         assert job.lr == section.lora_lr == 1e-4  # LoRA runs use lora_lr, which the preset sets
-        assert job.max_pixels == section.max_pixels == 1003520  # training sees the engines' pixel budget
-        assert job.spec().dtype == "bfloat16"
+        assert job.spec.max_pixels == section.max_pixels == 1003520  # training sees the engines' pixel budget
+        assert job.spec.dtype == "bfloat16"
         ds = deepspeed_config(job, hidden_size=3584)
         assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 3
-    full = job_for(cfg, cfg.target, "/models/x", "out", num_rows=10, finetune="full")
-    assert full.lr == 1e-5  # the full-finetuning baseline has its own rate
+    full = train_job(cfg, "target", "full")
+    assert full.lr == 1e-5 and full.lora_r == 0  # the full-finetuning baseline has its own rate
 
 
 def test_tiny_cpu_keeps_every_engine_and_worker_on_the_cpu():
     cfg = load_config()
     for role in ("teacher", "generator", "target"):
-        settings = engine_settings(cfg, role)
+        settings = engine(cfg, role)
         assert settings.device == "cpu" and engine_args(settings, "/m")["enforce_eager"]
         assert actor_pool_placement(settings) == {"num_cpus": 1.0, "num_gpus": 0, "runtime_env": {"env_vars": CPU_ENV}}
         assert ray_data_llm_placement(settings)["placement_group_config"] == {"bundles": [{"CPU": 1.0}]}
-    assert not scaling_config(train_placement(cfg)).use_gpu
-    assert torch_config(train_placement(cfg)).backend == "gloo"
-    assert not deepspeed_config(job_for(cfg, cfg.target, "/m", "o", 10))["bf16"]["enabled"]
+    job = train_job(cfg, "target", "full")
+    assert not scaling_config(job).use_gpu and torch_config(job).backend == "gloo"
+    assert not deepspeed_config(job)["bf16"]["enabled"] and job.spec.dtype == "float32"
 
 
 @pytest.mark.parametrize("preset", [*PAPER, None])  # None: the tiny-cpu default
@@ -204,7 +205,7 @@ def test_engine_args_of_every_role_are_ones_vllm_accepts(preset, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     cfg = load_config(preset)
     for role in ROLES:
-        settings = engine_settings(cfg, role)
+        settings = engine(cfg, role)
         kwargs = engine_args(settings, "/models/x")
         del kwargs["model"]
         kwargs["distributed_executor_backend"] = ray_data_llm_backend(settings)
@@ -255,7 +256,7 @@ def test_without_an_accelerator_type_the_autoscaler_puts_the_teacher_on_the_spot
 
 @pytest.mark.parametrize("preset", PAPER)
 def test_on_gcp_the_presets_h100_teacher_is_a_problem_that_names_the_types_there(preset):
-    _, problems = place_on_cluster(plan(load_config(preset)), cluster("gcp"))
+    _, problems = place_on_cluster(stage_resources(load_config(preset)), cluster("gcp"))
     assert {p.split(":")[0] for p in problems} == TEACHER_STAGES
     for problem in problems:
         assert "teacher.accelerator_type H100: no node type declares accelerator_type:H100" in problem
@@ -296,7 +297,7 @@ def test_kuberay_groups_provide_the_accelerator_types_the_presets_ask_for():
     manifest = yaml.safe_load((ROOT / "cluster" / "kuberay-rayjob.yaml").read_text())
     groups = manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     types = {g["groupName"]: _node_type_from_group_spec(g, is_head=False) for g in groups}
-    the_plan = plan(load_config("kvasir-vqa-1pct"))
+    the_plan = stage_resources(load_config("kvasir-vqa-1pct"))
     for stage, entry in the_plan["stages"].items():
         if entry["device"] == "gpu":
             nodes, residual = autoscaler_nodes(types, 4, stage_demands(entry))
@@ -308,23 +309,23 @@ def test_accelerator_types_need_a_gpu_device():
         with pytest.raises(ConfigError, match=f"{key}: .*accelerator_type L4 needs device: gpu"):
             load_config(None, [f"{key}.accelerator_type=L4"])
         if key != "train":
-            assert engine_settings(load_config(None, [f"{key}.accelerator_type=L4", f"{key}.device=gpu"]), key)
-    assert train_placement(load_config(None, ["train.accelerator_type=L4", "train.device=gpu"])).accelerator_type
-    assert actor_pool_placement(engine_settings(load_config(), "teacher")).get("accelerator_type") is None
+            assert engine(load_config(None, [f"{key}.accelerator_type=L4", f"{key}.device=gpu"]), key)
+    assert train_job(
+        load_config(None, ["train.accelerator_type=L4", "train.device=gpu"]), "target", "full"
+    ).accelerator_type
+    assert actor_pool_placement(engine(load_config(), "teacher")).get("accelerator_type") is None
 
 
-def test_every_stage_declares_the_placement_keys_it_reads():
-    """A stage sees the config restricted to the keys it declares: each reads its role's accelerator type."""
-    from leaml_ray.stages import pipeline_stages
+def test_every_stage_plan_carries_its_roles_accelerator_type():
+    """Each stage's plan holds the engines and training job it places: each with its role's accelerator type."""
+    from leaml_ray.stages import caption, evaluate, finetune, generator, pseudo_qa
 
     cfg = load_config("kvasir-vqa-1pct", ["pseudo_qa.consistency_filter=target"])
-    engines = {"caption": ["teacher"], "pseudo_qa": ["generator", "target"], "evaluate": ["target"]}
-    for stage in pipeline_stages(cfg):
-        seen = cfg.restricted(stage.readable(cfg))
-        for role in engines.get(stage.name, []):
-            assert engine_settings(seen, role).accelerator_type == getattr(cfg, role).accelerator_type
-        if stage.name == "generator" or stage.name.startswith("finetune"):
-            assert train_placement(seen).accelerator_type == "A100-40G", stage.name
+    assert caption.plan(cfg).teacher.accelerator_type == "H100"
+    answers = pseudo_qa.plan(cfg)
+    assert answers.generator.accelerator_type == answers.judge.accelerator_type == "A100-40G"
+    assert evaluate.plan(cfg).target.accelerator_type == "A100-40G"
+    assert generator.plan(cfg).job.accelerator_type == finetune.plan_for(cfg, "full").job.accelerator_type
 
 
 def test_a_node_type_with_too_few_gpus_is_a_problem():
@@ -336,7 +337,7 @@ def test_a_node_type_with_too_few_gpus_is_a_problem():
     # fewer GPUs than one replica's tensor parallel size: no node holds a replica
     small = cluster("aws")
     small["available_node_types"]["gpu_8x_teacher"]["resources"]["GPU"] = 2
-    problems = check_cluster(plan(load_config("kvasir-vqa-1pct")), small)
+    problems = check_cluster(stage_resources(load_config("kvasir-vqa-1pct")), small)
     assert {p.split(":")[0] for p in problems} == {"caption", "pseudo_qa/teacher"}
     for problem in problems:
         assert "needs 4 GPUs and 8 CPUs on one node of accelerator type H100" in problem
@@ -433,11 +434,13 @@ def test_parameters_counted_from_a_config_json_match_the_published_counts(name, 
 
 
 def test_models_are_known_by_folder_name_local_config_or_not_at_all():
-    from leaml_ray.zoo import resolve
+    from leaml_ray.models.registry import model_source
 
     assert model_shape("Qwen/Qwen2.5-VL-72B-Instruct")[0] is KNOWN_MODELS["Qwen2.5-VL-72B-Instruct"]
     assert model_shape("s3://bucket/models/Qwen2.5-VL-7B-Instruct/")[0] is KNOWN_MODELS["Qwen2.5-VL-7B-Instruct"]
-    local, dtype = model_shape(resolve("zoo:teacher"))  # a local folder: its config.json (the shipped tiny teacher)
+    local, dtype = model_shape(
+        model_source("zoo:teacher")
+    )  # a local folder: its config.json (the shipped tiny teacher)
     assert local.layers == 3 and local.hidden == 128 and local.params < 5e6 and dtype == "float32"
     assert model_shape("zoo:teacher") is None  # the CPU demo's zoo is not sized (the plan shows "?")
     assert model_shape("org/unknown-model") is None
@@ -453,37 +456,39 @@ def test_memory_estimates_follow_the_documented_formulas():
     gib = 2**30
     s72 = KNOWN_MODELS["Qwen2.5-VL-72B-Instruct"]
     cfg = load_config("kvasir-vqa-1pct")
-    teacher = engine_memory(s72, engine_settings(cfg, "teacher"), 2)
+    teacher = engine_memory(s72, engine(cfg, "teacher"), 2)
     assert teacher["weights"] == pytest.approx(73.4e9 * 2 / 4 / gib)  # TP 4: a quarter of the bf16 weights
     # 128 sequences x 2048 tokens x 80 layers x (K, V) x 2 KV heads (8 / TP 4) x 128 head dim x 2 bytes = 20 GiB
     assert teacher["kv_cache"] == pytest.approx(128 * 2048 * 80 * 2 * 2 * 128 * 2 / gib) == pytest.approx(20.0)
     assert teacher["overhead"] == 4.0
     s3 = KNOWN_MODELS["Qwen2.5-VL-3B-Instruct"]
     tp8_cfg = load_config("kvasir-vqa-1pct", ["target.tensor_parallel_size=8"])
-    tp8 = engine_memory(s3, engine_settings(tp8_cfg, "target"), 2)
+    tp8 = engine_memory(s3, engine(tp8_cfg, "target"), 2)
     assert tp8["kv_cache"] == pytest.approx(128 * 2048 * 36 * 2 * 1 * 128 * 2 / gib)  # 2 KV heads: replicated on 8
     s7 = KNOWN_MODELS["Qwen2.5-VL-7B-Instruct"]
     assert lora_params(s7, 64) == 161_480_704
     seq = 1003520 // (28 * 28) + 256  # 1280 image tokens + the text
-    zero3 = train_memory(s7, "lora", 64, cfg.train, seq)
+    lora = train_job(cfg, "target", "lora")
+    zero3 = train_memory(s7, replace(lora, lora_r=64), seq)
     assert zero3["model_states"] == pytest.approx((8.29e9 * 2 + 161_480_704 * 16) / 8 / gib)
-    zero2 = train_memory(s7, "lora", 64, load_config("kvasir-vqa-1pct", ["train.zero_stage=2"]).train, seq)
+    zero2 = train_memory(s7, replace(lora, lora_r=64, zero_stage=2), seq)
     assert zero2["model_states"] == pytest.approx((8.29e9 * 2 + 161_480_704 * 2) / gib + 161_480_704 * 14 / 8 / gib)
     assert zero3["logits"] == pytest.approx(4 * seq * 152064 * 8 / gib)
-    full = train_memory(s7, "full", 64, cfg.train, seq)
+    full_job = train_job(cfg, "target", "full")
+    full = train_memory(s7, full_job, seq)
     assert full["model_states"] == pytest.approx(8.29e9 * 16 / 8 / gib)
     # the finetune stage is sized by its largest mode: the full-finetuning baseline of eval.methods
-    finetune = plan(cfg)["stages"]["finetune"]
+    finetune = stage_resources(cfg)["stages"]["finetune"]
     assert finetune["gpu_memory_parts_gb"]["model_states"] == pytest.approx(3.75e9 * 16 / 8 / gib, abs=0.05)
-    lora3 = sum(train_memory(s3, "lora", 64, cfg.train, seq).values())
-    assert finetune["gpu_memory_needed_gb"] == round(sum(train_memory(s3, "full", 64, cfg.train, seq).values()), 1)
+    lora3 = sum(train_memory(s3, replace(lora, lora_r=64), seq).values())
+    assert finetune["gpu_memory_needed_gb"] == round(sum(train_memory(s3, full_job, seq).values()), 1)
     assert finetune["gpu_memory_needed_gb"] > lora3 + 4  # the full baseline's states: ~7 GB per GPU, LoRA's ~1
 
 
 def test_undeclared_node_resources_are_a_problem():
     bare = cluster("aws")
     bare["available_node_types"]["gpu_8x_train"]["resources"] = {}
-    assert any("gpu_8x_train" in p for p in check_cluster(plan(load_config("kvasir-vqa-1pct")), bare))
+    assert any("gpu_8x_train" in p for p in check_cluster(stage_resources(load_config("kvasir-vqa-1pct")), bare))
 
 
 def _plan_cli(*args: str) -> subprocess.CompletedProcess:
@@ -537,13 +542,12 @@ def test_plan_cli_prints_a_table_and_a_json_last_line_without_starting_ray(tmp_p
 
 
 def test_a_local_run_dir_is_refused_where_other_nodes_would_write(ray_local, tmp_path):
-    from leaml_ray.pipeline import StageError
     from leaml_ray.runtime import check_run_dir_for_cluster
 
     local = f"run.dir={tmp_path / 'run'}"
     check_run_dir_for_cluster(load_config(None, [local]))  # one CPU node: every stage runs here
     # GPU stages on a cluster without GPUs yet: the autoscaler will add nodes that cannot see this disk
-    with pytest.raises(StageError, match="run.dir .* is a local path on a cluster"):
+    with pytest.raises(UserError, match="run.dir .* is a local path on a cluster"):
         check_run_dir_for_cluster(load_config(None, [local, "train.device=gpu"]))
     check_run_dir_for_cluster(load_config(None, [local, "train.device=gpu", "run.shared_fs=true"]))
     check_run_dir_for_cluster(load_config(None, ["run.dir=s3://bucket/run", "target.device=gpu"]))

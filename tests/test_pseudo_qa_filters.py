@@ -1,4 +1,4 @@
-"""Parsing and filtering generator output (DESIGN.md section 4) on adversarial text."""
+"""Parsing and filtering generator output (docs/design.md#pseudo-qa-generation-and-filters) on adversarial text."""
 
 import math
 
@@ -17,7 +17,7 @@ from leaml_ray.pseudo.filters import (
     filter_replies,
     parse_qa,
 )
-from leaml_ray.pseudo.generate import draw_questions, join_reply, question_bank, requests_for
+from leaml_ray.pseudo.replies import draw_questions, join_reply, question_bank, requests_for
 
 RULES = AnswerRules(max_answer_words=2, max_question_words=12, vocabulary=frozenset({"red", "blue", "circle", "2"}))
 

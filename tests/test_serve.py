@@ -7,13 +7,12 @@ import pytest
 import ray.data
 
 from leaml_ray.config import load_config
+from leaml_ray.errors import UserError
 from leaml_ray.inference import client, deploy
-from leaml_ray.inference.client import teacher_endpoint
-from leaml_ray.inference.offline import generate
-from leaml_ray.pipeline import StageError
-from leaml_ray.placement import EngineSettings
-
-SETTINGS = EngineSettings(dtype="float32", max_model_len=256, max_num_seqs=8, batch_size=4)
+from leaml_ray.inference.client import check_served
+from leaml_ray.inference.generate import generate
+from leaml_ray.models.spec import engine
+from tests.helpers import local_engine
 
 
 def free_port() -> int:
@@ -28,7 +27,7 @@ def served(ray_local, greedy_reference):
     from ray import serve as ray_serve
 
     spec, _, _ = greedy_reference
-    url = deploy.start("zoo:tiny", spec.name_or_path, SETTINGS, port=free_port())
+    url = deploy.start("zoo:tiny", local_engine(spec.model, batch_size=4), port=free_port())
     yield url
     ray_serve.shutdown()
 
@@ -48,9 +47,10 @@ def test_chat_completion_round_trip_matches_transformers(served, greedy_referenc
 @pytest.mark.slow
 def test_generate_through_the_served_teacher_matches_offline_greedy(served, greedy_reference):
     spec, rows, expected = greedy_reference
-    served_spec = replace(spec, name_or_path="zoo:tiny")  # the id it is served under
-    sampling = {"temperature": 0.0, "max_tokens": 5}
-    got = generate(ray.data.from_items(rows), served_spec, "", sampling, SETTINGS, endpoint=served).take_all()
+    # the id it is served under, at its endpoint
+    teacher = local_engine(spec.model, batch_size=4, endpoint=served)
+    teacher = replace(teacher, spec=replace(spec, model="zoo:tiny"))
+    got = generate(ray.data.from_items(rows), teacher, {"temperature": 0.0, "max_tokens": 5}).take_all()
     assert sorted(r["image_id"] for r in got) == sorted(expected)  # every image exactly once
     # test_generation proves the offline engine gives transformers' tokens: so both modes caption alike
     assert {r["image_id"]: r["tokens"] for r in got} == expected
@@ -60,6 +60,8 @@ def test_serve_mode_without_a_server_is_a_clear_error(tmp_path):
     cfg = load_config(
         None, [f"run.dir={tmp_path}", "teacher.mode=serve", f"teacher.endpoint=http://127.0.0.1:{free_port()}"]
     )
-    with pytest.raises(StageError, match="no OpenAI-compatible server at .*jobs/serve_teacher.py"):
-        teacher_endpoint(cfg)
-    assert teacher_endpoint(load_config(None, [f"run.dir={tmp_path}"])) is None
+    with pytest.raises(UserError, match="no OpenAI-compatible server at .*jobs/serve_teacher.py"):
+        check_served(engine(cfg, "teacher"))
+    offline = engine(load_config(None, [f"run.dir={tmp_path}"]), "teacher")
+    assert offline.endpoint is None
+    check_served(offline)  # nothing to check: the job's own engine replicas caption

@@ -1,13 +1,16 @@
-"""Every stage's cache key comes from the config it declares: walked over every field of the config, a change of a
-field the stage hashes changes its key (the stage reruns) and a change of any other field does not (it is skipped).
-That a stage reads nothing it does not declare is enforced where it runs (pipeline.Config.restricted; the end-to-end
-tests run every stage under it); here: the declarations name real fields, and the cases that once went stale."""
+"""Every stage's cache key is the hash of its plan (placement left out): walked over every field of the config in
+several configurations, each field that is not placement changes some stage's key (else it is dead config), no
+placement field changes any, and the cases that once went stale rerun exactly the stages they should. No stage reads
+the config outside its plan: `run(plan, ctx)` never receives it, and only plan builders take a `Config`."""
+
+import ast
+from pathlib import Path
 
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
+from leaml_ray import plan
 from leaml_ray.config import Config, stable_hash
-from leaml_ray.pipeline import EVERY_STAGE
 from leaml_ray.stages import pipeline_stages
 from tests.conftest import make_config
 
@@ -17,6 +20,20 @@ VARIANTS = {
     "teacher_filter": ["pseudo_qa.consistency_filter=teacher"],
     "target_filter": ["pseudo_qa.consistency_filter=target"],
     "lora": ["target.finetune=lora", "target.lora_lr=0.001", "generator.finetune=lora", "generator.lora_lr=0.001"],
+    "served_teacher": ["teacher.mode=serve"],
+}
+# the config fields that only say where or how the work runs (or where the run lives, how it talks to Ray, what
+# tracks it): the stages' plans hold them as placement() fields or not at all
+PLACEMENT = {
+    *(f"{role}.{f}" for role in ("teacher", "generator", "target") for f in ("device", "engine", "replicas")),
+    *(f"{role}.{f}" for role in ("teacher", "generator", "target") for f in ("cpus_per_replica", "engine_batch_size")),
+    *(f"{role}.{f}" for role in ("teacher", "generator", "target") for f in ("max_num_seqs", "accelerator_type")),
+    "teacher.mode",
+    "teacher.endpoint",
+    *(f"train.{f}" for f in ("max_failures", "checkpoint_every", "cpus_per_worker", "accelerator_type")),
+    *(f"run.{f}" for f in ("dir", "log_level", "shared_fs")),
+    *(f"cluster.{f}" for f in Config.model_fields["cluster"].annotation.model_fields),
+    *(f"tracking.{f}" for f in Config.model_fields["tracking"].annotation.model_fields),
 }
 
 
@@ -51,29 +68,48 @@ def _valid(adapter: TypeAdapter, value) -> bool:
 
 
 def config_hash(stage, cfg: Config) -> str:
-    return stable_hash(cfg.subset(stage.hashed(cfg)))
+    """The config's part of a stage's cache key: the hash of its plan without placement fields."""
+    return stable_hash(plan.hashed_fields(stage.plan(cfg)))
 
 
-def covered(key: str, declared: tuple[str, ...]) -> bool:
-    return any(key == d or key.startswith(d + ".") for d in declared)
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_every_field_reruns_exactly_the_stages_that_hash_it(tmp_path, variant):
-    cfg = make_config(tmp_path, *VARIANTS[variant])
-    stages = pipeline_stages(cfg)
-    assert [s.name for s in stages] == [
-        *("prepare", "caption", "generator", "pseudo_qa"),
-        *("finetune:leaml", "finetune:lora", "finetune:full", "evaluate"),
-    ]
-    for stage in stages:
-        hashed, readable = stage.hashed(cfg), stage.readable(cfg)
-        cfg.subset(readable)  # every declared key is a real section or field
-        assert not set(hashed) & set(EVERY_STAGE), stage.name
-        before = config_hash(stage, cfg)
+def test_every_setting_changes_some_stage_and_placement_changes_none(tmp_path):
+    assert PLACEMENT <= set(fields())
+    live: set[str] = set()
+    for variant, overrides in VARIANTS.items():
+        cfg = make_config(tmp_path, *overrides)
+        stages = pipeline_stages(cfg)
+        assert [s.name for s in stages] == [
+            *("prepare", "caption", "generator", "pseudo_qa"),
+            *("finetune:leaml", "finetune:lora", "finetune:full", "evaluate"),
+        ]
+        before = {s.name: config_hash(s, cfg) for s in stages}
         for key in fields():
-            reruns = config_hash(stage, changed(cfg, key)) != before
-            assert reruns == covered(key, hashed), (stage.name, key)
+            rerun = [s.name for s in stages if config_hash(s, changed(cfg, key)) != before[s.name]]
+            if key in PLACEMENT:
+                assert rerun == [], (variant, key, rerun)  # moving the work never reruns it
+            live |= {key} if rerun else set()
+    dead = set(fields()) - PLACEMENT - live
+    assert dead == set(), f"settings no stage's plan holds (dead config): {sorted(dead)}"
+
+
+def test_placement_fields_are_in_the_manifest_record_but_not_in_the_key(tmp_path):
+    cfg = make_config(tmp_path)
+    caption = next(s for s in pipeline_stages(cfg) if s.name == "caption")
+    recorded = plan.record(caption.plan(cfg))
+    assert recorded["teacher"]["replicas"] == cfg.teacher.replicas and recorded["teacher"]["spec"]["model"]
+    hashed = plan.hashed_fields(caption.plan(cfg))
+    assert "replicas" not in hashed["teacher"] and "endpoint" not in hashed["teacher"]
+    assert hashed["teacher"]["spec"]["zoo_recipe"]  # a zoo model is hashed with its recipe, never its folder
+
+
+def test_only_plan_builders_take_the_config():
+    builders = {"plan", "plan_for", "finetune_stages", "pipeline_stages", "train_job"}
+    stages = Path(__file__).resolve().parents[1] / "leaml_ray" / "stages"
+    for path in stages.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef):
+                takes_config = any(ast.unparse(a.annotation or ast.Constant(None)) == "Config" for a in node.args.args)
+                assert not takes_config or node.name in builders, f"{path.name}: {node.name} reads the config"
 
 
 # (stage, field): once missing from hand-written key lists (stale outputs), or read only in some configurations
@@ -116,12 +152,3 @@ def test_known_cases(tmp_path, variant, name, key, reruns):
     cfg = make_config(tmp_path, *VARIANTS[variant])
     stage = next(s for s in pipeline_stages(cfg) if s.name == name)
     assert (config_hash(stage, changed(cfg, key)) != config_hash(stage, cfg)) == reruns
-
-
-def test_restricted_config_hides_exactly_what_is_not_declared():
-    cfg = Config().restricted(("run.seed", "teacher", "eval.methods"))
-    assert (cfg.run.seed, cfg.teacher.replicas, cfg.eval.methods) == (0, 1, ["leaml", "lora", "full", "zero_shot"])
-    for read in (lambda: cfg.run.dir, lambda: cfg.eval.split, lambda: cfg.generator):
-        with pytest.raises(AttributeError, match="is not among the keys the running stage declares"):
-            read()
-    assert Config().run.dir == "runs/tiny-cpu"  # the original is untouched

@@ -16,7 +16,7 @@ import pytest
 import ray
 
 from leaml_ray import storage
-from leaml_ray.pipeline import resume_path, run_pipeline, stage_key
+from leaml_ray.pipeline import load_manifest, resume_path, run_pipeline, stage_key
 from leaml_ray.stages import CAPTION, pipeline_stages
 from tests.conftest import make_config
 
@@ -97,7 +97,7 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, s3_run_dir):
     # 1. a crashed caption attempt left 5 captions in its resume parts: the run keeps them and captions the rest
     run_pipeline(cfg, pipeline_stages(cfg), ["prepare"])
     images = pq.read_table(storage.join(run, "prepared/images.parquet")).to_pylist()
-    key = stage_key(CAPTION, cfg, run)
+    key = stage_key(CAPTION, CAPTION.plan(cfg), run)
     leftover = pa.table(
         {
             "image_id": [i["image_id"] for i in images if i["split"] == "unlabeled"][:5],
@@ -106,7 +106,7 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, s3_run_dir):
             "prompt_version": ["x"] * 5,
         }
     )
-    fs, parts = storage.resolve(storage.join(resume_path(run, "caption", key), "parts", "part-0.parquet"))
+    fs, parts = storage.filesystem(storage.join(resume_path(run, "caption", key), "parts", "part-0.parquet"))
     fs.create_dir(parts.rsplit("/", 1)[0], recursive=True)
     pq.write_table(leftover, parts, filesystem=fs)
 
@@ -129,6 +129,8 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, s3_run_dir):
     kept = dict(zip(captions["image_id"].to_pylist(), captions["caption"].to_pylist(), strict=True))
     assert [kept[i] for i in leftover["image_id"].to_pylist()] == ["left by the crashed attempt"] * 5  # not redone
     assert set(captions["teacher"].to_pylist()) == {tiny_model_dir}
+    recorded = load_manifest(run)["stages"]["caption"]["plan"]  # what ran, placement included
+    assert recorded["teacher"]["spec"]["model"] == tiny_model_dir and recorded["teacher"]["replicas"] == 1
     assert not storage.exists(storage.join(run, "_resume", "caption"))  # partial results cleaned up on success
 
     assert storage.exists(storage.join(run, "generator/config.json"))

@@ -16,7 +16,7 @@ from leaml_ray import storage
 
 @pytest.fixture
 def direct(s3_server) -> pafs.S3FileSystem:
-    """A client pointed at the server explicitly, independent of what storage.resolve does."""
+    """A client pointed at the server explicitly, independent of what storage.filesystem does."""
     return pafs.S3FileSystem(endpoint_override=s3_server, region="us-east-1", allow_bucket_creation=True)
 
 
@@ -64,7 +64,7 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 
 
 def test_resolve_honours_aws_endpoint_url(bucket, direct):
-    fs, p = storage.resolve(f"{bucket}/a/b.txt")
+    fs, p = storage.filesystem(f"{bucket}/a/b.txt")
     assert isinstance(fs, pafs.S3FileSystem) and p == f"{bucket[5:]}/a/b.txt"
     storage.write_bytes_atomic(f"{bucket}/a/b.txt", b"via env")
     assert files(direct, bucket) == {"a/b.txt": b"via env"}  # it went to the server named by AWS_ENDPOINT_URL

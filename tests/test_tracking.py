@@ -24,11 +24,11 @@ def _png() -> bytes:
 
 
 def toy_stages(fail: bool = False) -> list[Stage]:
-    def train(ctx):
+    def train(plan, ctx):
         storage.write_json_atomic(ctx.output("generator/train_log.json"), HISTORY)
         return {"steps": 3, "final_loss": 0.667, "scope": "full"}
 
-    def evaluate(ctx):
+    def evaluate(plan, ctx):
         if fail:
             raise RuntimeError("evaluate broke")
         report = {
@@ -41,8 +41,10 @@ def toy_stages(fail: bool = False) -> list[Stage]:
         return {"leaml": 0.5}
 
     return [
-        Stage("generator", train, outputs=("generator",), config_keys=("generator.epochs",)),
-        Stage("evaluate", evaluate, outputs=("report.json", "report.md", "plots"), inputs=("generator",)),
+        Stage("generator", lambda cfg: cfg.generator.epochs, train, outputs=("generator",)),
+        Stage(
+            "evaluate", lambda cfg: None, evaluate, outputs=("report.json", "report.md", "plots"), inputs=("generator",)
+        ),
     ]
 
 

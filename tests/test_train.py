@@ -9,12 +9,11 @@ import torch
 from leaml_ray.data import synthetic
 from leaml_ray.formats import CAPTION_PROMPT
 from leaml_ray.models import chat
-from leaml_ray.models.registry import ModelSpec, load_model, load_processor
-from leaml_ray.placement import TrainPlacement
-from leaml_ray.train.core import TrainJob
+from leaml_ray.models.registry import load_model, load_processor
+from leaml_ray.train.job import TrainRun
 from leaml_ray.train.loop import run_training
-from leaml_ray.train.neurons import NeuronDistillation
 from tests.faults import DiesOnce
+from tests.helpers import distillation, local_job, local_spec
 from tests.test_neurons import assert_only_selected_neurons_moved, masked_caption_job, masked_rows, weights
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -27,18 +26,15 @@ def zero_runs(tiny_model_dir, tmp_path_factory):
     step-4 checkpoint, masks included. Every weight change is the masked caption gradient's."""
     tmp = tmp_path_factory.mktemp("zero")
     captions, labeled = masked_rows(128)
-    workers = {"placement": TrainPlacement(workers=2, cpus_per_worker=1), "max_failures": 0}
 
     def train(stage: int, objective) -> dict:
-        out = tmp / f"out{stage}"
+        run = TrainRun(num_rows=len(captions), epochs=1.0, output=str(tmp / f"out{stage}"), run_dir="")
         ds = ray.data.from_items(captions, override_num_blocks=4)
         pairs = ray.data.from_items(labeled, override_num_blocks=1)
-        job = masked_caption_job(tiny_model_dir, out, len(captions), 8, stage, checkpoint_every=4)
-        return run_training(
-            job, ds, f"z{stage}", str(tmp / "ckpt"), objective=objective, labeled_dataset=pairs, **workers
-        )
+        job = masked_caption_job(tiny_model_dir, 8, stage, max_failures=0, checkpoint_every=4)
+        return run_training(job, run, ds, f"z{stage}", str(tmp / "ckpt"), objective=objective, labeled_dataset=pairs)
 
-    distill = NeuronDistillation(score="gradient", ratio=0.25, qa_weight=0.0, scope="all_mlp")
+    distill = distillation(ratio=0.25, qa_weight=0.0, scope="all_mlp")
     with pytest.raises(Exception, match="injected fault at micro batch 6"):
         train(2, DiesOnce(distill, micro=6, marker=str(tmp / "failed-once")))  # in optimizer step 7
     failed_left_output = (tmp / "out2").exists()
@@ -53,9 +49,9 @@ def test_zero_training_lowers_the_loss_and_saves_an_hf_folder(zero_runs, stage, 
     losses = [h["loss_cap"] for h in run["history"]]
     assert [h["step"] for h in run["history"]] == list(range(1, 9))  # 128 rows / (2 workers * 8) = 8 steps
     assert losses[-1] < 0.8 * losses[0]
-    spec = ModelSpec("target", str(run["output"]), dtype="float32")
-    trained, base = load_model(spec, str(run["output"])), load_model(spec, tiny_model_dir)
-    processor = load_processor(spec, str(run["output"]))
+    spec = local_spec(str(run["output"]))
+    trained, base = load_model(spec), load_model(spec.at(tiny_model_dir))
+    processor = load_processor(spec)
     scene, image = synthetic.sample("target", 0, 3, 56)
     batch = chat.collate(
         [chat.encode(processor, image, CAPTION_PROMPT, synthetic.caption(scene))], processor.tokenizer.pad_token_id
@@ -109,7 +105,7 @@ def test_batches_are_shuffled_by_the_seed_alone():
 
     from leaml_ray.train.loop import shuffled_batches
 
-    job = TrainJob(model_path="m", output="o", num_rows=70, batch_size=4, seed=3)
+    job = local_job("m", batch_size=4, seed=3)
     rows = np.arange(70)
     windows = lambda: ({"n": rows[i : i + 16]} for i in range(0, 70, 16))  # noqa: E731 (as iter_batches gives them)
     first = [b["n"].tolist() for b in shuffled_batches(windows(), job, epoch=0)]

@@ -8,13 +8,16 @@ import pytest
 
 from leaml_ray import zoo
 from leaml_ray.data import synthetic
-from leaml_ray.models.registry import ModelSpec, load_model
+from leaml_ray.errors import UserError
+from leaml_ray.models import zoo as lookup
+from leaml_ray.models.registry import load_model, model_source
+from tests.helpers import local_spec
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def test_pretrain_rows_mix_captions_answers_and_questions():
-    recipe = zoo.Recipe(size="base", domain="general", samples=600, images=600, caption_share=0.4)
+    recipe = lookup.Recipe(size="base", domain="general", samples=600, images=600, caption_share=0.4)
     rows = zoo.pretrain_rows({"id": np.arange(600)}, recipe, seed=5).to_pylist()
     kinds = [r["instruction"] for r in rows]
     captions = kinds.count("Describe this image.") / 600
@@ -25,7 +28,7 @@ def test_pretrain_rows_mix_captions_answers_and_questions():
 
 
 def test_the_base_reads_the_whole_worlds_words_in_text_with_no_image_to_match():
-    recipe = zoo.Recipe(size="base", domain="general", samples=600, images=600, caption_share=0.4, text_share=0.1)
+    recipe = lookup.Recipe(size="base", domain="general", samples=600, images=600, caption_share=0.4, text_share=0.1)
     rows = zoo.pretrain_rows({"id": np.arange(600)}, recipe, seed=5).to_pylist()
     text = [r for r in rows if r["instruction"] == zoo.TEXT_PROMPT]
     assert 0.06 < len(text) / 600 < 0.14
@@ -40,52 +43,54 @@ def test_the_base_reads_the_whole_worlds_words_in_text_with_no_image_to_match():
 
 
 def test_unknown_zoo_name_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown zoo model 'zoo:nope'; available: zoo:teacher"):
-        zoo.resolve("zoo:nope")
-    assert zoo.resolve("/models/x") == "/models/x"
+    with pytest.raises(UserError, match="unknown zoo model 'zoo:nope'; available: zoo:teacher"):
+        model_source("zoo:nope")
+    assert model_source("/models/x") == "/models/x"
 
 
 def test_the_shipped_zoo_is_the_recipe_in_code_and_is_used_as_is(monkeypatch):
     # a recipe change fails here until `make zoo` rebuilds the zoo and the new folders are committed
-    assert zoo.shipped_key() == zoo.recipe_key(), "zoo recipe changed: run `make zoo`, commit leaml_ray/zoo_shipped"
+    changed = "zoo recipe changed: run `make zoo`, commit leaml_ray/zoo_shipped"
+    assert lookup.shipped_key() == lookup.recipe_key(), changed
     monkeypatch.setattr(zoo, "pretrain", lambda *a, **k: pytest.fail("pretrained although a matching zoo ships"))
     paths = zoo.ensure_zoo()
-    for role, folder in zoo.ROLE_FOLDERS.items():
-        assert paths[role] == str(zoo.SHIPPED / folder)
-        assert (zoo.SHIPPED / folder / "model.safetensors").stat().st_size > 100_000
-    teacher = load_model(ModelSpec("teacher", paths["teacher"], dtype="float32"), paths["teacher"])
+    for role, folder in lookup.ROLE_FOLDERS.items():
+        assert paths[role] == str(lookup.SHIPPED / folder)
+        assert (lookup.SHIPPED / folder / "model.safetensors").stat().st_size > 100_000
+    teacher = load_model(local_spec(paths["teacher"], "teacher"))
     assert teacher.config.text_config.num_hidden_layers == 3
 
 
 @pytest.mark.slow
 def test_zoo_builds_through_the_train_loop_once_and_is_cached(tmp_path, monkeypatch):
-    monkeypatch.setattr(zoo, "CACHE", tmp_path)
+    monkeypatch.setattr(lookup, "CACHE", tmp_path)
     monkeypatch.setattr(
-        zoo,
+        lookup,
         "RECIPES",
         {
-            "teacher": zoo.Recipe(size="teacher", domain="wide", samples=128, images=64, caption_share=1.0),
-            "base": zoo.Recipe(size="base", domain="general", samples=128, images=64, caption_share=0.4),
+            "teacher": lookup.Recipe(size="teacher", domain="wide", samples=128, images=64, caption_share=1.0),
+            "base": lookup.Recipe(size="base", domain="general", samples=128, images=64, caption_share=0.4),
         },
     )
-    assert zoo.shipped_key() != zoo.recipe_key()  # the shipped zoo is another recipe's: built here instead
-    with pytest.raises(zoo.ZooMissing, match="build it with `python -m leaml_ray.zoo build`"):
-        zoo.resolve("zoo:teacher")  # stages look the zoo up; they never start minutes of pretraining
+    assert lookup.shipped_key() != lookup.recipe_key()  # the shipped zoo is another recipe's: built here instead
+    with pytest.raises(lookup.ZooMissing, match="build it with `python -m leaml_ray.zoo build`"):
+        model_source("zoo:teacher")  # stages look the zoo up; they never start minutes of pretraining
     paths = zoo.ensure_zoo()
     assert paths["generator"] == paths["target"] != paths["teacher"]
-    assert str(zoo.zoo_dir()).startswith(str(tmp_path)) and paths["teacher"].startswith(str(zoo.zoo_dir()))
+    assert str(lookup.zoo_dir()).startswith(str(tmp_path)) and paths["teacher"].startswith(str(lookup.zoo_dir()))
     for name in ("teacher", "base"):
-        history = json.loads((zoo.zoo_dir() / f"{name}.train.json").read_text())
+        history = json.loads((lookup.zoo_dir() / f"{name}.train.json").read_text())
         assert [h["step"] for h in history] == [1, 2, 3, 4]  # 128 samples / (2 workers x 16)
-    teacher = load_model(ModelSpec("teacher", paths["teacher"], dtype="float32"), paths["teacher"])
+    teacher = load_model(local_spec(paths["teacher"], "teacher"))
     assert teacher.config.text_config.num_hidden_layers == 3
 
     monkeypatch.setattr(zoo, "pretrain", lambda *a, **k: pytest.fail("the cached zoo was rebuilt"))
     assert zoo.ensure_zoo() == paths
-    assert zoo.resolve("zoo:teacher") == paths["teacher"]
+    assert model_source("zoo:teacher") == paths["teacher"]
 
     # shipping it: the package then holds this recipe's zoo and uses it in place of the cache
-    monkeypatch.setattr(zoo, "SHIPPED", tmp_path / "shipped")
-    zoo.ship(zoo.zoo_dir())
-    assert zoo.shipped_key() == zoo.recipe_key()
-    assert zoo.ensure_zoo() == {role: str(tmp_path / "shipped" / folder) for role, folder in zoo.ROLE_FOLDERS.items()}
+    monkeypatch.setattr(lookup, "SHIPPED", tmp_path / "shipped")
+    zoo.ship(lookup.zoo_dir())
+    assert lookup.shipped_key() == lookup.recipe_key()
+    expected = {role: str(tmp_path / "shipped" / folder) for role, folder in lookup.ROLE_FOLDERS.items()}
+    assert zoo.ensure_zoo() == expected

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from leaml_ray.cluster_plan import format_plan, place_on_cluster, stage_resources
 from leaml_ray.config import DEFAULT_PRESET, PRESET_DIR, Config, ConfigError, load_config
-from leaml_ray.placement import format_plan, place_on_cluster, plan
+from leaml_ray.errors import UserError
 from leaml_ray.storage import redact
 
 PROG = Path(sys.argv[0]).name  # adapt.py under `python jobs/adapt.py`, leaml-adapt as a console script
@@ -70,18 +71,16 @@ def run(cfg: Config, only: list[str] | None, force: list[str] | None) -> int:
     """Run the pipeline's stages (all, or `only`) and print the summary; returns the exit code."""
     # imported here: --help, --print-config, --plan and config errors answer without loading torch or vLLM (and
     # without Ray, but for its autoscaler's scheduling code under --plan --cluster)
-    from leaml_ray.data.sources import SourceError
-    from leaml_ray.pipeline import StageError, run_pipeline, summary
+    from leaml_ray.pipeline import run_pipeline, summary
     from leaml_ray.runtime import setup_logging
     from leaml_ray.stages import pipeline_stages
-    from leaml_ray.zoo import ZooMissing
 
     setup_logging(cfg.run.log_level)
     stages = pipeline_stages(cfg)
     log.info("run dir %s, stages %s", cfg.run.dir, ",".join(only or [s.name for s in stages]))
     try:
         results = run_pipeline(cfg, stages, only, before_first_run=lambda: start_ray(cfg), force=force)
-    except (StageError, SourceError, ZooMissing) as e:
+    except UserError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     print(summary(results))
@@ -103,7 +102,7 @@ def start_ray(cfg: Config) -> None:
 
 def print_plan(cfg, cluster_yaml: str | None) -> int:
     """The dry run: the plan table, its problems against the cluster YAML, then one JSON line; 1 if it does not fit."""
-    the_plan = plan(cfg)  # starts no Ray: placing it on the YAML's node types runs the autoscaler's scheduling code
+    the_plan = stage_resources(cfg)  # starts no Ray: placing it on the YAML's node types runs the autoscaler's code
     problems: list[str] = []
     if cluster_yaml:
         try:

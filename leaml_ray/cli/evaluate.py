@@ -13,8 +13,8 @@ from pathlib import Path
 
 from leaml_ray import storage
 from leaml_ray.config import ConfigError, load_config
-from leaml_ray.pipeline import StageError, load_manifest
-from leaml_ray.zoo import resolve
+from leaml_ray.errors import UserError
+from leaml_ray.pipeline import load_manifest
 
 PROG = Path(sys.argv[0]).name  # evaluate.py under `python jobs/evaluate.py`, leaml-evaluate as a console script
 
@@ -39,20 +39,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     # imported here: --help and bad arguments answer without loading torch or vLLM
-    from leaml_ray.models.registry import spec_for
     from leaml_ray.report import build_report, render_markdown, write_plots
     from leaml_ray.runtime import connect, setup_logging
-    from leaml_ray.stages.evaluate import evaluate_model, method_table
+    from leaml_ray.stages import evaluate
 
     setup_logging(cfg.run.log_level)
     name = args.name or args.model.rstrip("/").rsplit("/", 1)[-1].replace("zoo:", "zoo_")
     out = args.out or storage.join(args.run, "evaluations", name)
+    plan = evaluate.plan(cfg)
     connect(cfg.cluster)
     try:
-        metrics, predictions = evaluate_model(
-            storage.join(args.run, "prepared"), spec_for(cfg, "target"), resolve(args.model), cfg, name
-        )
-    except StageError as e:
+        prepared, target = storage.join(args.run, "prepared"), plan.target.at(args.model)
+        metrics, _ = evaluate.evaluate_model(prepared, target, plan.split, plan.max_new_tokens, name, args.run)
+    except UserError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     metrics["model"] = args.model
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     storage.write_json_atomic(storage.join(out, "report.json"), report)
     storage.write_bytes_atomic(storage.join(out, "report.md"), render_markdown(report).encode())
     write_plots(args.run, storage.join(out, "plots"), {name: metrics})
-    print(method_table({name: metrics}))
+    print(evaluate.method_table({name: metrics}))
     print(f"report: {out}/report.md")
     return 0
 

@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 
 from leaml_ray.config import ConfigError, load_config
+from leaml_ray.errors import UserError
 from leaml_ray.inference import deploy
+from leaml_ray.models.registry import model_source
+from leaml_ray.models.spec import engine
 from leaml_ray.pipeline import load_manifest
-from leaml_ray.placement import engine_settings
 from leaml_ray.runtime import cluster_address, connect, setup_logging
-from leaml_ray.zoo import resolve
 
 PROG = Path(sys.argv[0]).name  # serve.py under `python jobs/serve.py`, leaml-serve as a console script
 
@@ -48,24 +49,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: --detach needs a cluster (RAY_ADDRESS or cluster.address)", file=sys.stderr)
         return 2
     try:
-        path = resolve(args.model)
-        deploy.preflight(path, args.host, args.port, local)
-    except (deploy.ServeError, ValueError) as e:
+        deploy.preflight(model_source(args.model), args.host, args.port, local)
+    except UserError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.run.log_level)
     connect(cfg.cluster)
     model_id = args.id or args.model.rstrip("/").rsplit("/", 1)[-1]
+    target = engine(cfg, "target").at(args.model)
     deploy.serve_until_stopped(
-        model_id,
-        path,
-        engine_settings(cfg, "target"),
-        args.host,
-        args.port,
-        cfg.target.trust_remote_code,
-        args.min_replicas,
-        args.max_replicas,
-        args.detach,
+        model_id, target, args.host, args.port, args.min_replicas, args.max_replicas, args.detach
     )
     return 0
 

@@ -14,10 +14,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from leaml_ray.config import ConfigError, load_config
+from leaml_ray.errors import UserError
 from leaml_ray.inference import deploy
-from leaml_ray.placement import engine_settings
+from leaml_ray.models.registry import model_source
+from leaml_ray.models.spec import engine
 from leaml_ray.runtime import cluster_address, connect, setup_logging
-from leaml_ray.zoo import resolve
 
 PROG = Path(sys.argv[0]).name  # serve_teacher.py, or leaml-serve-teacher as a console script
 
@@ -42,20 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     where = urlsplit(cfg.teacher.endpoint)
     host, port = where.hostname or "127.0.0.1", where.port or 8000
     try:
-        path = resolve(cfg.teacher.model)
-        deploy.preflight(path, host, port, local)
-    except (deploy.ServeError, ValueError) as e:
+        deploy.preflight(model_source(cfg.teacher.model), host, port, local)
+    except UserError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.run.log_level)
     connect(cfg.cluster)
     deploy.serve_until_stopped(
         cfg.teacher.model,
-        path,
-        engine_settings(cfg, "teacher"),
+        engine(cfg, "teacher"),
         host,
         port,
-        cfg.teacher.trust_remote_code,
         max_replicas=args.max_replicas or cfg.teacher.replicas,
         detach=args.detach,
     )

@@ -26,7 +26,7 @@ EXAMPLE_COLUMNS = ["image", "instruction", "response"]
 def read_table(path: str, columns: list[str] | None = None, split: str | None = None) -> pa.Table:
     """A parquet file or folder of the run dir, optionally only one split, in key order (qa_id, else image_id):
     Ray Data writes rows in the order its blocks finish, and training and sampling order follow these tables."""
-    fs, p = storage.resolve(path)
+    fs, p = storage.filesystem(path)
     table = pq.read_table(p, columns=columns, filesystem=fs, filters=[("split", "=", split)] if split else None)
     key = next((k for k in ("qa_id", "image_id") if k in table.column_names), None)
     return table.sort_by(key) if key else table

@@ -46,7 +46,7 @@ def _read_frames(folder: str, count: int) -> Image.Image:
 
     from leaml_ray import storage
 
-    fs, p = storage.resolve(folder)
+    fs, p = storage.filesystem(folder)
     files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(p)) if i.path.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
         raise ImageProblem("missing_image", f"no frames in {folder}")
@@ -70,7 +70,7 @@ def load(
     if data is None:
         if not path:
             raise ImageProblem("missing_image", "no image bytes and no path")
-        fs, p = storage.resolve(path)
+        fs, p = storage.filesystem(path)
         kind = fs.get_file_info(p).type
         if kind == pafs.FileType.Directory:
             img = _read_frames(path, frames_per_clip)

@@ -37,7 +37,7 @@ def read_parts(parts_dir: str, columns: list[str] | None = None):
     """The part files of `parts_dir` one table at a time (the driver never holds more than one part)."""
     if not storage.exists(parts_dir):
         return
-    fs, p = storage.resolve(parts_dir)
+    fs, p = storage.filesystem(parts_dir)
     for info in sorted(fs.get_file_info(pafs.FileSelector(p)), key=lambda i: i.path):
         if info.path.endswith(".parquet"):
             yield pq.read_table(info.path, columns=columns, filesystem=fs)

@@ -18,6 +18,7 @@ import ray.data
 from leaml_ray import storage
 from leaml_ray.config import DataSection
 from leaml_ray.data import synthetic
+from leaml_ray.errors import UserError
 from leaml_ray.formats import LETTERS
 
 RAW_SCHEMA = pa.schema(
@@ -46,8 +47,8 @@ SPLIT_HINTS = {
 }
 
 
-class SourceError(ValueError):
-    """The source as a whole is unusable (missing path, wrong layout); one line for the user."""
+class SourceError(UserError, ValueError):
+    """The source as a whole is unusable (missing path, wrong layout)."""
 
 
 def _encodable(value: Any) -> bool:

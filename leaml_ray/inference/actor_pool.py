@@ -8,11 +8,12 @@ from typing import Any
 import ray
 import ray.data
 
+from leaml_ray.errors import UserError
 from leaml_ray.inference.engine import engine_args
 from leaml_ray.inference.requests import prefix_tokens, prompt_template, request, scored, sequence_scores
-from leaml_ray.models.registry import ModelSpec, local_folder
-from leaml_ray.pipeline import StageError
-from leaml_ray.placement import EngineSettings, actor_pool_placement
+from leaml_ray.models.registry import model_folder, model_source
+from leaml_ray.models.spec import Engine
+from leaml_ray.placement import actor_pool_placement
 
 
 class _EngineActor:
@@ -22,7 +23,7 @@ class _EngineActor:
         from vllm import LLM
 
         # a model folder on an object store: copied to this node's disk once (vLLM reads local folders)
-        self.llm = LLM(**{**kwargs, "model": local_folder(kwargs["model"])})
+        self.llm = LLM(**{**kwargs, "model": model_folder(kwargs["model"])})
         self.template, self.sampling, self.keep = template, sampling, keep
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -57,27 +58,22 @@ class _EngineActor:
 
 
 def generate_on_actors(
-    ds: ray.data.Dataset,
-    spec: ModelSpec,
-    path: str,
-    sampling: dict[str, Any],
-    settings: EngineSettings,
-    keep: tuple[str, ...],
+    ds: ray.data.Dataset, engine: Engine, sampling: dict[str, Any], keep: tuple[str, ...]
 ) -> ray.data.Dataset:
-    """`generate` on `settings.replicas` actors that each own an in-process vLLM engine (one device each)."""
-    if settings.tensor_parallel_size * settings.pipeline_parallel_size > 1:
-        raise StageError("engine actor_pool runs one device per replica; use ray_data_llm for parallelism")
-    kwargs = engine_args(settings, path, spec.trust_remote_code)
+    """`generate` on `engine.replicas` actors that each own an in-process vLLM engine (one device each)."""
+    if engine.tensor_parallel_size * engine.pipeline_parallel_size > 1:
+        raise UserError("engine actor_pool runs one device per replica; use ray_data_llm for parallelism")
+    kwargs = engine_args(engine, model_source(engine.spec.model))
     return ds.map_batches(
         _EngineActor,
         fn_constructor_kwargs={
             "kwargs": kwargs,
-            "template": prompt_template(spec, path),
+            "template": prompt_template(engine.spec),
             "sampling": sampling,
             "keep": keep,
         },
-        batch_size=settings.batch_size,
+        batch_size=engine.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=settings.replicas),
-        **actor_pool_placement(settings),
+        compute=ray.data.ActorPoolStrategy(size=engine.replicas),
+        **actor_pool_placement(engine),
     )

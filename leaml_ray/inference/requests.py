@@ -6,15 +6,17 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from leaml_ray.models import chat
-from leaml_ray.models.registry import ModelSpec, load_processor
+from leaml_ray.models.registry import load_processor
+from leaml_ray.models.spec import ModelSpec
 
 PLACEHOLDER = "\x00INSTRUCTION\x00"
 
 
-def prompt_template(spec: ModelSpec, path: str) -> str:
+def prompt_template(spec: ModelSpec) -> str:
     """The model's chat prompt around one image with a placeholder where the instruction goes."""
-    return chat.prompt(load_processor(spec, path), PLACEHOLDER)
+    from leaml_ray.models import chat  # torch: on the driver only when an engine is built
+
+    return chat.prompt(load_processor(spec), PLACEHOLDER)
 
 
 def request(template: str, row: dict, sampling: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:

@@ -37,7 +37,7 @@ DATASET_INFO = {
 def write_exports(out_dir: str, kept: pa.Table, rejects: pa.Table, images_path: str) -> None:
     """Every output above into `out_dir` (image paths in the JSONL files are relative to it)."""
     for name, table in (("pseudo_qa.parquet", kept), ("pseudo_qa_rejects.parquet", rejects)):
-        fs, p = storage.resolve(storage.join(out_dir, name))
+        fs, p = storage.filesystem(storage.join(out_dir, name))
         fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
         pq.write_table(table, p, filesystem=fs)
     # images of the kept pairs as files, so the JSONL is usable by other trainers as is
@@ -58,7 +58,7 @@ def write_exports(out_dir: str, kept: pa.Table, rejects: pa.Table, images_path: 
         )
         files = {r["image_id"]: r["file"] for r in written.iter_rows()}
     else:
-        fs, p = storage.resolve(storage.join(out_dir, "pseudo_qa_images"))
+        fs, p = storage.filesystem(storage.join(out_dir, "pseudo_qa_images"))
         fs.create_dir(p, recursive=True)
     # the same pairs in the two layouts trainers read (image paths relative to the run dir):
     # ShareGPT with an <image> token (LLaMA-Factory, ms-swift) and structured content (TRL, HF datasets)

@@ -1,5 +1,5 @@
-"""Parsing and filtering the generator's replies (DESIGN.md section 4): every reply becomes a kept pair or a reject
-row with its reason.
+"""Parsing and filtering the generator's replies (docs/design.md#pseudo-qa-generation-and-filters): every reply
+becomes a kept pair or a reject row with its reason.
 
 Rules come from the labeled data (answer length, a closed vocabulary); with labeled questions each pair also gets
 the generator's answer confidence and the question's pointwise mutual information with its image
@@ -17,16 +17,13 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from leaml_ray.config import Config
 from leaml_ray.data import examples
 from leaml_ray.data.parts import read_parts
 from leaml_ray.formats import QA_GEN_PROMPT
-from leaml_ray.inference.client import teacher_endpoint
-from leaml_ray.inference.offline import generate
-from leaml_ray.models.registry import spec_for
-from leaml_ray.placement import engine_settings
+from leaml_ray.inference.client import check_served
+from leaml_ray.inference.generate import generate
+from leaml_ray.models.spec import Engine
 from leaml_ray.scoring import normalize
-from leaml_ray.zoo import resolve
 
 QA_PATTERN = re.compile(r"^\s*Question:\s*(?P<q>.*?)\s*\n\s*Answer:\s*(?P<a>[^\n]*)", re.DOTALL)
 CONTROL = {"Cc", "Cf", "Cs", "Co", "Cn"}
@@ -209,20 +206,15 @@ def caption_filter(kept: pa.Table, captions: pa.Table) -> tuple[pa.Table, pa.Tab
     return kept.filter(mask), as_rejects(kept.filter(pc.invert(mask)), "not_in_caption")
 
 
-def consistency_filter(kept: pa.Table, images_path: str, cfg: Config) -> tuple[pa.Table, pa.Table]:
-    """Keep pairs whose answer the teacher (or the base target) gives too when asked the pseudo question."""
-    role = cfg.pseudo_qa.consistency_filter
-    spec = spec_for(cfg, role)
+def consistency_filter(
+    kept: pa.Table, images_path: str, judge: Engine, max_new_tokens: int
+) -> tuple[pa.Table, pa.Table]:
+    """Keep pairs whose answer the `judge` (the teacher, or the base target) gives too when asked the pseudo question
+    (greedy, at most `max_new_tokens`)."""
+    role = judge.spec.role
+    check_served(judge)
     rows = examples.with_images(images_path, kept.rename_columns({"question": "instruction"}))
-    answers = generate(
-        rows,
-        spec,
-        resolve(spec.name_or_path),
-        {"temperature": 0.0, "max_tokens": cfg.eval.max_new_tokens},
-        engine_settings(cfg, role),  # the settings of the model that answers (72B teacher: its tensor parallel)
-        keep=("pseudo_id",),
-        endpoint=teacher_endpoint(cfg) if role == "teacher" else None,
-    )
+    answers = generate(rows, judge, {"temperature": 0.0, "max_tokens": max_new_tokens}, keep=("pseudo_id",))
     by_id = {r["pseudo_id"]: r["text"] for r in answers.select_columns(["pseudo_id", "text"]).iter_rows()}
     agree = [
         normalize(by_id.get(i, "")) == normalize(a)

@@ -1,4 +1,4 @@
-"""The pipeline's stages in run order (DESIGN.md section 2)."""
+"""The pipeline's stages in run order (docs/design.md#the-stage-line)."""
 
 from leaml_ray.config import Config
 from leaml_ray.pipeline import Stage

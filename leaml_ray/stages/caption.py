@@ -8,6 +8,7 @@ parts already hold, so no image is captioned twice.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -15,16 +16,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from leaml_ray import dashboard, storage
-from leaml_ray.config import stable_hash
+from leaml_ray.config import Config, stable_hash
 from leaml_ray.data import examples
 from leaml_ray.data.parts import done_keys, read_parts, skip_done, stream_to_parts
-from leaml_ray.inference.client import teacher_endpoint
-from leaml_ray.inference.offline import generate
+from leaml_ray.formats import CAPTION_PROMPT
+from leaml_ray.inference.client import check_served
+from leaml_ray.inference.generate import generate
 from leaml_ray.inference.requests import prompt_template
-from leaml_ray.models.registry import ModelSpec, spec_for
+from leaml_ray.models.spec import Engine, ModelSpec, engine
 from leaml_ray.pipeline import Stage, StageContext
-from leaml_ray.placement import engine_keys, engine_settings, engine_unhashed_keys
-from leaml_ray.zoo import resolve
 
 log = logging.getLogger("leaml_ray")
 CAPTIONS_SCHEMA = pa.schema(
@@ -32,53 +32,63 @@ CAPTIONS_SCHEMA = pa.schema(
 )
 
 
-def prompt_version(spec: ModelSpec, path: str) -> str:
+@dataclass(frozen=True)
+class CaptionPlan:
+    """What the caption stage needs: the teacher's engine (or its endpoint) and what to ask it."""
+
+    teacher: Engine
+    instruction: str
+    max_new_tokens: int
+    splits: tuple[str, ...]  # which images are captioned
+
+
+def plan(cfg: Config) -> CaptionPlan:
+    """The caption stage's plan; a run that switches to a served teacher keeps its captions (placement only)."""
+    splits = ("unlabeled", "labeled") if cfg.teacher.caption_labeled else ("unlabeled",)
+    return CaptionPlan(engine(cfg, "teacher"), CAPTION_PROMPT, cfg.teacher.max_new_tokens, splits)
+
+
+def prompt_version(spec: ModelSpec, instruction: str) -> str:
     """Identifies the exact prompt the teacher saw (chat template + instruction)."""
-    return stable_hash({"template": prompt_template(spec, path), "instruction": spec.caption_prompt})[:8]
+    return stable_hash({"template": prompt_template(spec), "instruction": instruction})[:8]
 
 
-def caption_stage(ctx: StageContext) -> dict[str, Any]:
+def run(plan: CaptionPlan, ctx: StageContext) -> dict[str, Any]:
     """Run the caption stage (see the module docstring)."""
-    cfg, teacher = ctx.cfg, ctx.cfg.teacher
-    spec = spec_for(cfg, "teacher")
-    endpoint = teacher_endpoint(cfg)  # a shared teacher (jobs/serve_teacher.py) in teacher.mode=serve
-    path = resolve(teacher.model)
-    version = prompt_version(spec, path)
+    teacher = plan.teacher
+    check_served(teacher)  # a shared teacher (jobs/serve_teacher.py) in teacher.mode=serve
+    version = prompt_version(teacher.spec, plan.instruction)
     parts = storage.join(ctx.resume_dir, "parts")
     done = done_keys(parts, "image_id")
     if done:
         log.info("caption: %d images captioned by an interrupted attempt are kept", len(done))
 
-    splits = ["unlabeled", "labeled"] if teacher.caption_labeled else ["unlabeled"]
-    todo = skip_done(examples.images_of(ctx.input("prepared/images.parquet"), splits), "image_id", done)
+    todo = skip_done(examples.images_of(ctx.input("prepared/images.parquet"), list(plan.splits)), "image_id", done)
     todo = todo.map_batches(
-        lambda b: b.append_column("instruction", pa.array([spec.caption_prompt] * b.num_rows)),
+        lambda b: b.append_column("instruction", pa.array([plan.instruction] * b.num_rows)),
         batch_format="pyarrow",
         num_cpus=0.25,
     )
-    settings = engine_settings(cfg, "teacher")
-    sampling = {"temperature": 0.0, "max_tokens": teacher.max_new_tokens}
-    out = generate(todo, spec, path, sampling, settings, endpoint=endpoint)
+    out = generate(todo, teacher, {"temperature": 0.0, "max_tokens": plan.max_new_tokens})
     out = out.map_batches(
         lambda b: pa.table(
             {
                 "image_id": b["image_id"],
                 "caption": pc.utf8_trim_whitespace(b["text"]),
-                "teacher": pa.array([teacher.model] * b.num_rows, pa.string()),
+                "teacher": pa.array([teacher.spec.model] * b.num_rows, pa.string()),
                 "prompt_version": pa.array([version] * b.num_rows, pa.string()),
             }
         ),
         batch_format="pyarrow",
         num_cpus=0.25,
     )
-    run = cfg.run.dir
-    on_part = lambda t: dashboard.count("images_captioned", t.num_rows, run, "caption")  # noqa: E731
-    stream_to_parts(out, parts, settings.rows_per_part, on_part)
+    on_part = lambda t: dashboard.count("images_captioned", t.num_rows, ctx.run_dir, "caption")  # noqa: E731
+    stream_to_parts(out, parts, teacher.rows_per_part, on_part)
 
     # one table, streamed part by part; a key seen twice (never expected) is dropped and counted
     seen: set[str] = set()
     duplicates = empty = 0
-    fs, target = storage.resolve(ctx.output("captions.parquet"))
+    fs, target = storage.filesystem(ctx.output("captions.parquet"))
     fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
     with pq.ParquetWriter(target, CAPTIONS_SCHEMA, filesystem=fs) as writer:
         for table in read_parts(parts):
@@ -94,13 +104,4 @@ def caption_stage(ctx: StageContext) -> dict[str, Any]:
     return {"captioned": len(seen), "resumed": len(done), "empty": empty, "duplicates_dropped": duplicates}
 
 
-CAPTION = Stage(
-    name="caption",
-    run=caption_stage,
-    inputs=("prepared",),
-    outputs=("captions.parquet",),
-    # what changes the captions; not how they are computed (mode, endpoint, engine, batch size, replicas), so a run
-    # that switches to a served teacher keeps its captions
-    config_keys=(*engine_keys("teacher"), "teacher.max_new_tokens", "teacher.caption_labeled"),
-    unhashed_keys=engine_unhashed_keys("teacher"),
-)
+CAPTION = Stage(name="caption", plan=plan, run=run, inputs=("prepared",), outputs=("captions.parquet",))

@@ -1,6 +1,6 @@
 """evaluate: every selected method answers the test split through the generation engine (greedy) -> report.
 
-Scoring is DESIGN.md section 4 (leaml_ray/scoring.py). Writes report.json, report.md, plots/ and
+Scoring: docs/design.md#scoring (leaml_ray/scoring.py). Writes report.json, report.md, plots/ and
 predictions.parquet (every answer, for error analysis). The report's `precondition` (diagnostics.py) puts the
 labeled-only target (`full`) and the QA generator side by side on the unlabeled images' hidden questions.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -17,24 +18,49 @@ import pyarrow.parquet as pq
 from leaml_ray import dashboard, diagnostics, storage
 from leaml_ray.config import Config
 from leaml_ray.data import examples
-from leaml_ray.inference.offline import generate
-from leaml_ray.models.registry import ModelSpec, spec_for
+from leaml_ray.inference.generate import generate
+from leaml_ray.models.spec import Engine, engine
 from leaml_ray.pipeline import Stage, StageContext, StageError
-from leaml_ray.placement import engine_keys, engine_settings, engine_unhashed_keys
 from leaml_ray.report import build_report, render_markdown, write_plots
 from leaml_ray.scoring import accuracy, is_correct
-from leaml_ray.stages.finetune import methods_to_train
-from leaml_ray.zoo import resolve
+from leaml_ray.stages.common import methods_to_train
 
 log = logging.getLogger("leaml_ray")
 
 
+@dataclass(frozen=True)
+class EvaluatePlan:
+    """What evaluate needs: the methods, the target's engine (each trained method loads its own folder), the split
+    and the answer length."""
+
+    methods: tuple[str, ...]
+    target: Engine
+    split: str  # "test" | "val" (choosing settings)
+    max_new_tokens: int
+    seed: int  # which hidden questions the precondition samples
+
+    @property
+    def trained(self) -> tuple[str, ...]:
+        return methods_to_train(self.methods)
+
+
+def plan(cfg: Config) -> EvaluatePlan:
+    """The evaluate stage's plan."""
+    e = cfg.eval
+    return EvaluatePlan(tuple(e.methods), engine(cfg, "target"), e.split, e.max_new_tokens, cfg.run.seed)
+
+
 def evaluate_model(
-    prepared: str, spec: ModelSpec, path: str, cfg: Config, name: str, questions: pa.Table | None = None
+    prepared: str,
+    target: Engine,
+    split: str,
+    max_new_tokens: int,
+    name: str,
+    run_dir: str,
+    questions: pa.Table | None = None,
 ) -> tuple[dict[str, Any], pa.Table]:
-    """Accuracy of one model folder on the `eval.split` (test, or val when choosing settings) of a prepared run
-    (or on `questions`), and its predictions."""
-    split = cfg.eval.split
+    """Accuracy of one model (`target`'s engine) on the `split` (test, or val when choosing settings) of a prepared
+    run (or on `questions`), and its predictions."""
     test = (
         questions if questions is not None else examples.read_table(storage.join(prepared, "qa.parquet"), split=split)
     )
@@ -43,9 +69,8 @@ def evaluate_model(
         raise StageError(f"{prepared}: the {split} split is empty{hint}")
     asked = examples.answer_examples(test).append_column("qa_id", test["qa_id"])
     rows = examples.with_images(storage.join(prepared, "images.parquet"), asked.drop_columns(["response"]))
-    sampling = {"temperature": 0.0, "max_tokens": cfg.eval.max_new_tokens}
-    settings = engine_settings(cfg, "target")
-    out = generate(rows, spec, path, sampling, settings, keep=("qa_id",)).select_columns(["qa_id", "text"])
+    sampling = {"temperature": 0.0, "max_tokens": max_new_tokens}
+    out = generate(rows, target, sampling, keep=("qa_id",)).select_columns(["qa_id", "text"])
     answers = {r["qa_id"]: r["text"].strip() for r in out.iter_rows()}
     records = []
     for r in test.to_pylist():
@@ -63,47 +88,50 @@ def evaluate_model(
     missing = sum(r["prediction"] is None for r in records)
     if missing:
         raise StageError(f"evaluate {name}: {missing} test questions got no answer from the engine")
-    dashboard.count("answers_generated", len(records), cfg.run.dir, "evaluate")
-    return {**accuracy(records), "model": path}, pa.Table.from_pylist(records)
+    dashboard.count("answers_generated", len(records), run_dir, "evaluate")
+    return {**accuracy(records), "model": target.spec.model}, pa.Table.from_pylist(records)
 
 
-def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
+def run(plan: EvaluatePlan, ctx: StageContext) -> dict[str, Any]:
     """Run the evaluate stage (see the module docstring)."""
-    cfg = ctx.cfg
-    trained = set(methods_to_train(cfg))
-    spec = spec_for(cfg, "target")
     methods, predictions, elapsed = {}, [], {}
-    for method in cfg.eval.methods:
+    for method in plan.methods:
         t0 = time.perf_counter()
-        path = ctx.input(f"target/{method}") if method in trained else resolve(cfg.target.model)
-        metrics, preds = evaluate_model(ctx.input("prepared"), spec, path, cfg, method)
-        metrics["model"] = f"target/{method}" if method in trained else cfg.target.model
+        trained = method in plan.trained
+        target = plan.target.at(ctx.input(f"target/{method}")) if trained else plan.target
+        metrics, preds = evaluate_model(
+            ctx.input("prepared"), target, plan.split, plan.max_new_tokens, method, ctx.run_dir
+        )
+        metrics["model"] = f"target/{method}" if trained else plan.target.spec.model
         methods[method] = metrics
         predictions.append(preds)
         elapsed[f"evaluate:{method}"] = time.perf_counter() - t0
         log.info("evaluate %s: accuracy %.3f (macro over categories), n=%d", method, metrics["accuracy"], metrics["n"])
     report = build_report(ctx.run_dir, methods, elapsed)
-    report["precondition"] = precondition(ctx, spec, trained)
+    report["precondition"] = precondition(ctx, plan)
     storage.write_json_atomic(ctx.output("report.json"), report)
     storage.write_bytes_atomic(ctx.output("report.md"), render_markdown(report).encode())
     write_plots(ctx.run_dir, ctx.output("plots"), methods)
-    fs, p = storage.resolve(ctx.output("predictions.parquet"))
+    fs, p = storage.filesystem(ctx.output("predictions.parquet"))
     pq.write_table(pa.concat_tables(predictions), p, filesystem=fs)
     print(method_table(methods))
     return {m: round(v["accuracy"], 4) for m, v in methods.items()}
 
 
-def precondition(ctx: StageContext, spec: ModelSpec, trained: set[str]) -> dict[str, Any]:
+def precondition(ctx: StageContext, plan: EvaluatePlan) -> dict[str, Any]:
     """Accuracy on the unlabeled images' hidden questions of the labeled-only target (`full`, when trained) and of
     the generator (from pseudo_qa's diagnostics): LEAML can help only when the generator is ahead."""
     out: dict[str, Any] = {}
     hidden_path = storage.join(ctx.input("prepared"), "hidden", "unlabeled_qa.parquet")
-    if "full" in trained and storage.exists(hidden_path):
-        hidden = diagnostics.hidden_sample(examples.read_table(hidden_path), ctx.cfg.run.seed)
+    if "full" in plan.trained and storage.exists(hidden_path):
+        hidden = diagnostics.hidden_sample(examples.read_table(hidden_path), plan.seed)
         if hidden.num_rows:
-            metrics, _ = evaluate_model(ctx.input("prepared"), spec, ctx.input("target/full"), ctx.cfg, "full", hidden)
+            full = plan.target.at(ctx.input("target/full"))
+            metrics, _ = evaluate_model(
+                ctx.input("prepared"), full, plan.split, plan.max_new_tokens, "full", ctx.run_dir, hidden
+            )
             out.update(labeled_only=metrics["accuracy"], labeled_only_per_category=metrics["per_category"])
-    if "leaml" in ctx.cfg.eval.methods:
+    if "leaml" in plan.methods:
         found = storage.read_json(ctx.input("pseudo_qa_diagnostics.json")).get("precondition", {})
         out.update({k: v for k, v in found.items() if k.startswith("generator")})
     if "generator" in out and "labeled_only" in out:
@@ -123,18 +151,17 @@ def method_table(methods: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def evaluate_inputs(cfg: Config) -> tuple[str, ...]:
-    trained = tuple(f"target/{m}" for m in methods_to_train(cfg))
-    diagnosed = ("pseudo_qa_diagnostics.json",) if "leaml" in cfg.eval.methods else ()
+def evaluate_inputs(plan: EvaluatePlan) -> tuple[str, ...]:
+    """The trained targets, and pseudo_qa's diagnostics (the generator's precondition) when leaml runs."""
+    trained = tuple(f"target/{m}" for m in plan.trained)
+    diagnosed = ("pseudo_qa_diagnostics.json",) if "leaml" in plan.methods else ()
     return ("prepared", *trained, *diagnosed)
 
 
 EVALUATE = Stage(
     name="evaluate",
-    run=evaluate_stage,
+    plan=plan,
+    run=run,
     inputs=evaluate_inputs,
     outputs=("report.json", "report.md", "plots", "predictions.parquet"),
-    # what changes the answers: the target's weights and how it is prompted (not where its engine runs)
-    config_keys=("eval", *engine_keys("target")),
-    unhashed_keys=engine_unhashed_keys("target"),
 )

@@ -11,8 +11,8 @@ subfolder because vLLM loads every top-level *.safetensors file as weights) and 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -23,30 +23,51 @@ from leaml_ray.config import Config
 from leaml_ray.data import examples
 from leaml_ray.pipeline import Stage, StageContext, StageError
 from leaml_ray.plots import neuron_scores
-from leaml_ray.train.loop import TRAIN_UNHASHED_KEYS, job_for, train_on, trained_keys
-from leaml_ray.train.neurons import NeuronDistillation, mask_summary, pair_views, score_arrays
-from leaml_ray.zoo import resolve
+from leaml_ray.stages.common import heldout_caption_ids, train_job, unlabeled_captions
+from leaml_ray.train.job import TrainJob, TrainRun
 
 log = logging.getLogger("leaml_ray")
 
 
-def heldout_caption_ids(image_ids: list[str], cfg: Config) -> set[str]:
-    """The captioned images kept out of the generator's training (at most a tenth of them), chosen by a seeded hash."""
-    k = min(cfg.generator.heldout_captions, len(image_ids) // 10)
-    return set(sorted(image_ids, key=lambda i: examples.stable_int(i, cfg.run.seed + 17))[:k])
+@dataclass(frozen=True)
+class GeneratorPlan:
+    """What the generator stage needs: the training job, the two budgets and the objective's settings."""
+
+    job: TrainJob
+    epochs: float  # passes over the labeled QA pairs
+    caption_epochs: float  # passes over the captioned unlabeled images (at least)
+    heldout_captions: int
+    caption_distill: bool
+    caption_weight: float
+    distill_scope: str
+    score: str
+    neuron_ratio: float
+    score_batches: int
 
 
-def unlabeled_captions(images_path: str, captions_path: str) -> pa.Table:
-    """The teacher's captions of the unlabeled images."""
-    splits = examples.read_table(images_path, ["image_id", "split"])
-    unlabeled = splits.filter(pc.equal(splits["split"], "unlabeled"))["image_id"]
-    captions = examples.read_table(captions_path)
-    return captions.filter(pc.is_in(captions["image_id"], value_set=unlabeled))
+def plan(cfg: Config) -> GeneratorPlan:
+    """The generator stage's plan."""
+    gen = cfg.generator
+    return GeneratorPlan(
+        job=train_job(cfg, "generator", gen.finetune),
+        epochs=gen.epochs,
+        caption_epochs=gen.caption_epochs,
+        heldout_captions=gen.heldout_captions,
+        caption_distill=gen.caption_distill,
+        caption_weight=gen.caption_weight,
+        distill_scope=gen.distill_scope,
+        score=gen.score,
+        neuron_ratio=gen.neuron_ratio,
+        score_batches=gen.score_batches,
+    )
 
 
-def generator_stage(ctx: StageContext) -> dict[str, Any]:
+def run(plan: GeneratorPlan, ctx: StageContext) -> dict[str, Any]:
     """Run the generator stage (see the module docstring)."""
-    cfg, gen = ctx.cfg, ctx.cfg.generator
+    # here, not at the top: a plan (`--plan`, the pipeline's keys) must not import torch or Ray Train
+    from leaml_ray.train.loop import run_training
+    from leaml_ray.train.neurons import NeuronDistillation, mask_summary, pair_views, score_arrays
+
     images_path = ctx.input("prepared/images.parquet")
     qa = examples.generator_examples(examples.read_table(ctx.input("prepared/qa.parquet"), split="labeled"))
     if qa.num_rows == 0:
@@ -55,26 +76,25 @@ def generator_stage(ctx: StageContext) -> dict[str, Any]:
     labeled = examples.labeled_rows(images_path, qa).drop_columns(["image_id"])
 
     captions = unlabeled_captions(images_path, ctx.input("captions.parquet"))
-    heldout = heldout_caption_ids(captions["image_id"].to_pylist(), cfg)
+    heldout = heldout_caption_ids(captions["image_id"].to_pylist(), plan.heldout_captions, plan.job.seed)
     captions = captions.filter(pc.invert(pc.is_in(captions["image_id"], value_set=pa.array(sorted(heldout)))))
     if captions.num_rows == 0:
         raise StageError("generator: no captioned unlabeled images (run the caption stage on unlabeled images)")
     rows = examples.with_images(images_path, examples.caption_examples(captions)).drop_columns(["image_id"])
 
     objective = NeuronDistillation(
-        score=gen.score,
-        ratio=gen.neuron_ratio,
-        caption_weight=gen.caption_weight,
-        score_batches=gen.score_batches,
-        seed=cfg.run.seed,
-        scope=gen.distill_scope,
-        caption_distill=gen.caption_distill,
+        score=plan.score,
+        ratio=plan.neuron_ratio,
+        caption_weight=plan.caption_weight,
+        score_batches=plan.score_batches,
+        seed=plan.job.seed,
+        scope=plan.distill_scope,
+        caption_distill=plan.caption_distill,
     )
     out = ctx.output("generator")
-    # the caption rows are the clock: enough of them for both budgets
-    budget = max(gen.epochs * qa.num_rows, gen.caption_epochs * captions.num_rows)
-    job = job_for(cfg, gen, resolve(gen.model), out, num_rows=captions.num_rows)
-    job = dataclasses.replace(job, epochs=budget / captions.num_rows)
+    # the caption rows are the clock: enough passes over them for both budgets
+    budget = max(plan.epochs * qa.num_rows, plan.caption_epochs * captions.num_rows)
+    run = TrainRun(num_rows=captions.num_rows, epochs=budget / captions.num_rows, output=out, run_dir=ctx.run_dir)
     log.info(
         "generator: %d captioned images (%d held out) and %d labeled QA pairs, %.1f passes over the pairs, "
         "caption distillation %s",
@@ -82,20 +102,13 @@ def generator_stage(ctx: StageContext) -> dict[str, Any]:
         len(heldout),
         qa.num_rows,
         budget / qa.num_rows,
-        "on" if gen.caption_distill else "off",
+        "on" if plan.caption_distill else "off",
     )
-    result = train_on(
-        cfg,
-        job,
-        rows,
-        "generator",
-        storage.join(ctx.resume_dir, "ray_train"),
-        objective=objective,
-        labeled_dataset=labeled,
-    )
+    storage_path = storage.join(ctx.resume_dir, "ray_train")
+    result = run_training(plan.job, run, rows, "generator", storage_path, objective=objective, labeled_dataset=labeled)
     storage.write_json_atomic(storage.join(out, "train_log.json"), result["history"])
     steps = result["history"][-1]["step"]
-    views = pair_views(qa.num_rows, steps * cfg.train.grad_accum * cfg.train.num_workers * job.batch_size, job.seed)
+    views = pair_views(qa.num_rows, result["samples"], plan.job.seed)
     counts: dict[str, Any] = {
         "captions": captions.num_rows,
         "heldout_captions": len(heldout),
@@ -123,13 +136,8 @@ def generator_stage(ctx: StageContext) -> dict[str, Any]:
 
 GENERATOR = Stage(
     name="generator",
-    run=generator_stage,
+    plan=plan,
+    run=run,
     inputs=("prepared", "captions.parquet"),
     outputs=("generator",),
-    config_keys=lambda cfg: (
-        *trained_keys("generator", cfg.generator.finetune),
-        *(f"generator.{f}" for f in ("finetune", "caption_epochs", "heldout_captions", "caption_distill")),
-        *(f"generator.{f}" for f in ("caption_weight", "distill_scope", "score", "neuron_ratio", "score_batches")),
-    ),
-    unhashed_keys=TRAIN_UNHASHED_KEYS,
 )

@@ -2,7 +2,7 @@
 
 Data flow (images never pass through the driver):
   1. read_source -> check_rows (Ray Data, parallel): decode/resize images, reject bad rows -> staging parquet
-  2. plan (one Ray task over the key columns; the driver holds none of them): duplicates, conflicting ids,
+  2. decide_splits (one Ray task over the key columns; the driver holds none of them): duplicates, conflicting ids,
      the seeded stratified label split, rejects.jsonl
   3. finalize (Ray Data, three streaming passes over staging): qa.parquet, images.parquet and the hidden
      answers of unlabeled images, which training code never reads.
@@ -15,6 +15,7 @@ import json
 import logging
 from array import array
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,12 +26,26 @@ import ray
 import ray.data
 
 from leaml_ray import storage
-from leaml_ray.config import Config
+from leaml_ray.config import Config, DataSection
 from leaml_ray.data import examples, images, sources
 from leaml_ray.data.split import ImageInfo, assign_splits
 from leaml_ray.pipeline import Stage, StageContext
 
 log = logging.getLogger("leaml_ray")
+
+
+@dataclass(frozen=True)
+class PreparePlan:
+    """What prepare needs: the data section (every field of it shapes the prepared data) and the split's seed."""
+
+    data: DataSection
+    seed: int
+
+
+def plan(cfg: Config) -> PreparePlan:
+    """The prepare stage's plan."""
+    return PreparePlan(cfg.data, cfg.run.seed)
+
 
 CHECKED_SCHEMA = pa.schema(
     [f for f in sources.RAW_SCHEMA if f.name != "image_path"]
@@ -122,7 +137,7 @@ SPLITS = ("labeled", "unlabeled", "test", "val")
 
 def _staging_rows(staging: str, columns: list[str]):
     """Rows (as dicts) of the staging parquet files, a batch at a time, only the given columns."""
-    fs, root = storage.resolve(staging)
+    fs, root = storage.filesystem(staging)
     files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root)) if i.path.endswith(".parquet"))
     for f in files:
         for batch in pq.ParquetFile(f, filesystem=fs).iter_batches(batch_size=4096, columns=columns):
@@ -175,7 +190,7 @@ def _repeats(keys: list[np.ndarray], candidates: np.ndarray) -> np.ndarray:
     return order[1:][same]
 
 
-def decide(rows: dict[str, np.ndarray], categories: list[str], cfg: Config) -> tuple[dict, dict[int, str]]:
+def decide(rows: dict[str, np.ndarray], categories: list[str], plan: PreparePlan) -> tuple[dict, dict[int, str]]:
     """Decisions on the good rows: which survive, the qa numbering, and the split of every image.
 
     Ties are broken by the hash of source_ref, never by Ray's scheduling, so reruns decide the same.
@@ -213,9 +228,7 @@ def decide(rows: dict[str, np.ndarray], categories: list[str], cfg: Config) -> t
         if has_q:
             image.has_qa = True
             image.categories.add(categories[c])
-    splits = assign_splits(
-        {str(i): v for i, v in info.items()}, cfg.data.label_ratio, cfg.data.test_ratio, cfg.run.seed
-    )
+    splits = assign_splits({str(i): v for i, v in info.items()}, plan.data.label_ratio, plan.data.test_ratio, plan.seed)
 
     # kept rows sorted by (image, ref): the qa number is the rank within its image, the first row is primary
     kept = alive[np.lexsort([ref[alive], img[alive]])]
@@ -284,13 +297,13 @@ def _write_jsonl(path: str, records: list[dict]) -> None:
 
 
 @ray.remote(num_cpus=0.5)
-def plan(staging: str, cfg: Config, rejects_path: str) -> tuple[dict | None, dict]:
+def decide_splits(staging: str, plan: PreparePlan, rejects_path: str) -> tuple[dict | None, dict]:
     """The reduce step: read the staging keys, decide, write rejects.jsonl; returns (decisions, counts)."""
     rows, rejects, resized, categories = read_index(staging)
     rows_read = len(rows["ref"]) + len(rejects)
     decisions = None
     if len(rows["ref"]):
-        decisions, dropped = decide(rows, categories, cfg)
+        decisions, dropped = decide(rows, categories, plan)
         rejects += _dropped_records(staging, dropped)
     _write_jsonl(rejects_path, sorted(rejects, key=lambda r: r["source_ref"]) + list(resized.values()))
     split_images = np.bincount(decisions["split"], minlength=len(SPLITS)) if decisions else np.zeros(len(SPLITS), int)
@@ -306,16 +319,16 @@ def plan(staging: str, cfg: Config, rejects_path: str) -> tuple[dict | None, dic
     return decisions, counts
 
 
-def prepare_stage(ctx: StageContext) -> dict[str, Any]:
+def run(plan: PreparePlan, ctx: StageContext) -> dict[str, Any]:
     """Run the prepare stage (see the module docstring)."""
     with examples.in_order():  # files hold rows in source order, so every later stage reads the same order
-        return _prepare(ctx)
+        return _prepare(plan, ctx)
 
 
-def _prepare(ctx: StageContext) -> dict[str, Any]:
-    cfg, data = ctx.cfg, ctx.cfg.data
+def _prepare(plan: PreparePlan, ctx: StageContext) -> dict[str, Any]:
+    data = plan.data
     staging = storage.join(ctx.work_dir, "staging")
-    raw = sources.read_source(data, cfg.run.seed)
+    raw = sources.read_source(data, plan.seed)
     checked = raw.map_batches(
         check_rows,
         batch_format="pyarrow",
@@ -328,7 +341,7 @@ def _prepare(ctx: StageContext) -> dict[str, Any]:
         raise sources.SourceError(f"data source {data.source} ({data.path or 'synthetic'}) has no rows")
     out = ctx.output("prepared")
     # the reduce step runs in a task, so the driver's memory stays flat in the number of rows
-    ref, counts_ref = plan.options(num_returns=2).remote(staging, cfg, storage.join(out, "rejects.jsonl"))
+    ref, counts_ref = decide_splits.options(num_returns=2).remote(staging, plan, storage.join(out, "rejects.jsonl"))
     counts = ray.get(counts_ref)
     if counts["images"] == 0:
         reasons = counts["rejects_by_reason"]
@@ -349,7 +362,7 @@ def _prepare(ctx: StageContext) -> dict[str, Any]:
         )
         ds.write_parquet(path, min_rows_per_file=None if kind == "images" else 20_000)
         if not storage.exists(path):  # no rows of this kind: still leave a readable, empty table
-            fs, p = storage.resolve(storage.join(path, "empty.parquet"))
+            fs, p = storage.filesystem(storage.join(path, "empty.parquet"))
             fs.create_dir(p.rsplit("/", 1)[0])
             pq.write_table(schema.empty_table(), p, filesystem=fs)
     storage.write_json_atomic(storage.join(out, "summary.json"), counts)
@@ -362,8 +375,8 @@ def _prepare(ctx: StageContext) -> dict[str, Any]:
 
 PREPARE = Stage(
     name="prepare",
-    run=prepare_stage,
+    plan=plan,
+    run=run,
     outputs=("prepared",),
-    config_keys=("data", "run.seed"),
-    external_inputs=lambda cfg: sources.source_paths(cfg.data),
+    external_inputs=lambda plan: sources.source_paths(plan.data),
 )

@@ -8,7 +8,6 @@ reduce CPU tensors), and GPU runs train in bf16.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import tempfile
@@ -19,52 +18,11 @@ from typing import Any
 import torch
 
 from leaml_ray.models import chat
-from leaml_ray.models.registry import LM_PROJECTIONS, ModelSpec, load_model, load_processor, local_folder
+from leaml_ray.models.registry import LM_PROJECTIONS, load_model, load_processor, model_folder
+from leaml_ray.models.spec import ModelSpec
+from leaml_ray.train.job import TrainJob, TrainRun, optimizer_steps
 
-
-@dataclass
-class TrainJob:
-    """Everything a training run needs besides its data (plain values: it travels to every worker)."""
-
-    model_path: str  # HF folder to start from (local path or URI)
-    output: str  # where the trained HF folder goes (local path or URI)
-    num_rows: int  # rows in the dataset, for the step count and LR schedule
-    finetune: str = "full"  # "full" | "lora"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_target_modules: str = LM_PROJECTIONS
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    epochs: float = 1.0
-    batch_size: int = 16  # per worker
-    grad_accum: int = 1
-    zero_stage: int = 2
-    checkpoint_every: int = 50  # optimizer steps
-    seed: int = 0
-    device: str = "cpu"  # "gpu": one GPU per worker, nccl, bf16
-    max_pixels: int = 256 * 28 * 28  # the processor's pixel budget (the engines use the same)
-    gradient_checkpointing: bool = False
-    attention: str = "sdpa"
-    trust_remote_code: bool = False
-    threads_per_worker: int = 1
-    run_dir: str = ""  # tags the dashboard's train gauges, with the Ray Train run's name
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.device == "gpu"
-
-    def spec(self) -> ModelSpec:
-        """How the worker loads the model: bf16 on GPUs (DeepSpeed keeps fp32 master weights), fp32 on CPUs."""
-        dtype = "bfloat16" if self.on_gpu else "float32"
-        return ModelSpec("train", self.model_path, self.trust_remote_code, dtype, self.max_pixels)
-
-    def optimizer_steps(self, world: int) -> int:
-        micro = self.micro_per_epoch(world)
-        return max(1, math.floor(micro * self.epochs / self.grad_accum))
-
-    def micro_per_epoch(self, world: int) -> int:
-        return max(1, (self.num_rows // world) // self.batch_size)
+THREADS_PER_WORKER = 1  # torch threads of a CPU worker: one per worker process, Ray gives each its CPUs
 
 
 class Objective:
@@ -140,8 +98,8 @@ def deepspeed_config(job: TrainJob, backward_passes: int = 1, hidden_size: int |
     DeepSpeed's fixed defaults (5e8-element reduce buckets) are larger than a small model and cost memory."""
     zero: dict[str, Any] = {"stage": job.zero_stage}
     if hidden_size:
-        # at least 4 M elements (16 MiB fp32): h^2 buckets of a small model (4,096 elements at h=64) meant ~200
-        # gloo collectives per step, and 2 workers were barely faster than 1
+        # at least 4 M elements (16 MiB fp32): h^2 buckets of a small model meant hundreds of gloo collectives per
+        # step (bench/results/design_choices.md)
         zero["reduce_bucket_size"] = max(hidden_size * hidden_size, 1 << 22)
     if job.zero_stage == 3:
         # the saved HF folder is gathered layer by layer onto rank 0 (save_hf)
@@ -154,8 +112,8 @@ def deepspeed_config(job: TrainJob, backward_passes: int = 1, hidden_size: int |
             zero["stage3_max_live_parameters"] = 16 * hidden_size * hidden_size
             zero["stage3_max_reuse_distance"] = 16 * hidden_size * hidden_size
             # the optimizer step flattens each sub group's gradients into a new fp32 tensor and Adam makes a
-            # temporary of the same size: per layer-sized sub group instead of per whole partition (measured:
-            # ZeRO-3 peak 2,674 -> 2,557 MiB per worker for 150 M parameters)
+            # temporary of the same size: per layer-sized sub group instead of per whole partition (a lower peak:
+            # bench/results/design_choices.md)
             zero["sub_group_size"] = 16 * hidden_size * hidden_size
     return {
         "train_micro_batch_size_per_gpu": job.batch_size,
@@ -197,13 +155,13 @@ def prepare_environment(job: TrainJob) -> None:
     """Process settings before DeepSpeed is imported: its CPU accelerator, thread count, allocator."""
     if not job.on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        torch.set_num_threads(job.threads_per_worker)
+        torch.set_num_threads(THREADS_PER_WORKER)
         _fixed_mmap_threshold()
 
 
-def build_model(job: TrainJob, spec: ModelSpec, path: str) -> torch.nn.Module:
+def build_model(job: TrainJob, spec: ModelSpec) -> torch.nn.Module:
     """The model to train: the job's attention kernel, LoRA adapters, gradient checkpointing."""
-    model = load_model(spec, path, attn_implementation=job.attention)
+    model = load_model(spec, attn_implementation=job.attention)
     if job.gradient_checkpointing:
         model.config.use_cache = False
         # non-reentrant: recomputation works with frozen inputs (LoRA) and with the caption pass's grad hooks
@@ -211,9 +169,7 @@ def build_model(job: TrainJob, spec: ModelSpec, path: str) -> torch.nn.Module:
     if job.finetune == "lora":
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(
-            r=job.lora_r, lora_alpha=job.lora_alpha, target_modules=job.lora_target_modules, lora_dropout=0.0
-        )
+        lora = LoraConfig(r=job.lora_r, lora_alpha=job.lora_alpha, target_modules=LM_PROJECTIONS, lora_dropout=0.0)
         model = get_peft_model(model, lora)
     return model
 
@@ -225,8 +181,7 @@ class Trainee:
     engine: Any
     scheduler: Any
     processor: Any
-    spec: ModelSpec
-    path: str  # local folder of the starting weights
+    spec: ModelSpec  # the starting weights, in a folder on this node
     total_steps: int
 
 
@@ -244,7 +199,7 @@ def import_deepspeed() -> ModuleType:
     return deepspeed
 
 
-def build_trainee(job: TrainJob, objective: Objective, world: int) -> Trainee:
+def build_trainee(job: TrainJob, run: TrainRun, objective: Objective, world: int) -> Trainee:
     """Load the model and processor and wrap them in a DeepSpeed engine (needs torch.distributed set up)."""
     from transformers import get_cosine_schedule_with_warmup
 
@@ -255,16 +210,16 @@ def build_trainee(job: TrainJob, objective: Objective, world: int) -> Trainee:
         # torch.distributed (gloo). Its probe result is one module-level dict, kept across reads: marked off here.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
-    path = local_folder(job.model_path)  # a URI is copied to this node once
-    spec = job.spec()
-    processor = load_processor(spec, path)
-    model = build_model(job, spec, path)
-    total = job.optimizer_steps(world)
+    path = model_folder(job.spec.model)  # a URI is copied to this node once
+    spec = job.spec.at(path)
+    processor = load_processor(spec)
+    model = build_model(job, spec)
+    total = optimizer_steps(job, run, world)
     optimizer = torch.optim.AdamW(objective.param_groups(model, job.weight_decay), lr=job.lr, betas=(0.9, 0.98))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(job.warmup_ratio * total), total)
-    ds_config = deepspeed_config(job, objective.backward_passes, hidden_size(path, job.trust_remote_code))
+    ds_config = deepspeed_config(job, objective.backward_passes, hidden_size(path, spec.trust_remote_code))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    return Trainee(engine, scheduler, processor, spec, path, total)
+    return Trainee(engine, scheduler, processor, spec, total)
 
 
 def full_state_dict(engine: Any, job: TrainJob, rank: int) -> dict[str, torch.Tensor] | None:
@@ -286,12 +241,12 @@ def full_state_dict(engine: Any, job: TrainJob, rank: int) -> dict[str, torch.Te
 MAX_SHARD_SIZE = "2GB"
 
 
-def save_hf(trainee: Trainee, job: TrainJob, rank: int, objective: Objective) -> None:
-    """Save the trained model as an HF folder at `job.output` from rank 0 (LoRA: the adapter and merged weights)."""
+def save_hf(trainee: Trainee, job: TrainJob, run: TrainRun, rank: int, objective: Objective) -> None:
+    """Save the trained model as an HF folder at `run.output` from rank 0 (LoRA: the adapter and merged weights)."""
     state = full_state_dict(trainee.engine, job, rank)
     if rank != 0:
         return
-    model = build_model(job, trainee.spec, trainee.path)
+    model = build_model(job, trainee.spec)
     model.load_state_dict(state)
     with tempfile.TemporaryDirectory() as tmp:
         if job.finetune == "lora":
@@ -302,7 +257,7 @@ def save_hf(trainee: Trainee, job: TrainJob, rank: int, objective: Objective) ->
         save_state(objective, os.path.join(tmp, objective.state_name, f"{objective.state_name}.safetensors"))
         from leaml_ray import storage
 
-        storage.upload_dir(tmp, job.output)  # from whichever node rank 0 runs on: a URI run dir gets it from any node
+        storage.upload_dir(tmp, run.output)  # from whichever node rank 0 runs on: a URI run dir gets it from any node
 
 
 def save_state(objective: Objective, path: str) -> None:

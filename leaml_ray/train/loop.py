@@ -6,8 +6,8 @@ the parameter groups, which rows a micro batch trains on (`batch_rows`) and what
 generator stage subclasses it to add the labeled pairs, the caption loss and its gradient masks, without copying
 this loop. Each worker encodes its micro batches with the model's processor in the data path (`_batches`), so
 `Objective.step` is loss math only. Encoding stays inline: a background thread that encoded ahead lowered CPU
-workers' throughput (bench/train_scaling.py, same data path otherwise: 146 vs 169 samples/s with 1 worker, 188 vs
-213 with 2), the two Python threads contending for the GIL between the tiny model's many small kernels.
+workers' throughput, the two Python threads contending for the GIL between the tiny model's many small kernels
+(bench/results/design_choices.md).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import logging
 import resource
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +29,9 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 
 from leaml_ray import dashboard
-from leaml_ray.config import Config, TrainableModelSection
-from leaml_ray.inference.engine import in_blocks_of
-from leaml_ray.placement import TrainPlacement, scaling_config, torch_config, train_placement
-from leaml_ray.train.core import (
-    Objective,
-    TrainJob,
-    build_trainee,
-    encode_batch,
-    prepare_environment,
-    save_hf,
-    save_state,
-)
+from leaml_ray.data.blocks import in_blocks_of
+from leaml_ray.train.core import Objective, build_trainee, encode_batch, prepare_environment, save_hf, save_state
+from leaml_ray.train.job import TrainJob, TrainRun, micro_per_epoch
 
 log = logging.getLogger("leaml_ray")
 LOG_NAME = "train_log.jsonl"
@@ -93,13 +83,14 @@ def _timed(items: Any, clock: dict[str, float]):
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function (see the module docstring)."""
-    job = TrainJob(**config["job"])
+    job: TrainJob = config["job"]
+    run: TrainRun = config["run"]
     objective: Objective = config["objective"]
     prepare_environment(job)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(job.seed)
-    trainee = build_trainee(job, objective, world)
+    trainee = build_trainee(job, run, objective, world)
     engine, scheduler, processor, total = trainee.engine, trainee.scheduler, trainee.processor, trainee.total_steps
     device = ray.train.torch.get_device()  # this worker's GPU (or the CPU)
     init_peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # model load and partitioning
@@ -123,18 +114,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _report(engine, {"step": 0, "setup": True}, history, 0, rank, objective)
 
     start = step
-    micro_per_epoch = job.micro_per_epoch(world)
+    per_epoch = micro_per_epoch(job, run, world)
     micro = step * job.grad_accum  # micro batches already consumed
     t0, metrics, clock = time.perf_counter(), {}, {"data_seconds": 0.0}
     while step < total:
-        epoch, skip = divmod(micro, micro_per_epoch)
+        epoch, skip = divmod(micro, per_epoch)
         seen = 0
-        batches = _batches(shard, processor, job, objective, epoch, epoch * micro_per_epoch, device, skip)
+        batches = _batches(shard, processor, job, objective, epoch, epoch * per_epoch, device, skip)
         for k, batch in enumerate(_timed(batches, clock)):
             seen += 1
             if batch is None:
                 continue  # consumed before the restart
-            if k >= micro_per_epoch or step >= total:
+            if k >= per_epoch or step >= total:
                 break
             metrics = objective.step(engine, batch)
             engine.step()
@@ -158,16 +149,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             }
             history.append(record)
             if rank == 0:
-                _show(record, job.run_dir, config["name"])
-            # only with checkpoints: a metric-only ray.train.report costs ~8 s each here (finetune 108 s vs 42 s
-            # with one every 5 steps); the dashboard's Metrics tab gets rank 0's step live through _show
+                _show(record, run.run_dir, config["name"])
+            # only with checkpoints: a metric-only ray.train.report costs seconds each (see
+            # bench/results/design_choices.md); the dashboard's Metrics tab gets rank 0's step live through _show
             if step % job.checkpoint_every == 0 or step == total:
                 _report(engine, record, history, step, rank, objective)
             if rank == 0 and step % 10 == 0:
                 print(json.dumps(record), flush=True)
         if seen == 0:
             raise ValueError(f"rank {rank}: no full batch of {job.batch_size} rows in its data shard")
-    save_hf(trainee, job, rank, objective)
+    save_hf(trainee, job, run, rank, objective)
 
 
 def _whole(name: str) -> pa.Table | None:
@@ -202,9 +193,8 @@ class FixedShards(DataConfig):
     """Each worker's "train" shard is a fixed, equal part of the materialized dataset (`Dataset.split`), the same
     blocks in the same order every epoch, so one seed gives one run. Ray Train's default streaming split hands out
     blocks in arrival order (a different run each time); with `preserve_order` it hands them out in turn and the
-    workers wait for each other. Measured with 2 workers on 1,024 rows, runs alternating: 276 and 279 samples/s with
-    these shards, 218 and 217 with the unordered streaming split; the ordered one was slower still (2 vs 1 workers
-    1.26x in bench/train_scaling.py)."""
+    workers wait for each other. Both streaming splits were slower than these shards (bench/results/design_choices.md).
+    """
 
     def configure(self, datasets: dict, world_size: int, worker_handles: Any, worker_node_ids: Any, **kwargs) -> list:
         """Per rank, its iterators: the fixed "train" shard, and the other datasets as Ray Train gives them. None of
@@ -221,25 +211,42 @@ class FixedShards(DataConfig):
         return output
 
 
+def scaling_config(job: TrainJob) -> Any:
+    """Ray Train's `ScalingConfig` of a training job's workers."""
+    from ray.train import ScalingConfig
+
+    # accelerator_type: accelerator_type:<name> 0.001 in every worker's bundle (ray/air/config.py)
+    return ScalingConfig(
+        num_workers=job.workers,
+        use_gpu=job.on_gpu,
+        resources_per_worker={"CPU": job.cpus_per_worker},
+        accelerator_type=job.accelerator_type,
+    )
+
+
+def torch_config(job: TrainJob) -> Any:
+    """Ray Train's `TorchConfig`: nccl on GPUs, gloo on CPUs."""
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend="nccl" if job.on_gpu else "gloo")
+
+
 def run_training(
     job: TrainJob,
+    run: TrainRun,
     dataset: ray.data.Dataset,
     name: str,
     storage_path: str,
-    placement: TrainPlacement,
-    max_failures: int,
     objective: Objective | None = None,
     labeled_dataset: ray.data.Dataset | None = None,
 ) -> dict:
-    """Run one training job to completion; returns its final metrics and the step log.
+    """Run one training job to completion; returns its final metrics, the step log and the samples it trained on.
 
     `labeled_dataset` reaches every worker whole (not split): the objective draws from it (the QA generator's
     labeled pairs).
     A rerun with the same `name` and `storage_path` resumes from the latest checkpoint (Ray Train restores its
-    state from storage), so a killed driver loses at most `checkpoint_every` steps.
+    state from storage), so a killed driver loses at most `job.checkpoint_every` steps.
     """
-    if placement.device != job.device:
-        raise ValueError(f"job on {job.device} but workers placed on {placement.device}")
     # run the upstream joins once: a lazy dataset re-executes them every epoch (Ray Data spills materialized blocks
     # to disk when they outgrow the object store); in blocks of a few batches (small ones, e.g. after a filter or
     # from_items, made a worker fetch block after block); in order, so that FixedShards gives one run per seed
@@ -251,13 +258,13 @@ def run_training(
         ctx.execution_options.preserve_order = was_ordered
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": asdict(job), "objective": objective or Objective(), "name": name},
-        scaling_config=scaling_config(placement),
-        torch_config=torch_config(placement),
+        train_loop_config={"job": job, "run": run, "objective": objective or Objective(), "name": name},
+        scaling_config=scaling_config(job),
+        torch_config=torch_config(job),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(max_failures=job.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": dataset, **({"labeled": labeled_dataset} if labeled_dataset is not None else {})},
@@ -266,8 +273,9 @@ def run_training(
     result = trainer.fit()
     history = train_log(result.checkpoint)
     # a worker's gauges leave the dashboard with the worker: the driver keeps the run's final values there
-    _show(history[-1], job.run_dir, name)
-    return {"metrics": result.metrics, "history": history, "checkpoint": result.checkpoint.path}
+    _show(history[-1], run.run_dir, name)
+    samples = history[-1]["step"] * job.grad_accum * job.workers * job.batch_size
+    return {"metrics": result.metrics, "history": history, "checkpoint": result.checkpoint.path, "samples": samples}
 
 
 def train_log(checkpoint: Checkpoint) -> list[dict]:
@@ -275,66 +283,3 @@ def train_log(checkpoint: Checkpoint) -> list[dict]:
     the whole checkpoint to the driver (~45 GB of ZeRO-3 states for the full 3B baseline)."""
     with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{LOG_NAME}") as f:
         return [json.loads(line) for line in f.read().decode().splitlines()]
-
-
-# the run's training settings that can change a trained model (a training stage's `config_keys`)...
-TRAIN_KEYS = (
-    *(f"train.{f}" for f in ("num_workers", "device", "zero_stage", "batch_size", "grad_accum", "warmup_ratio")),
-    *(f"train.{f}" for f in ("weight_decay", "gradient_checkpointing", "attention")),
-    "run.seed",
-)
-# ...and those that cannot (its `unhashed_keys`)
-TRAIN_UNHASHED_KEYS = (
-    "train.max_failures",
-    "train.cpus_per_worker",
-    "train.checkpoint_every",
-    "train.accelerator_type",
-)
-
-
-def trained_keys(role: str, finetune: str) -> tuple[str, ...]:
-    """What `job_for` reads of a model section trained in `finetune` mode, and the run's training settings."""
-    mode = ("lora_r", "lora_alpha", "lora_lr") if finetune == "lora" else ("lr",)
-    return (*(f"{role}.{f}" for f in ("model", "trust_remote_code", "max_pixels", "epochs", *mode)), *TRAIN_KEYS)
-
-
-def job_for(
-    cfg: Config,
-    section: TrainableModelSection,
-    model_path: str,
-    output: str,
-    num_rows: int,
-    finetune: str | None = None,
-) -> TrainJob:
-    """A TrainJob for one model section (generator or target) and the run's train settings."""
-    t = cfg.train
-    finetune = finetune or section.finetune
-    lora = finetune == "lora"  # reads only the settings of its mode (trained_keys)
-    return TrainJob(
-        model_path=model_path,
-        output=output,
-        num_rows=num_rows,
-        finetune=finetune,
-        lora_r=section.lora_r if lora else 0,
-        lora_alpha=section.lora_alpha if lora else 0,
-        lr=section.lora_lr if lora else section.lr,
-        weight_decay=t.weight_decay,
-        warmup_ratio=t.warmup_ratio,
-        epochs=section.epochs,
-        batch_size=t.batch_size,
-        grad_accum=t.grad_accum,
-        zero_stage=t.zero_stage,
-        checkpoint_every=t.checkpoint_every,
-        seed=cfg.run.seed,
-        device=t.device,
-        max_pixels=section.max_pixels,
-        gradient_checkpointing=t.gradient_checkpointing,
-        attention=t.attention,
-        trust_remote_code=section.trust_remote_code,
-        run_dir=cfg.run.dir,
-    )
-
-
-def train_on(cfg: Config, job: TrainJob, dataset: ray.data.Dataset, name: str, storage_path: str, **kwargs) -> dict:
-    """run_training with the run's placement and failure settings."""
-    return run_training(job, dataset, name, storage_path, train_placement(cfg), cfg.train.max_failures, **kwargs)

@@ -13,51 +13,48 @@ from typing import Any
 
 import ray.data
 
+from leaml_ray.data.blocks import in_blocks_of
 from leaml_ray.inference.actor_pool import generate_on_actors
 from leaml_ray.inference.client import generate_served
-from leaml_ray.inference.engine import engine_args, in_blocks_of
+from leaml_ray.inference.engine import engine_args
 from leaml_ray.inference.requests import prefix_tokens, prompt_template, request, scored, sequence_scores
-from leaml_ray.models.registry import ModelSpec, load_processor
-from leaml_ray.placement import EngineSettings, ray_data_llm_backend, ray_data_llm_placement
+from leaml_ray.models.registry import load_processor, model_source
+from leaml_ray.models.spec import Engine
+from leaml_ray.placement import ray_data_llm_backend, ray_data_llm_placement
 
 
 def generate(
-    ds: ray.data.Dataset,
-    spec: ModelSpec,
-    path: str,
-    sampling: dict[str, Any],
-    settings: EngineSettings = EngineSettings(),
-    keep: tuple[str, ...] = ("image_id",),
-    endpoint: str | None = None,
+    ds: ray.data.Dataset, engine: Engine, sampling: dict[str, Any], keep: tuple[str, ...] = ("image_id",)
 ) -> ray.data.Dataset:
     """Rows {"image": bytes, "instruction": str, *keep[, "sampling_seed", "response_prefix"]} -> {*keep, "text",
-    "tokens"}; with `endpoint`, the model served there under the id `spec.name_or_path` answers instead.
+    "tokens"}; with an `engine.endpoint`, the model served there under the id of `engine.spec.model` answers.
 
     With `logprobs` / `prompt_logprobs` in `sampling` (offline engines), rows also get "logprob" (of the generated
     tokens) and "prefix_logprob" (of the response_prefix tokens given the image and instruction), in nats."""
     # one engine batch per block: results then stream out batch by batch (resumable parts), not per input file
-    ds = in_blocks_of(ds, settings.batch_size)
-    if endpoint:
-        return generate_served(ds, spec.name_or_path, endpoint, sampling, settings, keep)
-    if settings.backend == "actor_pool":
-        return generate_on_actors(ds, spec, path, sampling, settings, keep)
+    ds = in_blocks_of(ds, engine.batch_size)
+    if engine.endpoint:
+        return generate_served(ds, engine, sampling, keep)
+    if engine.backend == "actor_pool":
+        return generate_on_actors(ds, engine, sampling, keep)
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    kwargs = engine_args(settings, path, spec.trust_remote_code)
+    source = model_source(engine.spec.model)
+    kwargs = engine_args(engine, source)
     kwargs.pop("model")
-    kwargs["distributed_executor_backend"] = ray_data_llm_backend(settings)
+    kwargs["distributed_executor_backend"] = ray_data_llm_backend(engine)
     config = vLLMEngineProcessorConfig(
-        model_source=path,
+        model_source=source,
         engine_kwargs=kwargs,
-        batch_size=settings.batch_size,
-        **ray_data_llm_placement(settings),
+        batch_size=engine.batch_size,
+        **ray_data_llm_placement(engine),
         chat_template_stage=False,
         tokenize_stage=False,
         prepare_multimodal_stage=False,
         detokenize_stage=True,
     )
-    template = prompt_template(spec, path)
-    tokenizer = load_processor(spec, path).tokenizer if scored(sampling) else None
+    template = prompt_template(engine.spec)
+    tokenizer = load_processor(engine.spec).tokenizer if scored(sampling) else None
 
     def preprocess(row: dict) -> dict:
         prompt, image, params = request(template, row, sampling)

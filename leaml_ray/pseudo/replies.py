@@ -10,17 +10,30 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import dataclass
 
 import pyarrow as pa
 import ray.data
 
-from leaml_ray.config import Config
 from leaml_ray.data import examples
 from leaml_ray.data.parts import skip_done, stream_to_parts
 from leaml_ray.formats import QA_GEN_PROMPT, qa_target
-from leaml_ray.inference.offline import generate
-from leaml_ray.models.registry import spec_for
-from leaml_ray.placement import engine_settings
+from leaml_ray.inference.generate import generate
+from leaml_ray.models.spec import Engine
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How the generator writes pseudo pairs (pseudo_qa's sampling settings)."""
+
+    questions: str  # "labeled": given from the labeled bank | "generated": the generator writes them
+    answer_decoding: str  # "greedy" | "sampled"
+    samples_per_image: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    caption_tokens: int  # the length of the diagnostic captions (the teacher's caption budget)
+
 
 REQUEST_COLUMNS = ["image_id", "key", "image", "instruction", "sampling_seed", "response_prefix"]
 
@@ -86,8 +99,8 @@ def join_reply(batch: pa.Table) -> pa.Table:
 
 
 def generate_replies(
-    cfg: Config,
-    model_path: str,
+    generator: Engine,
+    decoding: Decoding,
     images_path: str,
     requests: ray.data.Dataset,
     diagnostic: pa.Table | None,
@@ -95,31 +108,29 @@ def generate_replies(
     parts: str,
 ) -> None:
     """The generator's reply to every request (and to the `diagnostic` requests, greedily) into the resumable
-    `parts`, in the decoding mode of `cfg.pseudo_qa`; `done` keys are already there."""
-    pq_cfg = cfg.pseudo_qa
-    spec, settings = spec_for(cfg, "generator"), engine_settings(cfg, "generator")
-    sampling = {"temperature": pq_cfg.temperature, "top_p": pq_cfg.top_p, "max_tokens": pq_cfg.max_new_tokens}
-    greedy_answer = {"temperature": 0.0, "max_tokens": pq_cfg.max_new_tokens, "stop": ["\n"]}
+    `parts`, in the `decoding` mode; `done` keys are already there."""
+    sampling = {"temperature": decoding.temperature, "top_p": decoding.top_p, "max_tokens": decoding.max_new_tokens}
+    greedy_answer = {"temperature": 0.0, "max_tokens": decoding.max_new_tokens, "stop": ["\n"]}
 
     def to_parts(answered: ray.data.Dataset) -> None:
         joined = answered.map_batches(join_reply, batch_format="pyarrow", num_cpus=0.25)
-        stream_to_parts(joined, parts, settings.rows_per_part)
+        stream_to_parts(joined, parts, generator.rows_per_part)
 
-    if pq_cfg.questions == "labeled":
+    if decoding.questions == "labeled":
         # the question is given: the generator writes the answer line only; logprobs score answer and question
-        answer = greedy_answer if pq_cfg.answer_decoding == "greedy" else {**sampling, "stop": ["\n"]}
+        answer = greedy_answer if decoding.answer_decoding == "greedy" else {**sampling, "stop": ["\n"]}
         answer = {**answer, "logprobs": 0, "prompt_logprobs": 0}
-        if pq_cfg.answer_decoding == "greedy" and diagnostic is not None:
+        if decoding.answer_decoding == "greedy" and diagnostic is not None:
             # greedy to the end of the line serves the diagnostic requests too: one engine start, resumable
-            answer["max_tokens"] = max(answer["max_tokens"], cfg.teacher.max_new_tokens)
+            answer["max_tokens"] = max(answer["max_tokens"], decoding.caption_tokens)
             extra = examples.with_images(images_path, diagnostic).select_columns(REQUEST_COLUMNS)
             requests = requests.select_columns(REQUEST_COLUMNS).union(skip_done(extra, "key", done))
             diagnostic = None
-        to_parts(generate(requests, spec, model_path, answer, settings, keep=("image_id", "key", "response_prefix")))
-    elif pq_cfg.answer_decoding == "greedy":
+        to_parts(generate(requests, generator, answer, keep=("image_id", "key", "response_prefix")))
+    elif decoding.answer_decoding == "greedy":
         # sample the question only, then let the generator answer it with its most likely answer
         ask = {**sampling, "stop": ["\nAnswer:"], "include_stop_str_in_output": True}
-        asked = generate(requests, spec, model_path, ask, settings, keep=("image_id", "key"))
+        asked = generate(requests, generator, ask, keep=("image_id", "key"))
         # question texts come back to the driver (small), so the two engines never run at the same time:
         # two engine replicas at once starve a small machine
         questions = pa.Table.from_pylist(list(asked.select_columns(["image_id", "key", "text"]).iter_rows()))
@@ -128,12 +139,12 @@ def generate_replies(
                 answer_requests, batch_format="pyarrow", num_cpus=0.25
             )
             keep = ("image_id", "key", "response_prefix")
-            to_parts(generate(answer_rows, spec, model_path, greedy_answer, settings, keep=keep))
+            to_parts(generate(answer_rows, generator, greedy_answer, keep=keep))
     else:
-        out = generate(requests, spec, model_path, sampling, settings, keep=("image_id", "key"))
-        stream_to_parts(out.select_columns(["image_id", "key", "text"]), parts, settings.rows_per_part)
+        out = generate(requests, generator, sampling, keep=("image_id", "key"))
+        stream_to_parts(out.select_columns(["image_id", "key", "text"]), parts, generator.rows_per_part)
 
     if diagnostic is not None:  # not answered in the main pass (other decoding modes)
         rows = skip_done(examples.with_images(images_path, diagnostic), "key", done)
-        diag_sampling = {"temperature": 0.0, "max_tokens": cfg.teacher.max_new_tokens, "stop": ["\n"]}
-        to_parts(generate(rows, spec, model_path, diag_sampling, settings, keep=("image_id", "key", "response_prefix")))
+        diag_sampling = {"temperature": 0.0, "max_tokens": decoding.caption_tokens, "stop": ["\n"]}
+        to_parts(generate(rows, generator, diag_sampling, keep=("image_id", "key", "response_prefix")))
