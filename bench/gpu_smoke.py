@@ -8,7 +8,7 @@ unselected neuron bit-identical. Prints tokens/s, model FLOPs utilisation and pe
 one JSON object.
 
     python bench/gpu_smoke.py                  # a GPU if there is one: the ~1.3 B "smoke-1b" model
-    python bench/gpu_smoke.py --device cpu     # the tiny model over gloo (CI runs this: tests/test_gpu_smoke.py)
+    python bench/gpu_smoke.py --device cpu     # the tiny model over gloo (CI runs this: tests/repo/test_gpu_smoke.py)
 
 Needs torch, transformers, peft, deepspeed (+ its pure-Python deps), safetensors, tokenizers, pillow, numpy,
 pydantic, pyyaml and torchvision (transformers' Qwen2-VL image/video processors import it); not ray, vllm or pyarrow.

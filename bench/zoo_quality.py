@@ -48,7 +48,10 @@ def main() -> None:
     if lookup.shipped_key() == lookup.recipe_key():
         zoos["shipped"] = zoo.ensure_zoo()
     else:
-        print(f"the shipped zoo ({lookup.shipped_key()}) is not the recipe in code ({lookup.recipe_key()}): run `make zoo`")
+        print(
+            f"the shipped zoo ({lookup.shipped_key()}) is not the recipe in code ({lookup.recipe_key()}):"
+            " run `make zoo`"
+        )
     if args.rebuild or not zoos:
         local_ray_env()
         ray.init(

@@ -12,7 +12,7 @@ import pytest
 from leaml_ray import zoo
 from leaml_ray.inference import deploy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def run_job(script: str, *args: str, ray_dir: Path) -> subprocess.CompletedProcess:

@@ -3,7 +3,7 @@
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "leaml_ray"
+PACKAGE = Path(__file__).resolve().parents[2] / "leaml_ray"
 
 
 def import_graph() -> dict[str, set[str]]:

@@ -1,6 +1,7 @@
 """Selective neuron distillation: which params hold neurons, top-k selection, the QA schedule, and the paper presets'
 training combination with two Ray Train workers through a killed worker (ZeRO-3, LoRA, the LM's MLP neurons, the QA
-loss on; ZeRO-2 and ZeRO-3 full finetuning with the vision tower's neurons and a failed worker: tests/test_train.py)."""
+loss on; ZeRO-2 and ZeRO-3 full finetuning with the vision tower's neurons and a failed worker:
+tests/unit/train/test_loop.py)."""
 
 import numpy as np
 import pyarrow as pa

@@ -1,6 +1,5 @@
 """The generation engine (both in-job backends, vLLM on this CPU) against transformers, image by image."""
 
-import threading
 import time
 
 import pytest
@@ -89,64 +88,3 @@ def test_a_killed_engine_actor_is_restarted_and_every_image_comes_out_once(greed
     assert sorted(ids) == sorted(r["image_id"] for r in many)  # every image exactly once
     assert all(r["tokens"] == expected[r["image_id"].rsplit("-", 1)[0]] for r in got)
     assert killed not in [p.pid for p in engine_actors()]
-
-
-def test_in_blocks_of_cuts_blocks_with_less_than_a_cpu_free():
-    """A stage's input is cut into engine-batch blocks even while engine actors or a Serve replica hold the CPUs
-    (Dataset.repartition's whole-CPU tasks would wait forever there)."""
-    from leaml_ray.data.blocks import in_blocks_of
-
-    @ray.remote
-    class Holder:
-        def ready(self) -> bool:
-            return True
-
-    def free() -> float:
-        return ray.available_resources().get("CPU", 0.0)
-
-    seen = [free()]
-    while len(seen) < 3 or len(set(seen[-3:])) > 1:  # the last test's actors give their CPUs back a bit later
-        time.sleep(0.5)
-        seen.append(free())
-        assert len(seen) < 60, f"CPUs never settled: {seen}"
-    holders = []
-    try:
-        while free() >= 1:
-            assert len(holders) < 5, f"cannot hold the CPUs: {free()} free"
-            holders.append(Holder.options(num_cpus=free() - 0.5).remote())
-            ray.get(holders[-1].ready.remote(), timeout=60)
-        rows = [{"k": k} for k in range(12)]
-        done = {}
-        cut = lambda: done.update(out=in_blocks_of(ray.data.from_items(rows, override_num_blocks=1), 4).materialize())  # noqa: E731
-        worker = threading.Thread(target=cut, daemon=True)
-        worker.start()
-        worker.join(120)  # a whole-CPU task never gets scheduled: fail instead of hanging the suite
-        assert "out" in done, "in_blocks_of did not finish with less than a CPU free"
-        out = done["out"]
-        assert out.num_blocks() == 3
-        assert sorted(r["k"] for r in out.take_all()) == list(range(12))
-    finally:
-        for holder in holders:
-            ray.kill(holder)
-
-
-def test_engine_stats_are_on_and_their_log_line_passes_once_per_interval(monkeypatch):
-    import logging
-
-    from leaml_ray.inference import engine
-
-    # stats on: the log line, and the metrics that ray.data.llm (log_engine_metrics) and Serve export to Ray
-    assert engine.engine_args(local_engine("m"), "m")["disable_log_stats"] is False
-    clock = [100.0]
-    monkeypatch.setattr(engine.time, "monotonic", lambda: clock[0])
-    every = engine._StatsEvery(10.0)
-
-    def passes(message: str) -> bool:
-        return every.filter(logging.LogRecord("vllm.v1.metrics.loggers", logging.INFO, "", 0, message, (), None))
-
-    stats = "Engine 000: Avg prompt throughput: 678.5 tokens/s, Avg generation throughput: 301.6 tokens/s, ..."
-    assert passes(stats)  # the first one
-    clock[0] += 4.0
-    assert not passes(stats) and passes("Engine 000: another line")  # ray.data.llm's next batch; others pass
-    clock[0] += 6.0
-    assert passes(stats) and not passes(stats)  # 10 s after the last one let through

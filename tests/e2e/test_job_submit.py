@@ -16,9 +16,9 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from tests.test_prepare import write_generic
+from tests.unit.stages.test_prepare import write_generic
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 

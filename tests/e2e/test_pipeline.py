@@ -185,6 +185,15 @@ def test_pipeline_end_to_end(tmp_path, tiny_model_dir, s3_run_dir):
     assert report["config"]["run"]["dir"] == run
     assert storage.exists(storage.join(run, "plots/accuracy.png"))
     assert "| leaml |" in storage.read_bytes(storage.join(run, "report.md")).decode()
+    # jobs/evaluate.py on the same run and model folder: the evaluate stage's own figures (greedy, the same engine)
+    from leaml_ray.cli import evaluate as evaluate_cli
+
+    again = storage.join(run, "evaluations", "again")
+    argv = ["--run", run, "--model", storage.join(run, "target/leaml"), "--name", "again", "--out", again]
+    assert evaluate_cli.main(argv) == 0
+    assert storage.read_json(storage.join(again, "report.json"))["methods"]["again"]["accuracy"] == pytest.approx(
+        report["methods"]["leaml"]["accuracy"]
+    )
 
     # the dashboard's metrics (Ray's Prometheus endpoint), tagged with this run
     assert scraper.total("images_captioned_total", run, "caption") == len(to_caption) - 5

@@ -6,8 +6,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from leaml_ray import diagnostics
-from leaml_ray.data import synthetic
 from leaml_ray.formats import qa_target
 from leaml_ray.pseudo.filters import (
     AnswerRules,
@@ -17,9 +15,15 @@ from leaml_ray.pseudo.filters import (
     filter_replies,
     parse_qa,
 )
-from leaml_ray.pseudo.replies import draw_questions, join_reply, question_bank, requests_for
 
 RULES = AnswerRules(max_answer_words=2, max_question_words=12, vocabulary=frozenset({"red", "blue", "circle", "2"}))
+
+
+def _part(tmp_path, rows: list[dict]) -> str:
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), parts / "part-0.parquet")
+    return str(parts)
 
 
 @pytest.mark.parametrize(
@@ -98,13 +102,6 @@ def test_caption_filter_keeps_answers_the_caption_names_and_those_it_cannot_chec
     assert rejects["text"][0].as_py() == "Question: what color is the shape?\nAnswer: blue"
 
 
-def _part(tmp_path, rows: list[dict]) -> str:
-    parts = tmp_path / "parts"
-    parts.mkdir()
-    pq.write_table(pa.Table.from_pylist(rows), parts / "part-0.parquet")
-    return str(parts)
-
-
 def test_question_pmi_and_answer_confidence_filter_pairs_and_say_why(tmp_path):
     # "on the right?" is likely given 5 images (log p = -1) and unlikely given a sixth (-6): that one lacks it
     rows = []
@@ -143,61 +140,3 @@ def test_question_pmi_and_answer_confidence_filter_pairs_and_say_why(tmp_path):
     reasons = dict(zip(rejects["pseudo_id"].to_pylist(), rejects["reason"].to_pylist(), strict=True))
     assert reasons == {"img5#0": "implausible_question", "img0#0": "low_confidence", "img1#1": "low_confidence"}
     assert sorted(kept["pseudo_id"].to_pylist()) == ["img1#0", "img2#0", "img3#0", "img4#0"]
-
-
-def test_pair_precision_knows_what_a_synthetic_image_lacks():
-    scene = synthetic.make_scene("target", 0, 5)  # one small blue triangle on the left, checkered background
-    iid = synthetic.image_id("target", 0, 5)
-    kept = pa.table(
-        {
-            "image_id": [iid] * 4,
-            "question": [
-                "what shape is on the left?",
-                "what color is the shape on the left?",
-                "what shape is on the right?",  # there is nothing on the right
-                "what pattern is the background?",
-            ],
-            "answer": [scene.items[0].shape, "red", "circle", scene.pattern],
-        }
-    )
-    found = diagnostics.pair_precision(kept, None)
-    assert (found["audited"], found["audited_correct"], found["absent"]) == (4, 2, 1)
-    assert found["precision_by_category"]["shape"] == {"n": 2, "precision": 0.5}
-    assert found["precision_by_category"]["color"]["precision"] == 0.0
-
-
-def test_caption_fidelity_compares_the_generator_with_the_teacher_and_the_truth():
-    ids = [synthetic.image_id("target", 0, k) for k in range(4)]
-    truth = {i: synthetic.caption(synthetic.make_scene("target", 0, k)) for k, i in enumerate(ids)}
-    half = {i: " ".join(t.split()[:3]) for i, t in truth.items()}
-    found = diagnostics.caption_fidelity(half, truth)
-    assert found["n"] == 4 and found["teacher_vs_truth"] == 1.0
-    assert 0 < found["generator_vs_truth"] == found["share_of_teacher"] < 1
-    assert diagnostics.word_f1("a red circle", "the red circle.") == 1.0
-    assert diagnostics.word_f1("blue", "red") == 0.0
-
-
-def test_labeled_questions_are_distinct_per_image_and_drawn_as_often_as_labeled():
-    questions = ["what shape?", "what color?", "what color?", "what size?"]
-    qa = pa.table({"image_id": ["l1", "l1", "l2", "l2"], "question": questions, "answer": ["a", "b", "c", "d"]})
-    bank = question_bank(qa)
-    assert sorted(bank.items()) == [("what color?", 2), ("what shape?", 1), ("what size?", 1)]
-    assert draw_questions(bank, 5, seed=3) == draw_questions(bank, 5, seed=3)  # seeded
-    assert sorted(draw_questions(bank, 5, seed=3)) == sorted(bank)  # all of them when asked for more
-    firsts = [draw_questions(bank, 1, seed=s)[0] for s in range(3000)]
-    assert 0.42 < firsts.count("what color?") / 3000 < 0.58  # asked twice as often as each of the others: 1/2
-    pairs = [draw_questions(bank, 2, seed=s) for s in range(200)]
-    assert all(len(set(p)) == 2 for p in pairs)
-
-    images = pa.table({"image_id": ["i1", "i2"], "image": [b"x", b"y"]})
-    requests = requests_for(images, samples=2, seed=0, questions=bank)
-    assert requests["key"].to_pylist() == ["i1#0", "i1#1", "i2#0", "i2#1"]
-    prefixes = requests["response_prefix"].to_pylist()
-    assert all(p.startswith("Question: ") and p.endswith("\nAnswer:") for p in prefixes)
-    # the generator's continuation after the prefix parses back into the drawn question and its answer
-    replies = pa.table(
-        {"image_id": requests["image_id"], "key": requests["key"], "response_prefix": prefixes, "text": [" blue"] * 4}
-    )
-    parsed = [parse_qa(t) for t in join_reply(replies)["text"].to_pylist()]
-    assert [q for q, _ in parsed] == [p[len("Question: ") : -len("\nAnswer:")] for p in prefixes]
-    assert {a for _, a in parsed} == {"blue"}

@@ -6,12 +6,8 @@ from dataclasses import replace
 import pytest
 import ray.data
 
-from leaml_ray.config import load_config
-from leaml_ray.errors import UserError
 from leaml_ray.inference import client, deploy
-from leaml_ray.inference.client import check_served
 from leaml_ray.inference.generate import generate
-from leaml_ray.models.spec import engine
 from tests.helpers import local_engine
 
 
@@ -54,14 +50,3 @@ def test_generate_through_the_served_teacher_matches_offline_greedy(served, gree
     assert sorted(r["image_id"] for r in got) == sorted(expected)  # every image exactly once
     # test_generation proves the offline engine gives transformers' tokens: so both modes caption alike
     assert {r["image_id"]: r["tokens"] for r in got} == expected
-
-
-def test_serve_mode_without_a_server_is_a_clear_error(tmp_path):
-    cfg = load_config(
-        None, [f"run.dir={tmp_path}", "teacher.mode=serve", f"teacher.endpoint=http://127.0.0.1:{free_port()}"]
-    )
-    with pytest.raises(UserError, match="no OpenAI-compatible server at .*jobs/serve_teacher.py"):
-        check_served(engine(cfg, "teacher"))
-    offline = engine(load_config(None, [f"run.dir={tmp_path}"]), "teacher")
-    assert offline.endpoint is None
-    check_served(offline)  # nothing to check: the job's own engine replicas caption

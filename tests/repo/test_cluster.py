@@ -19,7 +19,7 @@ from ray.runtime_env import RuntimeEnv
 
 from leaml_ray.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 SCHEMA = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
 LAUNCHERS = ["aws.yaml", "gcp.yaml"]

@@ -23,10 +23,10 @@ from leaml_ray import storage
 from leaml_ray.pipeline import run_pipeline
 from leaml_ray.stages import pipeline_stages
 from tests.conftest import make_config
-from tests.test_job_submit import stop_processes_of
+from tests.e2e.test_job_submit import stop_processes_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _overrides(run_dir: str | Path, model: str) -> list[str]:

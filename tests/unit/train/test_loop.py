@@ -14,7 +14,7 @@ from leaml_ray.train.job import TrainRun
 from leaml_ray.train.loop import run_training
 from tests.faults import DiesOnce
 from tests.helpers import distillation, local_job, local_spec
-from tests.test_neurons import assert_only_selected_neurons_moved, masked_caption_job, masked_rows, weights
+from tests.unit.train.test_neurons import assert_only_selected_neurons_moved, masked_caption_job, masked_rows, weights
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # ray, vllm and pyarrow are made unimportable: the smoke script must not need them
 RUN = """import runpy, sys
 sys.modules.update({"ray": None, "vllm": None, "pyarrow": None})

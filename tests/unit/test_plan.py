@@ -104,7 +104,7 @@ def test_placement_fields_are_in_the_manifest_record_but_not_in_the_key(tmp_path
 
 def test_only_plan_builders_take_the_config():
     builders = {"plan", "plan_for", "finetune_stages", "pipeline_stages", "train_job"}
-    stages = Path(__file__).resolve().parents[1] / "leaml_ray" / "stages"
+    stages = Path(__file__).resolve().parents[2] / "leaml_ray" / "stages"
     for path in stages.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef):
