@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -304,11 +302,6 @@ class Config(Section):
         for name, field, _ in self.unused_learning_rates():
             del data[name][field]
         return yaml.safe_dump(data, sort_keys=False)
-
-
-def stable_hash(obj: Any) -> str:
-    """A short content hash of a JSON-able object (key order does not matter)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _read_yaml(source: str) -> dict:

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from leaml_ray import dashboard, plan, storage, tracking
-from leaml_ray.config import Config, stable_hash
+from leaml_ray.config import Config
 from leaml_ray.errors import UserError
+from leaml_ray.plan import stable_hash
 
 log = logging.getLogger("leaml_ray")
 MANIFEST = "manifest.json"
@@ -46,7 +47,7 @@ class StageContext:
 
     run_dir: str
     work_dir: str
-    resume_dir: str  # survives a crash; kept only while the stage's config and inputs are unchanged
+    resume_dir: str  # survives a crash; kept only while the stage's plan and inputs are unchanged
 
     def input(self, rel: str) -> str:
         """Path of a finished earlier stage's output."""
@@ -263,7 +264,7 @@ def _run_stage(stage: Stage, the_plan: Any, run_dir: str, manifest: dict, key: d
     work_dir = run_dir if in_place else storage.join(run_dir, "_work", f"{stage.name}-{uuid.uuid4().hex[:8]}")
     resume_root = storage.join(run_dir, "_resume", stage.name)
     resume_dir = resume_path(run_dir, stage.name, key)
-    entry = {**key, "status": "running", "started": time.time(), "last_action": "ran", "plan": plan.record(the_plan)}
+    entry = {**key, "status": "running", "started": time.time(), "last_action": "ran", "plan": plan.values(the_plan)}
     manifest["stages"][stage.name] = entry
     _save_manifest(run_dir, manifest)
     if in_place:  # the entry no longer vouches for them: a rerun must not mix its files with the last attempt's

@@ -9,6 +9,8 @@ hashed.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Any
 
 from pydantic import BaseModel
@@ -26,27 +28,26 @@ def is_placement(f: dataclasses.Field) -> bool:
     return bool(f.metadata.get(PLACEMENT))
 
 
+def values(plan: Any, placement: bool = True) -> Any:
+    """The plan as JSON-able values: whole, the manifest's record of what ran, or without its placement fields
+    (`placement=False`), what the stage's cache key hashes."""
+    if dataclasses.is_dataclass(plan) and not isinstance(plan, type):
+        fields = [f for f in dataclasses.fields(plan) if placement or not is_placement(f)]
+        return {f.name: values(getattr(plan, f.name), placement) for f in fields}
+    if isinstance(plan, BaseModel):
+        return plan.model_dump(mode="json")
+    if isinstance(plan, (list, tuple)):
+        return [values(v, placement) for v in plan]
+    if isinstance(plan, dict):
+        return {str(k): values(v, placement) for k, v in plan.items()}
+    return plan
+
+
 def hashed_fields(plan: Any) -> Any:
-    """The plan as JSON-able values without its placement fields (what the stage's cache key hashes)."""
-    if dataclasses.is_dataclass(plan) and not isinstance(plan, type):
-        return {f.name: hashed_fields(getattr(plan, f.name)) for f in dataclasses.fields(plan) if not is_placement(f)}
-    if isinstance(plan, BaseModel):
-        return plan.model_dump(mode="json")
-    if isinstance(plan, (list, tuple)):
-        return [hashed_fields(v) for v in plan]
-    if isinstance(plan, dict):
-        return {str(k): hashed_fields(v) for k, v in plan.items()}
-    return plan
+    """The plan without its placement fields (what the stage's cache key hashes)."""
+    return values(plan, placement=False)
 
 
-def record(plan: Any) -> Any:
-    """The whole plan as JSON-able values, placement included: the manifest's record of what ran."""
-    if dataclasses.is_dataclass(plan) and not isinstance(plan, type):
-        return {f.name: record(getattr(plan, f.name)) for f in dataclasses.fields(plan)}
-    if isinstance(plan, BaseModel):
-        return plan.model_dump(mode="json")
-    if isinstance(plan, (list, tuple)):
-        return [record(v) for v in plan]
-    if isinstance(plan, dict):
-        return {str(k): record(v) for k, v in plan.items()}
-    return plan
+def stable_hash(obj: Any) -> str:
+    """A short content hash of a JSON-able object (key order does not matter)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -17,8 +17,8 @@ from leaml_ray.config import ConfigError, load_config
 from leaml_ray.errors import UserError
 from leaml_ray.inference import deploy
 from leaml_ray.models.registry import model_source
-from leaml_ray.models.spec import engine
 from leaml_ray.runtime import cluster_address, connect, setup_logging
+from leaml_ray.stages.common import engine
 
 PROG = Path(sys.argv[0]).name  # serve_teacher.py, or leaml-serve-teacher as a console script
 

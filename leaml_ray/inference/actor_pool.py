@@ -11,7 +11,7 @@ import ray.data
 from leaml_ray.errors import UserError
 from leaml_ray.inference.engine import engine_args
 from leaml_ray.inference.requests import prefix_tokens, prompt_template, request, scored, sequence_scores
-from leaml_ray.models.registry import model_folder, model_source
+from leaml_ray.models.registry import load_processor, model_folder, model_source
 from leaml_ray.models.spec import Engine
 from leaml_ray.placement import actor_pool_placement
 
@@ -68,7 +68,7 @@ def generate_on_actors(
         _EngineActor,
         fn_constructor_kwargs={
             "kwargs": kwargs,
-            "template": prompt_template(engine.spec),
+            "template": prompt_template(load_processor(engine.spec)),
             "sampling": sampling,
             "keep": keep,
         },

@@ -13,9 +13,13 @@ from typing import Any
 import ray.data
 
 from leaml_ray.errors import UserError
-from leaml_ray.inference.deploy import served_id
 from leaml_ray.inference.requests import row_sampling
 from leaml_ray.models.spec import Engine
+
+
+def served_id(model: str) -> str:
+    """The id a model is served under: ray.serve.llm reads "base:adapter" as a LoRA adapter, so no colons."""
+    return model.replace(":", "_")
 
 
 def check_served(engine: Engine) -> None:

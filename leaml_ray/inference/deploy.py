@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from leaml_ray.errors import UserError
+from leaml_ray.inference.client import served_id
 from leaml_ray.inference.engine import engine_args
 from leaml_ray.models.registry import model_source
 from leaml_ray.models.spec import Engine
@@ -22,11 +23,6 @@ APP_NAME = "leaml"
 
 class ServeError(UserError):
     """Serving cannot start (missing model folder, port in use)."""
-
-
-def served_id(model: str) -> str:
-    """The id a model is served under: ray.serve.llm reads "base:adapter" as a LoRA adapter, so no colons."""
-    return model.replace(":", "_")
 
 
 def preflight(path: str, host: str, port: int, local: bool) -> None:

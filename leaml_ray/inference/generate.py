@@ -53,8 +53,9 @@ def generate(
         prepare_multimodal_stage=False,
         detokenize_stage=True,
     )
-    template = prompt_template(engine.spec)
-    tokenizer = load_processor(engine.spec).tokenizer if scored(sampling) else None
+    processor = load_processor(engine.spec)
+    template = prompt_template(processor)
+    tokenizer = processor.tokenizer if scored(sampling) else None
 
     def preprocess(row: dict) -> dict:
         prompt, image, params = request(template, row, sampling)

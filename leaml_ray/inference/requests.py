@@ -6,17 +6,14 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from leaml_ray.models.registry import load_processor
-from leaml_ray.models.spec import ModelSpec
-
 PLACEHOLDER = "\x00INSTRUCTION\x00"
 
 
-def prompt_template(spec: ModelSpec) -> str:
-    """The model's chat prompt around one image with a placeholder where the instruction goes."""
+def prompt_template(processor: Any) -> str:
+    """A model's chat prompt (its processor's template) around one image, with a placeholder for the instruction."""
     from leaml_ray.models import chat  # torch: on the driver only when an engine is built
 
-    return chat.prompt(load_processor(spec), PLACEHOLDER)
+    return chat.prompt(processor, PLACEHOLDER)
 
 
 def request(template: str, row: dict, sampling: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:

@@ -1,5 +1,5 @@
 """One handle per model role, built once in a stage's plan: which model (`ModelSpec`) and how its inference engine
-runs (`Engine`). Light on purpose (no torch): `--plan` and every plan builder import it.
+runs (`Engine`); plain values, built by the stages' plan builders (`stages/common.py`).
 
 A model is named by its reference as the config gives it (`zoo:<role>`, a local folder, an s3:// / gs:// folder or a
 hub id); the folder is resolved where the model is loaded (`registry.model_folder`), never in the plan, so a cache
@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from leaml_ray.config import Config, ModelSection
 from leaml_ray.plan import placement
 
 
@@ -63,33 +62,3 @@ class Engine:
     def at(self, folder: str) -> Engine:
         """The same engine loading another folder (a trained model of this role)."""
         return dataclasses.replace(self, spec=self.spec.at(folder))
-
-
-def model_spec(cfg: Config, role: str) -> ModelSpec:
-    """The spec of a role (teacher, generator, target) from its config section."""
-    from leaml_ray.models.zoo import recipe_key
-
-    section: ModelSection = getattr(cfg, role)
-    recipe = recipe_key() if section.model.startswith("zoo:") else None
-    return ModelSpec(role, section.model, section.trust_remote_code, section.dtype, section.max_pixels, recipe)
-
-
-def engine(cfg: Config, role: str) -> Engine:
-    """The engine handle of a role from its config section (and the run's seed)."""
-    section: ModelSection = getattr(cfg, role)
-    served = role == "teacher" and cfg.teacher.mode == "serve"
-    return Engine(
-        spec=model_spec(cfg, role),
-        max_model_len=section.max_model_len,
-        tensor_parallel_size=section.tensor_parallel_size,
-        pipeline_parallel_size=section.pipeline_parallel_size,
-        seed=cfg.run.seed,
-        device=section.device,
-        backend=section.engine,
-        replicas=section.replicas,
-        cpus_per_replica=section.cpus_per_replica,
-        batch_size=section.engine_batch_size,
-        max_num_seqs=section.max_num_seqs,
-        accelerator_type=section.accelerator_type,
-        endpoint=cfg.teacher.endpoint if served else None,
-    )

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from leaml_ray import CACHE
-from leaml_ray.config import stable_hash
 from leaml_ray.errors import UserError
+from leaml_ray.plan import stable_hash
 
 ZOO_VERSION = 2  # 2: the base's text-only vocabulary sentences
 ROLE_FOLDERS = {"teacher": "teacher", "generator": "base", "target": "base"}

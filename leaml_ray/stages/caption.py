@@ -16,15 +16,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from leaml_ray import dashboard, storage
-from leaml_ray.config import Config, stable_hash
+from leaml_ray.config import Config
 from leaml_ray.data import examples
 from leaml_ray.data.parts import done_keys, read_parts, skip_done, stream_to_parts
 from leaml_ray.formats import CAPTION_PROMPT
 from leaml_ray.inference.client import check_served
 from leaml_ray.inference.generate import generate
 from leaml_ray.inference.requests import prompt_template
-from leaml_ray.models.spec import Engine, ModelSpec, engine
+from leaml_ray.models.registry import load_processor
+from leaml_ray.models.spec import Engine, ModelSpec
 from leaml_ray.pipeline import Stage, StageContext
+from leaml_ray.plan import stable_hash
+from leaml_ray.stages.common import engine
 
 log = logging.getLogger("leaml_ray")
 CAPTIONS_SCHEMA = pa.schema(
@@ -50,7 +53,7 @@ def plan(cfg: Config) -> CaptionPlan:
 
 def prompt_version(spec: ModelSpec, instruction: str) -> str:
     """Identifies the exact prompt the teacher saw (chat template + instruction)."""
-    return stable_hash({"template": prompt_template(spec), "instruction": instruction})[:8]
+    return stable_hash({"template": prompt_template(load_processor(spec)), "instruction": instruction})[:8]
 
 
 def run(plan: CaptionPlan, ctx: StageContext) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""What several stages share: the training job of a trained role (a plan builder) and the captions the generator
-trains on (the generator trains on them, pseudo_qa's diagnostics caption the ones it held out)."""
+"""What several stages share: the plan builders of a model role's handles (its spec, its engine, its training job)
+and the captions the generator trains on (pseudo_qa's diagnostics caption the ones it held out)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import dataclasses
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from leaml_ray.config import Config, TrainableModelSection
+from leaml_ray.config import Config, ModelSection, TrainableModelSection
 from leaml_ray.data import examples
-from leaml_ray.models.spec import model_spec
+from leaml_ray.models.spec import Engine, ModelSpec
+from leaml_ray.models.zoo import recipe_key
 from leaml_ray.train.job import TrainJob
 
 TRAINED = ("leaml", "lora", "full")  # the methods of eval.methods that finetune the target (zero_shot: the base)
@@ -19,6 +20,34 @@ TRAINED = ("leaml", "lora", "full")  # the methods of eval.methods that finetune
 def methods_to_train(methods: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """The methods of eval.methods that need a finetuned target."""
     return tuple(m for m in methods if m in TRAINED)
+
+
+def model_spec(cfg: Config, role: str) -> ModelSpec:
+    """The spec of a role (teacher, generator, target) from its config section."""
+    section: ModelSection = getattr(cfg, role)
+    recipe = recipe_key() if section.model.startswith("zoo:") else None
+    return ModelSpec(role, section.model, section.trust_remote_code, section.dtype, section.max_pixels, recipe)
+
+
+def engine(cfg: Config, role: str) -> Engine:
+    """The engine handle of a role from its config section (and the run's seed)."""
+    section: ModelSection = getattr(cfg, role)
+    served = role == "teacher" and cfg.teacher.mode == "serve"
+    return Engine(
+        spec=model_spec(cfg, role),
+        max_model_len=section.max_model_len,
+        tensor_parallel_size=section.tensor_parallel_size,
+        pipeline_parallel_size=section.pipeline_parallel_size,
+        seed=cfg.run.seed,
+        device=section.device,
+        backend=section.engine,
+        replicas=section.replicas,
+        cpus_per_replica=section.cpus_per_replica,
+        batch_size=section.engine_batch_size,
+        max_num_seqs=section.max_num_seqs,
+        accelerator_type=section.accelerator_type,
+        endpoint=cfg.teacher.endpoint if served else None,
+    )
 
 
 def train_job(cfg: Config, role: str, finetune: str) -> TrainJob:

@@ -19,11 +19,11 @@ from leaml_ray import dashboard, diagnostics, storage
 from leaml_ray.config import Config
 from leaml_ray.data import examples
 from leaml_ray.inference.generate import generate
-from leaml_ray.models.spec import Engine, engine
+from leaml_ray.models.spec import Engine
 from leaml_ray.pipeline import Stage, StageContext, StageError
 from leaml_ray.report import build_report, render_markdown, write_plots
 from leaml_ray.scoring import accuracy, is_correct
-from leaml_ray.stages.common import methods_to_train
+from leaml_ray.stages.common import engine, methods_to_train
 
 log = logging.getLogger("leaml_ray")
 

@@ -94,7 +94,8 @@ def run(plan: GeneratorPlan, ctx: StageContext) -> dict[str, Any]:
     out = ctx.output("generator")
     # the caption rows are the clock: enough passes over them for both budgets
     budget = max(plan.epochs * qa.num_rows, plan.caption_epochs * captions.num_rows)
-    run = TrainRun(num_rows=captions.num_rows, epochs=budget / captions.num_rows, output=out, run_dir=ctx.run_dir)
+    epochs = budget / captions.num_rows
+    train_run = TrainRun(num_rows=captions.num_rows, epochs=epochs, output=out, run_dir=ctx.run_dir)
     log.info(
         "generator: %d captioned images (%d held out) and %d labeled QA pairs, %.1f passes over the pairs, "
         "caption distillation %s",
@@ -105,7 +106,9 @@ def run(plan: GeneratorPlan, ctx: StageContext) -> dict[str, Any]:
         "on" if plan.caption_distill else "off",
     )
     storage_path = storage.join(ctx.resume_dir, "ray_train")
-    result = run_training(plan.job, run, rows, "generator", storage_path, objective=objective, labeled_dataset=labeled)
+    result = run_training(
+        plan.job, train_run, rows, "generator", storage_path, objective=objective, labeled_dataset=labeled
+    )
     storage.write_json_atomic(storage.join(out, "train_log.json"), result["history"])
     steps = result["history"][-1]["step"]
     views = pair_views(qa.num_rows, result["samples"], plan.job.seed)

@@ -21,12 +21,12 @@ from leaml_ray.config import Config
 from leaml_ray.data import examples
 from leaml_ray.data.parts import done_keys, read_parts, skip_done
 from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT
-from leaml_ray.models.spec import Engine, engine
+from leaml_ray.models.spec import Engine
 from leaml_ray.pipeline import Stage, StageContext, StageError
 from leaml_ray.pseudo.export import write_exports
 from leaml_ray.pseudo.filters import answer_rules, caption_filter, consistency_filter, filter_replies, parse_qa
 from leaml_ray.pseudo.replies import Decoding, generate_replies, question_bank, requests_for
-from leaml_ray.stages.common import heldout_caption_ids, unlabeled_captions
+from leaml_ray.stages.common import engine, heldout_caption_ids, unlabeled_captions
 
 log = logging.getLogger("leaml_ray")
 DIAGNOSTIC = "diagnostic:"  # key prefix of the diagnostic requests riding along in the same engine pass

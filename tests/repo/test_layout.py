@@ -18,12 +18,12 @@ COVERED_ELSEWHERE = {
     "inference/requests.py": "every engine path's tests (test_generate.py, tests/e2e/test_serve.py) and the logprob "
     "scores in tests/e2e/test_pipeline.py",
     "models/quality.py": "a measuring helper of bench/zoo_quality.py and bench/caption_throughput.py",
+    "models/spec.py": "plain dataclasses: tests/unit/stages/test_common.py builds them, test_plan.py hashes them",
     "models/zoo.py": "tests/unit/test_zoo.py (the lookup and the pretraining tool together)",
     "plots.py": "tests/unit/test_tracking.py (plots logged as images) and tests/e2e/test_pipeline.py",
     "pseudo/export.py": "tests/e2e/test_pipeline.py loads the exports as LLaMA-Factory's and TRL's loaders do",
     "report.py": "tests/e2e/test_pipeline.py checks report.json against the predictions",
     "stages/caption.py": "tests/e2e/test_pipeline.py (resumed captions) and tests/e2e/test_driver_kill.py",
-    "stages/common.py": "tests/unit/test_plan.py (plans) and tests/unit/test_placement.py (training jobs)",
     "stages/evaluate.py": "tests/e2e/test_pipeline.py",
     "stages/generator.py": "tests/e2e/test_pipeline.py; its objective: tests/unit/train/test_neurons.py",
     "stages/pseudo_qa.py": "tests/e2e/test_pipeline.py; its parts: tests/unit/pseudo/",

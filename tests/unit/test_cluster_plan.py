@@ -28,8 +28,7 @@ from leaml_ray.cluster_plan import (
     train_memory,
 )
 from leaml_ray.config import load_config
-from leaml_ray.models.spec import engine
-from leaml_ray.stages.common import train_job
+from leaml_ray.stages.common import engine, train_job
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from leaml_ray.config import PRESET_DIR, Config, ConfigError, load_config, stable_hash
+from leaml_ray.config import PRESET_DIR, Config, ConfigError, load_config
+from leaml_ray.plan import stable_hash
 
 
 def test_default_is_the_tiny_cpu_preset():

@@ -8,7 +8,6 @@ from ray._common.utils import resources_from_ray_options
 from leaml_ray.cluster_plan import stage_demands, stage_resources
 from leaml_ray.config import ConfigError, load_config
 from leaml_ray.inference.engine import engine_args
-from leaml_ray.models.spec import engine
 from leaml_ray.placement import (
     CPU_ENV,
     actor_pool_placement,
@@ -16,7 +15,7 @@ from leaml_ray.placement import (
     ray_data_llm_placement,
     serve_placement,
 )
-from leaml_ray.stages.common import train_job
+from leaml_ray.stages.common import engine, train_job
 from leaml_ray.train.core import deepspeed_config
 from leaml_ray.train.loop import scaling_config, torch_config
 

@@ -10,7 +10,8 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from leaml_ray import plan
-from leaml_ray.config import Config, stable_hash
+from leaml_ray.config import Config
+from leaml_ray.plan import stable_hash
 from leaml_ray.stages import pipeline_stages
 from tests.conftest import make_config
 
@@ -95,7 +96,7 @@ def test_every_setting_changes_some_stage_and_placement_changes_none(tmp_path):
 def test_placement_fields_are_in_the_manifest_record_but_not_in_the_key(tmp_path):
     cfg = make_config(tmp_path)
     caption = next(s for s in pipeline_stages(cfg) if s.name == "caption")
-    recorded = plan.record(caption.plan(cfg))
+    recorded = plan.values(caption.plan(cfg))
     assert recorded["teacher"]["replicas"] == cfg.teacher.replicas and recorded["teacher"]["spec"]["model"]
     hashed = plan.hashed_fields(caption.plan(cfg))
     assert "replicas" not in hashed["teacher"] and "endpoint" not in hashed["teacher"]
@@ -103,7 +104,7 @@ def test_placement_fields_are_in_the_manifest_record_but_not_in_the_key(tmp_path
 
 
 def test_only_plan_builders_take_the_config():
-    builders = {"plan", "plan_for", "finetune_stages", "pipeline_stages", "train_job"}
+    builders = {"plan", "plan_for", "finetune_stages", "pipeline_stages", "train_job", "model_spec", "engine"}
     stages = Path(__file__).resolve().parents[2] / "leaml_ray" / "stages"
     for path in stages.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -354,7 +355,7 @@ def test_a_run_dir_on_an_unreachable_store_is_one_line_from_the_cli(tmp_path, s3
         text=True,
         timeout=120,
         env=env,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]

@@ -8,7 +8,7 @@ import pytest
 from leaml_ray.config import load_config
 from leaml_ray.errors import UserError
 from leaml_ray.inference.client import check_served
-from leaml_ray.models.spec import engine
+from leaml_ray.stages.common import engine
 
 
 def free_port() -> int:

@@ -1,7 +1,7 @@
-"""Model handles from the config: references, zoo recipes, trained folders."""
+"""The plan builders of a model role's handles: references, zoo recipes, trained folders, training jobs."""
 
-from leaml_ray.models.spec import model_spec
 from leaml_ray.models.zoo import recipe_key
+from leaml_ray.stages.common import model_spec
 from tests.conftest import make_config
 
 
