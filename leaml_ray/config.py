@@ -296,12 +296,17 @@ class Config(Section):
                 )
         return self
 
-    def to_yaml(self) -> str:
-        """The resolved config as YAML that `--config` reads back: every field except learning rates never used."""
+    def resolved(self) -> dict[str, Any]:
+        """Every field except learning rates never used: what `load_config` reads back (the manifest's config, and
+        config.yaml through `to_yaml`); with an unused rate in it the config would refuse itself."""
         data = self.model_dump(mode="json")
         for name, field, _ in self.unused_learning_rates():
             del data[name][field]
-        return yaml.safe_dump(data, sort_keys=False)
+        return data
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML that `--config` reads back."""
+        return yaml.safe_dump(self.resolved(), sort_keys=False)
 
 
 def _read_yaml(source: str) -> dict:

@@ -187,7 +187,7 @@ def _run_stages(
 ) -> list[StageResult]:
     run_dir = cfg.run.dir
     manifest = load_manifest(run_dir)
-    manifest["config"] = cfg.model_dump(mode="json")
+    manifest["config"] = cfg.resolved()  # jobs/evaluate.py and jobs/serve.py --run load it back
     # the resolved config of the latest invocation, beside its outputs (the manifest keeps it per stage hash)
     storage.write_bytes_atomic(storage.join(run_dir, CONFIG_YAML), storage.redact(cfg.to_yaml()).encode())
     storage.delete(storage.join(run_dir, "_work"))  # left by a killed run

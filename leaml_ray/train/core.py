@@ -139,8 +139,8 @@ def _fixed_mmap_threshold() -> None:
     """Serve every allocation over 1 MiB from its own mmap, returned to the OS when freed (glibc only).
 
     glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after which layer-sized
-    tensors come from the heap and freed ones stay resident: measured on CPU training of a 150 M-parameter
-    model, that retained memory was ~1 GiB of each worker's peak (see bench/train_scaling.py).
+    tensors come from the heap and freed ones stay resident: a large part of a CPU worker's peak
+    (bench/results/design_choices.md).
     """
     import ctypes
     import ctypes.util
@@ -187,7 +187,7 @@ class Trainee:
 
 def import_deepspeed() -> ModuleType:
     """deepspeed, imported without MLflow: its autotuner (never used here) imports MLflow at import time when it is
-    installed (the `track` extra), 1.5 s of every training worker's start."""
+    installed (the `track` extra): most of a training worker's import time (bench/results/design_choices.md)."""
     if "mlflow" in sys.modules:
         import deepspeed
     else:
@@ -205,8 +205,8 @@ def build_trainee(job: TrainJob, run: TrainRun, objective: Objective, world: int
 
     deepspeed = import_deepspeed()
     if not job.on_gpu:
-        # DeepSpeed's CPU backend JIT-compiles a shared-memory comm op (~25 s of 2 cores on a fresh machine, then a
-        # load in every worker of every run) that only its inference all-reduce uses: training all-reduces through
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory comm op (a g++ build on a fresh machine, then a load
+        # in every worker of every run) that only its inference all-reduce uses: training all-reduces through
         # torch.distributed (gloo). Its probe result is one module-level dict, kept across reads: marked off here.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 

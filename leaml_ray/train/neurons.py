@@ -38,9 +38,7 @@ LAYER = re.compile(
 )
 
 
-def neuron_params(
-    model: torch.nn.Module, scope: str = "lm_mlp"
-) -> dict[str, list[tuple[str, torch.nn.Parameter, int]]]:
+def neuron_params(model: torch.nn.Module, scope: str) -> dict[str, list[tuple[str, torch.nn.Parameter, int]]]:
     """Trainable params that hold neurons in `scope`, by layer: (name, param, axis of the neuron index)."""
     layers: dict[str, list[tuple[str, torch.nn.Parameter, int]]] = {}
     if scope == "full":

@@ -27,7 +27,7 @@ from tests.helpers import distillation, local_job, local_spec
 
 def test_neuron_params_full_and_lora(tiny_model_dir):
     model = load_model(local_spec(tiny_model_dir))
-    layers = neuron_params(model)
+    layers = neuron_params(model, "lm_mlp")
     n_layers = model.config.text_config.num_hidden_layers
     assert len(layers) == n_layers
     for params in layers.values():
@@ -39,7 +39,7 @@ def test_neuron_params_full_and_lora(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
 
     lora = get_peft_model(model, LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"]))
-    for params in neuron_params(lora).values():
+    for params in neuron_params(lora, "lm_mlp").values():
         kinds = sorted((n.split(".mlp.")[1].split(".")[0], n.split(".")[-3], axis) for n, _, axis in params)
         assert kinds == [("down_proj", "lora_A", 1), ("gate_proj", "lora_B", 0), ("up_proj", "lora_B", 0)]
 
