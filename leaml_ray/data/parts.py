@@ -49,7 +49,7 @@ def stream_to_parts(
     """Write a dataset of small rows (text, no images) as parquet parts, each atomically, as results arrive.
 
     A crash loses at most the rows not yet in a part; `done_keys` then tells the rerun what to skip.
-    The stages write a part every 4 engine batches (`EngineSettings.rows_per_part`).
+    The stages write a part every 4 engine batches (`Engine.rows_per_part`).
     """
     written = 0
     for batch in ds.iter_batches(batch_size=rows_per_part, batch_format="pyarrow"):
