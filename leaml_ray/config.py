@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from leaml_ray.errors import UserError
 
@@ -100,9 +100,19 @@ class TeacherSection(ModelSection):
         description="offline: ray.data.llm engine replicas in the job; serve: the shared teacher at `endpoint`"
         " (jobs/serve_teacher.py)",
     )
-    endpoint: str = Field("http://127.0.0.1:8000", description="base URL of the served teacher (mode serve)")
+    endpoint: str = Field(
+        "http://127.0.0.1:8000", description="base URL of the served teacher (mode serve): http(s)://host[:port]"
+    )
     max_new_tokens: int = Field(48, ge=1)
     caption_labeled: bool = Field(True, description="also caption labeled images")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_is_a_base_url(cls, endpoint: str) -> str:
+        # checked here, not when the first caption request fails minutes into a run
+        if not re.fullmatch(r"https?://[^/\s:]+(:\d+)?/?", endpoint):
+            raise ValueError("not a base URL http(s)://host[:port]")
+        return endpoint
 
 
 class TrainableModelSection(ModelSection):
@@ -330,7 +340,11 @@ def _apply_override(data: dict, item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {item!r}: expected section.key=value")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
     node = data
     parts = key.split(".")
     for part in parts[:-1]:

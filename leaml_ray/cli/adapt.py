@@ -59,12 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
+    only, force = names(args.stages), names(args.force)
+    if only or force:  # a typo is one line here, before anything starts (and under --plan / --print-config too)
+        from leaml_ray.pipeline import StageError, select
+        from leaml_ray.stages import pipeline_stages
+
+        try:
+            select(pipeline_stages(cfg), [*(only or []), *(force or [])])
+        except StageError as e:
+            print(f"{PROG}: {e}", file=sys.stderr)
+            return 2
     if args.print_config:
         print(redact(cfg.to_yaml()), end="")
         return 0
     if args.plan or args.cluster:
         return print_plan(cfg, args.cluster)
-    return run(cfg, names(args.stages), names(args.force))
+    return run(cfg, only, force)
 
 
 def run(cfg: Config, only: list[str] | None, force: list[str] | None) -> int:

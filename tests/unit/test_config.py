@@ -73,6 +73,11 @@ def test_yaml_file_layers_over_defaults(tmp_path):
         (["eval.methods=[magic]"], "eval.methods.0: Input should be"),
         (["label_ratio"], "expected section.key=value"),
         (["data.source.x=1"], "source is a value, not a section"),
+        # a malformed value was a 30-line PyYAML traceback
+        (["eval.methods=[lora"], "override 'eval.methods=[lora': the value is not valid YAML (expected ','"),
+        # a served teacher at no URL failed only at the first caption request
+        (["teacher.endpoint=notaurl"], "teacher.endpoint: Value error, not a base URL http(s)://host[:port]"),
+        (["teacher.endpoint=http://teacher:8000/v1"], "not a base URL"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(overrides, expected):

@@ -23,19 +23,24 @@ def test_cli_config_error_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert not (tmp_path / "manifest.json").exists()
 
 
-def test_cli_unknown_stage_is_one_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "adapt.py"), "--stages", "prepare,nope", f"run.dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 1
-    assert (
-        proc.stderr.strip().splitlines()[-1]
-        == "adapt.py: unknown stage(s) nope; available: prepare, caption, generator, pseudo_qa, finetune:leaml,"
+def test_cli_unknown_stage_is_one_line_before_anything_starts(tmp_path):
+    """Under --stages and --force, and with --plan or --print-config too: exit 2 with one line, nothing started."""
+    unknown = (
+        "adapt.py: unknown stage(s) nope; available: prepare, caption, generator, pseudo_qa, finetune:leaml,"
         " finetune:lora, finetune:full, evaluate"
     )
+    for args in (["--stages", "prepare,nope"], ["--force", "nope"], ["--plan", "--stages", "nope"]):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "jobs" / "adapt.py"), *args, f"run.dir={tmp_path}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [unknown], (args, proc.stderr)
+        assert not (tmp_path / "manifest.json").exists()
+    from leaml_ray.cli import adapt
+
+    assert adapt.main(["--print-config", "--force", "finetune", f"run.dir={tmp_path}"]) == 0  # a family name is one
 
 
 def test_cli_prints_the_resolved_config_and_its_help_names_the_presets(tmp_path):
