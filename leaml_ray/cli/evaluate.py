@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     metrics["model"] = args.model
-    report = build_report(args.run, {name: metrics}, {}, cfg.model_dump(mode="json"))
+    report = build_report(args.run, {name: metrics}, {}, cfg.resolved())  # as the evaluate stage records it
     storage.write_json_atomic(storage.join(out, "report.json"), report)
     storage.write_bytes_atomic(storage.join(out, "report.md"), render_markdown(report).encode())
     write_plots(args.run, storage.join(out, "plots"), {name: metrics})
