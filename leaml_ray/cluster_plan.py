@@ -160,7 +160,7 @@ def _engine_entry(s: Engine) -> dict[str, Any]:
     return entry
 
 
-def _train_entry(jobs: list[TrainJob], max_model_len: int) -> dict[str, Any]:
+def _train_entry(jobs: tuple[TrainJob, ...], max_model_len: int) -> dict[str, Any]:
     """One training stage (or the finetune stages, which share the train settings): its workers, and on GPUs the
     memory of its largest job (`max_model_len`: the role's engine context, which caps a training row too)."""
     t = jobs[0]
@@ -180,27 +180,38 @@ def _train_entry(jobs: list[TrainJob], max_model_len: int) -> dict[str, Any]:
     return entry
 
 
-def stage_resources(cfg: Config) -> dict[str, Any]:
-    """Device, replicas / workers, GPUs and CPUs of every stage of a run, from the stages' own plans; a GPU stage also
-    names its accelerator type and its estimated memory per GPU (node type: see `place_on_cluster`)."""
+def stage_work(cfg: Config) -> dict[str, Engine | tuple[TrainJob, ...]]:
+    """What every stage that reserves resources runs, from the stages' own plans: an engine's replicas, or training
+    jobs' workers (the finetune stages: one job per method, which share the train settings)."""
     from leaml_ray.stages import caption, evaluate, finetune, generator, pseudo_qa
     from leaml_ray.stages.common import methods_to_train
 
-    stages: dict[str, dict[str, Any]] = {"prepare": {"device": "cpu"}}
+    work: dict[str, Engine | tuple[TrainJob, ...]] = {}
     teacher = caption.plan(cfg).teacher
     if teacher.endpoint is None:  # in serve mode the shared teacher runs outside this job
-        stages["caption"] = _engine_entry(teacher)
+        work["caption"] = teacher
     answers = pseudo_qa.plan(cfg)
-    stages["generator"] = _train_entry([generator.plan(cfg).job], answers.generator.max_model_len)
-    stages["pseudo_qa"] = _engine_entry(answers.generator)
+    work["generator"] = (generator.plan(cfg).job,)
+    work["pseudo_qa"] = answers.generator
     if answers.judge is not None and answers.judge.endpoint is None:
-        stages[f"pseudo_qa/{answers.consistency_filter}"] = _engine_entry(answers.judge)
-    target = evaluate.plan(cfg).target
+        work[f"pseudo_qa/{answers.consistency_filter}"] = answers.judge
     # the finetune stages train the target as leaml does and as the lora / full baselines of eval.methods do
-    jobs = [finetune.plan_for(cfg, m).job for m in methods_to_train(cfg.eval.methods)]
+    jobs = tuple(finetune.plan_for(cfg, m).job for m in methods_to_train(cfg.eval.methods))
     if jobs:
-        stages["finetune"] = _train_entry(jobs, target.max_model_len)
-    stages["evaluate"] = _engine_entry(target)
+        work["finetune"] = jobs
+    work["evaluate"] = evaluate.plan(cfg).target
+    return work
+
+
+def stage_resources(cfg: Config) -> dict[str, Any]:
+    """Device, replicas / workers, GPUs and CPUs of every stage of a run, from the stages' own plans; a GPU stage also
+    names its accelerator type and its estimated memory per GPU (node type: see `place_on_cluster`)."""
+    work = stage_work(cfg)
+    # a training row is capped by its role's engine context
+    context = {w.spec.role: w.max_model_len for w in work.values() if isinstance(w, Engine)}
+    stages: dict[str, dict[str, Any]] = {"prepare": {"device": "cpu"}}
+    for stage, w in work.items():
+        stages[stage] = _engine_entry(w) if isinstance(w, Engine) else _train_entry(w, context[w[0].spec.role])
     return {"stages": stages}
 
 
@@ -243,11 +254,12 @@ def _node_types(cluster: dict) -> tuple[dict[str, dict], list[str]]:
 
 
 def autoscaler_nodes(
-    types: dict[str, dict], max_workers: int, demands: list[dict[str, float]]
-) -> tuple[dict[str, int], list[dict[str, float]]]:
-    """The worker nodes (count per type) that Ray's autoscaler launches for `demands` on a cluster with none yet, and
-    the demands it cannot place: its own bin packing and utilization scorer, called as
-    `ResourceDemandScheduler.get_nodes_to_launch` calls them (ray/autoscaler/_private/resource_demand_scheduler.py)."""
+    types: dict[str, dict], max_workers: int, demands: list[dict[str, float]], up: tuple[tuple[str, dict], ...] = ()
+) -> tuple[dict[str, int], list[dict[str, float]], dict[str, int]]:
+    """Where Ray's autoscaler puts `demands` on a cluster whose worker nodes `up` (type, resources) are idle: the nodes
+    launched (count per type), the demands it cannot place, and the idle nodes it packs demands onto (count per
+    type). Its own bin packing and utilization scorer, called as `ResourceDemandScheduler.get_nodes_to_launch` calls
+    them (ray/autoscaler/_private/resource_demand_scheduler.py)."""
     import logging
     from functools import partial
 
@@ -259,10 +271,18 @@ def autoscaler_nodes(
     level = log.level
     log.setLevel(logging.ERROR)  # its warning for demands no node type fits: the plan says why in a problem line
     try:
-        nodes, residual = scheduler.get_nodes_for(types, {}, "", max_workers, demands, utilization_scorer=scorer)
+        left, after = scheduler.get_bin_pack_residual([dict(r) for _, r in up], demands)
+        existing: dict[str, int] = {}
+        for name, _ in up:
+            existing[name] = existing.get(name, 0) + 1
+        nodes, residual = scheduler.get_nodes_for(types, existing, "", max_workers - len(up), left, scorer)
     finally:
         log.setLevel(level)
-    return {name: n for name, n in nodes.items() if n}, residual
+    reused: dict[str, int] = {}
+    for (name, before), packed in zip(up, after, strict=True):
+        if packed != before:
+            reused[name] = reused.get(name, 0) + 1
+    return {name: n for name, n in nodes.items() if n}, residual, reused
 
 
 def _unplaced(entry: dict[str, Any], types: dict[str, dict], placed: int) -> str:
@@ -302,26 +322,39 @@ def _too_little_memory(entry: dict[str, Any], node_type: str) -> str | None:
 
 
 def place_on_cluster(the_plan: dict[str, Any], cluster: dict) -> tuple[dict[str, Any], list[str]]:
-    """The plan with each GPU stage's node type (where Ray's autoscaler launches it, each stage on a cluster with no
-    worker nodes up) and that type's GPU memory, and the problems (one line each) of running it there; none: it fits.
+    """The plan with each GPU stage's node types (`nodes`: the nodes it runs on, per type; `launched`: those Ray's
+    autoscaler adds for it) and their GPU memory, and the problems (one line each) of running it there; none: it fits.
 
-    Stages run one after another, but a node stays up idle_timeout_minutes after its stage and Ray places a later
-    stage's work on any idle node that fits it: an accelerator type is what keeps a stage off the others' nodes."""
+    Stages run one after another and each outlasts the cluster's idle_timeout_minutes (GPU stages take tens of
+    minutes to hours): when a stage starts, the nodes the stage before it ran on are idle and still up, and Ray places
+    the new work on them where it fits before launching any; older nodes are gone. An accelerator type is what keeps a
+    stage off another's nodes. `jobs/adapt.py --rehearse` checks this on a fake cluster with Ray's own autoscaler."""
     types, problems = _node_types(cluster)
     max_workers = cluster.get("max_workers", sum(t["max_workers"] for t in types.values()))
     stages = {}
+    up: tuple[tuple[str, dict], ...] = ()  # the worker nodes the previous GPU stage ran on: (type, resources)
     for stage, entry in the_plan["stages"].items():
         stages[stage] = entry = dict(entry)
         if entry["device"] == "cpu":
+            up = ()  # idle through a CPU stage: gone
             continue
         demands = stage_demands(entry)
-        nodes, residual = autoscaler_nodes(types, max_workers, demands)
+        launched, residual, reused = autoscaler_nodes(types, max_workers, demands, up)
+        nodes = dict(reused)
+        for name, n in launched.items():
+            nodes[name] = nodes.get(name, 0) + n
         memories = [types[n]["gpu_memory_gb"] for n in nodes if "gpu_memory_gb" in types[n]]
-        entry.update(node_type="+".join(nodes) or None, nodes=nodes, gpu_memory_gb=min(memories, default=None))
+        entry.update(
+            node_type="+".join(sorted(nodes)) or None,
+            nodes=nodes,
+            launched=launched,
+            gpu_memory_gb=min(memories, default=None),
+        )
         why = _unplaced(entry, types, len(demands) - len(residual)) if residual else None
         why = why or (_too_little_memory(entry, entry["node_type"]) if nodes else None)
         if why:
             problems.append(f"{stage}: {why}")
+        up = tuple((name, types[name]["resources"]) for name, n in sorted(nodes.items()) for _ in range(n))
     return {**the_plan, "stages": stages}, problems
 
 

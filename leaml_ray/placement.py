@@ -74,6 +74,22 @@ def actor_pool_placement(engine: Engine) -> dict[str, Any]:
     return args
 
 
+def replica_resources(engine: Engine) -> dict[str, float]:
+    """The resources one engine replica's actor holds, as Ray's scheduler and autoscaler see them: the remote args
+    its backend gives the actor (ray.data.llm derives `num_cpus` / `num_gpus` from the placement bundle under the
+    "uni" / "mp" executors: vllm_engine_stage.py, post_init), turned into resources by Ray's own function."""
+    from ray._common.utils import resources_from_ray_options
+
+    if engine.backend == "actor_pool":
+        args = actor_pool_placement(engine)
+        options = {"num_cpus": args["num_cpus"], "num_gpus": args["num_gpus"]}
+    else:
+        (bundle,) = ray_data_llm_placement(engine)["placement_group_config"]["bundles"]
+        options = {"num_cpus": bundle["CPU"], "num_gpus": bundle.get("GPU", 0)}
+    resources = resources_from_ray_options({**options, "accelerator_type": engine.accelerator_type})
+    return {k: v for k, v in resources.items() if v}
+
+
 def serve_placement(engine: Engine) -> dict[str, Any]:
     """Placement keywords of a Ray Serve `LLMConfig`."""
     out: dict[str, Any] = {"placement_group_config": _bundles(engine)}

@@ -1,10 +1,11 @@
 """Run the leaml-ray pipeline: python jobs/adapt.py [--config PRESET|PATH] [--stages a,b] [--force a,b] [--plan]
-[--print-config] [key=value ...]
+[--rehearse --cluster YAML] [--print-config] [key=value ...]
 
 Without arguments it runs the embedded default (the tiny-cpu preset) on a private local Ray instance;
 under `ray job submit` it runs on the cluster it was submitted to. `--plan [--cluster YAML]` starts nothing: it
 prints where every stage would run (with a cluster YAML: the node type Ray's autoscaler would launch for it, and whether
-it fits there, GPU memory included) and exits.
+it fits there, GPU memory included) and exits. `--rehearse --cluster YAML` places every stage's reservations on a fake
+cluster of this machine whose node types mirror the YAML's, through Ray's own autoscaler (no model, no GPU).
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("--cluster", default=None, help="with --plan: check against this cluster launcher YAML")
     parser.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="with --cluster: place every stage on a fake autoscaling cluster mirroring the YAML, then exit",
+    )
+    parser.add_argument(
+        "--rehearse-timeout", type=float, default=120, help="seconds a stage may wait for its nodes (default 120)"
+    )
+    parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.label_ratio=0.05"
     )
     args = parser.parse_args(argv)
@@ -72,8 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(redact(cfg.to_yaml()), end="")
         return 0
+    if args.rehearse and not args.cluster:
+        print(
+            f"{PROG}: --rehearse needs --cluster YAML (the launcher config whose node types it mirrors)",
+            file=sys.stderr,
+        )
+        return 2
     if args.plan or args.cluster:
-        return print_plan(cfg, args.cluster)
+        return print_plan(cfg, args.cluster, rehearse_timeout=args.rehearse_timeout if args.rehearse else None)
     return run(cfg, only, force)
 
 
@@ -110,8 +125,9 @@ def start_ray(cfg: Config) -> None:
     check_run_dir_for_cluster(cfg)
 
 
-def print_plan(cfg, cluster_yaml: str | None) -> int:
-    """The dry run: the plan table, its problems against the cluster YAML, then one JSON line; 1 if it does not fit."""
+def print_plan(cfg, cluster_yaml: str | None, rehearse_timeout: float | None = None) -> int:
+    """The dry run: the plan table, its problems against the cluster YAML, then one JSON line; 1 if it does not fit.
+    With `rehearse_timeout`, each stage is also placed on a fake cluster mirroring the YAML (`rehearsal.py`)."""
     the_plan = stage_resources(cfg)  # starts no Ray: placing it on the YAML's node types runs the autoscaler's code
     problems: list[str] = []
     if cluster_yaml:
@@ -121,12 +137,22 @@ def print_plan(cfg, cluster_yaml: str | None) -> int:
             print(f"{PROG}: --cluster {cluster_yaml}: {e}", file=sys.stderr)
             return 2
         the_plan, problems = place_on_cluster(the_plan, cluster)
+    extra: dict = {}
+    if rehearse_timeout is not None:
+        from leaml_ray.rehearsal import format_rehearsal, rehearse
+
+        the_plan, rehearsed = rehearse(cfg, cluster, timeout_s=rehearse_timeout)
+        problems = [*problems, *(p for p in rehearsed if p not in problems)]
+        extra["launched"] = {s: e["rehearsal"]["launched"] for s, e in the_plan["stages"].items() if "rehearsal" in e}
     print(format_plan(the_plan))
+    if rehearse_timeout is not None:
+        print(f"rehearsed on a fake cluster mirroring {cluster_yaml}:")
+        print(format_rehearsal(the_plan))
     for problem in problems:
         print(f"problem: {problem}")
     if cluster_yaml and not problems:
         print(f"fits {cluster_yaml}")
-    print(json.dumps({**the_plan, "fits": not problems, "problems": problems}))
+    print(json.dumps({**the_plan, "fits": not problems, "problems": problems, **extra}))
     return 1 if problems else 0
 
 

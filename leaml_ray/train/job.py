@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from leaml_ray.models.spec import ModelSpec
 from leaml_ray.plan import placement
@@ -61,3 +62,25 @@ def micro_per_epoch(job: TrainJob, run: TrainRun, world: int) -> int:
 def optimizer_steps(job: TrainJob, run: TrainRun, world: int) -> int:
     """Optimizer steps of a run (the LR schedule's length)."""
     return max(1, math.floor(micro_per_epoch(job, run, world) * run.epochs / job.grad_accum))
+
+
+def scaling_config(job: TrainJob) -> Any:
+    """Ray Train's `ScalingConfig` of a training job's workers."""
+    from ray.train import ScalingConfig
+
+    # accelerator_type: accelerator_type:<name> 0.001 in every worker's bundle (ray/air/config.py)
+    return ScalingConfig(
+        num_workers=job.workers,
+        use_gpu=job.on_gpu,
+        resources_per_worker={"CPU": job.cpus_per_worker},
+        accelerator_type=job.accelerator_type,
+    )
+
+
+def worker_placement(job: TrainJob) -> tuple[list[dict[str, float]], str]:
+    """The placement group Ray Train reserves for a job's workers: one bundle per worker and the strategy, as its
+    worker group builds them from the `ScalingConfig` (ray/train/v2/.../worker_group.py, _create_placement_group)."""
+    scaling = scaling_config(job)
+    return [
+        dict(scaling._resources_per_worker_not_none) for _ in range(scaling.num_workers)
+    ], scaling.placement_strategy

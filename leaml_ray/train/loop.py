@@ -31,7 +31,7 @@ from ray.train.torch import TorchTrainer
 from leaml_ray import dashboard
 from leaml_ray.data.blocks import in_blocks_of
 from leaml_ray.train.core import Objective, build_trainee, encode_batch, prepare_environment, save_hf, save_state
-from leaml_ray.train.job import TrainJob, TrainRun, micro_per_epoch
+from leaml_ray.train.job import TrainJob, TrainRun, micro_per_epoch, scaling_config
 
 log = logging.getLogger("leaml_ray")
 LOG_NAME = "train_log.jsonl"
@@ -209,19 +209,6 @@ class FixedShards(DataConfig):
                 shard.context.enable_progress_bars = False  # each split has its own context
                 output[rank]["train"] = shard.iterator()
         return output
-
-
-def scaling_config(job: TrainJob) -> Any:
-    """Ray Train's `ScalingConfig` of a training job's workers."""
-    from ray.train import ScalingConfig
-
-    # accelerator_type: accelerator_type:<name> 0.001 in every worker's bundle (ray/air/config.py)
-    return ScalingConfig(
-        num_workers=job.workers,
-        use_gpu=job.on_gpu,
-        resources_per_worker={"CPU": job.cpus_per_worker},
-        accelerator_type=job.accelerator_type,
-    )
 
 
 def torch_config(job: TrainJob) -> Any:

@@ -12,6 +12,7 @@ COVERED_ELSEWHERE = {
     "data/images.py": "tests/unit/stages/test_prepare.py feeds every kind of bad image through prepare",
     "data/parts.py": "the resume scenarios: tests/e2e/test_pipeline.py (a crashed caption) and test_driver_kill.py",
     "data/sources.py": "tests/unit/stages/test_prepare.py reads every adapter (synthetic, Kvasir-VQA, SportU, files)",
+    "fake_cluster.py": "tests/unit/test_rehearsal.py (through --rehearse) and the fake-cluster scenarios in tests/e2e",
     "errors.py": "one base class; every one-line error test raises a subclass of it",
     "inference/actor_pool.py": "tests/unit/inference/test_generate.py runs the actor_pool backend and kills its actor",
     "inference/deploy.py": "tests/e2e/test_serve.py deploys with it; tests/unit/test_placement.py checks its LLMConfig",

@@ -115,6 +115,23 @@ def test_without_an_accelerator_type_the_autoscaler_puts_the_teacher_on_the_spot
     assert named["stages"]["caption"]["node_type"] == "gpu_8x_teacher"
 
 
+def test_a_stage_runs_on_the_idle_nodes_the_stage_before_it_left_when_its_work_fits_there():
+    """Stages outlast the idle timeout: the previous stage's nodes are up and Ray fills them first. Training that
+    names no accelerator type follows the teacher onto its p5 node (found by --rehearse, where the plan once assumed
+    an empty cluster per stage and said gpu_8x_train); named types keep every stage on its own node type."""
+    free = ["generator.accelerator_type=", "target.accelerator_type=", "train.accelerator_type="]
+    the_plan, problems = placed("kvasir-vqa-1pct", "aws", *free)
+    stages = the_plan["stages"]
+    assert problems == [] and stages["caption"]["launched"] == {"gpu_8x_teacher": 1}
+    for stage in ("generator", "pseudo_qa", "pseudo_qa/teacher", "finetune", "evaluate"):
+        assert stages[stage]["nodes"] == {"gpu_8x_teacher": 1} and stages[stage]["launched"] == {}, stage
+    named, _ = placed("kvasir-vqa-1pct", "aws")
+    assert named["stages"]["generator"]["launched"] == {"gpu_8x_train": 1}
+    assert named["stages"]["pseudo_qa"]["launched"] == {} and named["stages"]["finetune"]["launched"] == {
+        "gpu_8x_train": 1  # the teacher stage between them ran on the teacher node: the train node went away
+    }
+
+
 @pytest.mark.parametrize("preset", PAPER)
 def test_on_gcp_the_presets_h100_teacher_is_a_problem_that_names_the_types_there(preset):
     _, problems = place_on_cluster(stage_resources(load_config(preset)), cluster("gcp"))
@@ -161,7 +178,7 @@ def test_kuberay_groups_provide_the_accelerator_types_the_presets_ask_for():
     the_plan = stage_resources(load_config("kvasir-vqa-1pct"))
     for stage, entry in the_plan["stages"].items():
         if entry["device"] == "gpu":
-            nodes, residual = autoscaler_nodes(types, 4, stage_demands(entry))
+            nodes, residual, _ = autoscaler_nodes(types, 4, stage_demands(entry))
             assert residual == [] and nodes == {"gpu-8x-teacher" if stage in TEACHER_STAGES else "gpu-8x-train": 1}
 
 
@@ -324,6 +341,7 @@ def test_plan_cli_prints_a_table_and_a_json_last_line_without_starting_ray(tmp_p
         "accelerator_type": "H100",
         "node_type": "gpu_8x_teacher",  # where Ray's autoscaler launches it: p5.48xlarge
         "nodes": {"gpu_8x_teacher": 1},  # both replicas on one node
+        "launched": {"gpu_8x_teacher": 1},  # the first GPU stage: no node is up before it
         "gpu_memory_gb": 80.0,
         "gpu_memory_needed_gb": 58.2,
         "gpu_memory_parts_gb": {"weights": 34.2, "kv_cache": 20.0, "overhead": 4.0},

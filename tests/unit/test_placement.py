@@ -17,7 +17,8 @@ from leaml_ray.placement import (
 )
 from leaml_ray.stages.common import engine, train_job
 from leaml_ray.train.core import deepspeed_config
-from leaml_ray.train.loop import scaling_config, torch_config
+from leaml_ray.train.job import scaling_config
+from leaml_ray.train.loop import torch_config
 
 ROLES = ("teacher", "generator", "target")
 PAPER = ["kvasir-vqa-1pct", "sportu-1pct"]
