@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
 
 NODE_TYPE_LABEL = "leaml-ray/node-type"  # a label on every fake worker node: which node type it is
 HEAD_NODE_TYPE = "ray.head.default"  # the fake provider's name for the head (FAKE_HEAD_NODE_TYPE)
@@ -30,6 +33,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class FakeNodeProvider(FakeMultiNodeProvider):
+    """Ray's fake multi-node provider, with one difference: each node unpacks runtime envs into a folder of its own.
+
+    Fake nodes share the head's session dir, and a node that sets up a job's working dir for the first time unpacks
+    it afresh (working_dir.py `create`: overwrite=True), deleting the folder the other nodes' workers and the job's
+    driver run in (`FileNotFoundError` from `Path.resolve()`); real nodes have disks of their own."""
+
+    def _create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):  # noqa: ANN001
+        import functools
+
+        import ray._private.parameter as parameter
+
+        with self.lock:  # the autoscaler launches from several threads; RayParams is swapped only while this runs
+            params = parameter.RayParams
+            folder = f"runtime_resources_{self._next_node_id + 1}"  # the id the base class gives this node
+            parameter.RayParams = functools.partial(params, runtime_env_dir_name=folder)
+            try:
+                super()._create_node_with_resources_and_labels(node_config, tags, count, resources, labels)
+            finally:
+                parameter.RayParams = params
 
 
 def autoscaling_config(
@@ -59,7 +84,8 @@ def autoscaling_config(
         "idle_timeout_minutes": idle_timeout_minutes,
         # the provider starts each node in-process: no SSH updater, and node ids as the ips the autoscaler tracks
         "provider": {
-            "type": "fake_multinode",
+            "type": "external",
+            "module": f"{__name__}.{FakeNodeProvider.__name__}",
             "gcs_address": gcs_address,
             "launch_multiple": True,
             "use_node_id_as_ip": True,
@@ -199,7 +225,9 @@ class FakeCluster:
                 p.kill()
             except psutil.Error:
                 pass
+        psutil.wait_procs(alive, timeout=10)
         self.head = None
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> FakeCluster:
         self.start()
