@@ -247,14 +247,3 @@ def worker_nodes(alive_only: bool = True) -> dict[str, str]:
         if NODE_TYPE_LABEL in (n.get("Labels") or {}) and (n["Alive"] or not alive_only)
     }
 
-
-def kill_node(node_id: str) -> int:
-    """Kill a worker node's raylet with SIGKILL, as a lost spot instance disappears; returns its pid."""
-    import psutil
-
-    for p in psutil.process_iter(["cmdline", "name"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if p.info["name"] == "raylet" and f"--node_id={node_id}" in cmd:
-            p.kill()
-            return p.pid
-    raise LookupError(f"no raylet of node {node_id} on this machine")

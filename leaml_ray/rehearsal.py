@@ -86,9 +86,9 @@ def _place(
             used.add(node)
             kind = types.get(node, "head")
             placed_on[kind] = placed_on.get(kind, 0) + 1
-    # hold the stage while the autoscaler removes the nodes it left idle, as during a real stage's hours
+    # hold a placed stage while the autoscaler removes the nodes it left idle, as during a real stage's hours
     deadline = time.monotonic() + timeout_s
-    while _removable(used, min_workers) and time.monotonic() < deadline:
+    while len(ready) == len(groups) and _removable(used, min_workers) and time.monotonic() < deadline:
         time.sleep(1)
     for group in groups:
         remove_placement_group(group)
