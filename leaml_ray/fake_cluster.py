@@ -246,4 +246,3 @@ def worker_nodes(alive_only: bool = True) -> dict[str, str]:
         for n in ray.nodes()
         if NODE_TYPE_LABEL in (n.get("Labels") or {}) and (n["Alive"] or not alive_only)
     }
-
