@@ -229,6 +229,27 @@ class FakeCluster:
         self.head = None
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
+    def kill_node(self, node_id: str) -> int:
+        """Lose a worker node as a spot instance is lost: SIGKILL its raylet and every process under it at once
+        (workers, agents); returns the raylet's pid. Only this cluster's processes are searched."""
+        import psutil
+
+        for p in self.processes():
+            try:
+                if p.name() == "raylet" and f"--node_id={node_id}" in " ".join(p.cmdline()):
+                    doomed = [p, *p.children(recursive=True)]
+                    break
+            except psutil.Error:
+                continue
+        else:
+            raise LookupError(f"no raylet of node {node_id} in this cluster")
+        for q in doomed:
+            try:
+                q.kill()
+            except psutil.Error:
+                pass
+        return doomed[0].pid
+
     def __enter__(self) -> FakeCluster:
         self.start()
         return self
