@@ -14,7 +14,8 @@ COVERED_ELSEWHERE = {
     "data/sources.py": "tests/unit/stages/test_prepare.py reads every adapter (synthetic, Kvasir-VQA, SportU, files)",
     "fake_cluster.py": "tests/unit/test_rehearsal.py (through --rehearse) and the fake-cluster scenarios in tests/e2e",
     "errors.py": "one base class; every one-line error test raises a subclass of it",
-    "inference/actor_pool.py": "tests/unit/inference/test_generate.py runs the actor_pool backend and kills its actor",
+    "inference/actor_pool.py": "tests/unit/inference/test_generate.py runs the actor_pool backend; "
+    "tests/e2e/test_fake_cluster.py loses the node of one of its actors",
     "inference/deploy.py": "tests/e2e/test_serve.py deploys with it; tests/unit/test_placement.py checks its LLMConfig",
     "inference/requests.py": "every engine path's tests (test_generate.py, tests/e2e/test_serve.py) and the logprob "
     "scores in tests/e2e/test_pipeline.py",

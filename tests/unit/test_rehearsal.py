@@ -123,10 +123,10 @@ def test_a_yaml_without_the_teacher_node_type_is_a_problem_per_teacher_stage(tmp
     del config["available_node_types"]["gpu_8x_teacher"]
     (tmp_path / "no-teacher.yaml").write_text(yaml.safe_dump(config))
     proc, out = _rehearse(
-        "--config", "kvasir-vqa-1pct", "--cluster", str(tmp_path / "no-teacher.yaml"), "--rehearse-timeout", "15"
+        "--config", "kvasir-vqa-1pct", "--cluster", str(tmp_path / "no-teacher.yaml"), "--rehearse-timeout", "10"
     )
     assert proc.returncode == 1 and not out["fits"]
-    unplaced = [p for p in out["problems"] if "bundles placed in 15 s" in p]
+    unplaced = [p for p in out["problems"] if "bundles placed in 10 s" in p]
     assert {p.split(":")[0] for p in unplaced} == TEACHER_STAGES
     assert all("0 of 2 bundles" in p and "accelerator_type:H100: 0.001" in p for p in unplaced)
     assert out["stages"]["generator"]["rehearsal"]["placed_on"] == {"gpu_8x_train": 8}  # the rest still placed
