@@ -1,4 +1,9 @@
-"""Answer scoring (docs/design.md#scoring): normalised exact match, option letters, "; "-joined answers as sets."""
+"""Answer scoring (docs/design.md#scoring): normalised exact match, option letters, "; "-joined answers as sets.
+
+The normalisation follows the VQAv2 evaluation's steps (github.com/GT-Vision-Lab/VQA, vqaEval.py): number words to
+digits, articles dropped, contractions written one way, punctuation dropped, except a comma between digits
+("1,000" = "1000") and a decimal point ("2.5").
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,22 @@ from collections import defaultdict
 
 from leaml_ray.formats import LETTERS
 
-ARTICLES = re.compile(r"\b(a|an|the)\b")
-PUNCT = str.maketrans({c: " " for c in string.punctuation})
+ARTICLES = frozenset({"a", "an", "the"})
+NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+NUMBERS["none"] = "0"  # as VQAv2's evaluation maps it
+# apostrophes are dropped ("don't" = "dont"); a comma between digits and a period before one are kept until the end
+PUNCT = str.maketrans({c: "" if c == "'" else " " for c in string.punctuation if c not in ",."})
+DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d{3}\b)")
+STRAY_PERIOD_OR_COMMA = re.compile(r"\.(?!\d)|,(?!\d)|(?<!\d),")
 
 
 def normalize(text: str | None) -> str:
-    """Case, unicode form, punctuation, articles and whitespace folded away."""
-    words = unicodedata.normalize("NFKC", text or "").lower().translate(PUNCT).split()
+    """Case, unicode form, punctuation, articles, number words and whitespace folded away (VQAv2's steps)."""
+    text = unicodedata.normalize("NFKC", text or "").lower().replace("\u2019", "'")
+    text = STRAY_PERIOD_OR_COMMA.sub(" ", DIGIT_COMMA.sub("", text.translate(PUNCT)))
+    words = [NUMBERS.get(w, w) for w in text.split()]
     if len(words) > 1:  # a lone "a" is an answer (option A), not an article
-        words = ARTICLES.sub(" ", " ".join(words)).split()
+        words = [w for w in words if w not in ARTICLES]
     return " ".join(words)
 
 

@@ -1,13 +1,15 @@
-"""Image loading for the prepare stage: decode, tile clip frames, shrink what is over the pixel limit."""
+"""Image loading for the prepare stage: decode, turn upright by EXIF, tile clip frames, shrink what is over the pixel
+limit."""
 
 from __future__ import annotations
 
 import io
 import math
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+ORIENTATION = 0x0112  # the EXIF tag
 
 
 class ImageProblem(Exception):
@@ -81,9 +83,17 @@ def load(
         else:
             raise ImageProblem("missing_image", f"{path} does not exist")
     img = img or decode(data)
+    notes = []
+    # a phone photo is stored sideways with an EXIF tag saying how to turn it; models get it the way a viewer shows it
+    orientation = img.getexif().get(ORIENTATION, 1)
+    if orientation != 1:
+        img = ImageOps.exif_transpose(img)
+        data = encode_png(img)
+        notes.append(f"turned upright (EXIF orientation {orientation})")
     w, h = img.size
-    if w * h <= max_pixels:
-        return data, w, h, None
-    scale = math.sqrt(max_pixels / (w * h))
-    small = img.convert("RGB").resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.Resampling.BICUBIC)
-    return encode_png(small), small.width, small.height, f"resized {w}x{h} -> {small.width}x{small.height}"
+    if w * h > max_pixels:
+        scale = math.sqrt(max_pixels / (w * h))
+        img = img.convert("RGB").resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.Resampling.BICUBIC)
+        data = encode_png(img)
+        notes.append(f"resized {w}x{h} -> {img.width}x{img.height}")
+    return data, img.width, img.height, "; ".join(notes) or None

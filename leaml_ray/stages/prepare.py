@@ -147,18 +147,21 @@ def _staging_rows(staging: str, columns: list[str]):
 def read_index(staging: str) -> tuple[dict[str, np.ndarray], list[dict], dict[int, dict], list[str]]:
     """Stream the staging key columns into compact int64 arrays (about 60 bytes per good row).
 
-    Returns the arrays of good rows, the records of rows rejected by the check step, one resize record per
-    image, and the category names (the arrays hold their codes).
+    Returns the arrays of good rows, the records of rows rejected by the check step, one record per image
+    loaded otherwise than stored (resized, turned upright), and the category names (the arrays hold their codes).
     """
     cols = {k: array("q") for k in ("ref", "img", "question", "qa_id", "category", "hint", "sha")}
-    rejects, resized, categories = [], {}, {}
+    rejects, changed, categories = [], {}, {}
     for row in _staging_rows(staging, INDEX_COLUMNS):
         if row["reject"]:
             rejects.append(_reject_record(row, row["reject"], row["detail"]))
             continue
         img = key_hash(row["image_id"])
-        if row["note"] and img not in resized:
-            resized[img] = {**_reject_record(row, "over_max_pixels", row["note"]), "action": "resized"}
+        if row["note"] and img not in changed:  # loaded, but not as stored: resized, turned upright, or both
+            reason, action = (
+                ("over_max_pixels", "resized") if "resized" in row["note"] else ("exif_orientation", "turned")
+            )
+            changed[img] = {**_reject_record(row, reason, row["note"]), "action": action}
         cols["ref"].append(key_hash(row["source_ref"]))
         cols["img"].append(img)
         cols["question"].append(key_hash(_norm_question(row["question"])) if row["question"] else 0)
@@ -166,7 +169,7 @@ def read_index(staging: str) -> tuple[dict[str, np.ndarray], list[dict], dict[in
         cols["category"].append(categories.setdefault(row["category"], len(categories)))
         cols["hint"].append(HINTS[row["split_hint"]])
         cols["sha"].append(key_hash(row["image_sha"]))
-    return {k: np.frombuffer(v, dtype=np.int64) for k, v in cols.items()}, rejects, resized, list(categories)
+    return {k: np.frombuffer(v, dtype=np.int64) for k, v in cols.items()}, rejects, changed, list(categories)
 
 
 def _reject_record(row: dict, reason: str, detail: str | None) -> dict:
@@ -299,13 +302,13 @@ def _write_jsonl(path: str, records: list[dict]) -> None:
 @ray.remote(num_cpus=0.5)
 def decide_splits(staging: str, plan: PreparePlan, rejects_path: str) -> tuple[dict | None, dict]:
     """The reduce step: read the staging keys, decide, write rejects.jsonl; returns (decisions, counts)."""
-    rows, rejects, resized, categories = read_index(staging)
+    rows, rejects, changed, categories = read_index(staging)
     rows_read = len(rows["ref"]) + len(rejects)
     decisions = None
     if len(rows["ref"]):
         decisions, dropped = decide(rows, categories, plan)
         rejects += _dropped_records(staging, dropped)
-    _write_jsonl(rejects_path, sorted(rejects, key=lambda r: r["source_ref"]) + list(resized.values()))
+    _write_jsonl(rejects_path, sorted(rejects, key=lambda r: r["source_ref"]) + list(changed.values()))
     split_images = np.bincount(decisions["split"], minlength=len(SPLITS)) if decisions else np.zeros(len(SPLITS), int)
     counts = {
         "rows_read": rows_read,
@@ -314,7 +317,8 @@ def decide_splits(staging: str, plan: PreparePlan, rejects_path: str) -> tuple[d
         "qa_by_split": decisions["qa_by_split"] if decisions else {},
         "rejected": len(rejects),
         "rejects_by_reason": dict(Counter(r["reason"] for r in rejects)),
-        "resized": len(resized),
+        "resized": sum("resized" in r["detail"] for r in changed.values()),
+        "turned_upright": sum("turned upright" in r["detail"] for r in changed.values()),
     }
     return decisions, counts
 

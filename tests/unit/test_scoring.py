@@ -19,6 +19,19 @@ from leaml_ray.scoring import accuracy, is_correct, normalize, option_letter
         ("polyp;ulcer;", "polyp; ulcer", True),
         ("", "red", False),
         ("", "", False),  # an empty gold answer never counts as matched
+        # VQAv2's evaluation steps: number words, contractions, a digit's comma and decimal point
+        ("two", "2", True),
+        ("Two polyps.", "2 polyps", True),
+        ("none", "0", True),
+        ("dont know", "don't know", True),
+        ("it\u2019s red", "its red", True),
+        ("1,000", "1000", True),
+        ("2.5 mm", "2.5 mm", True),
+        ("2.5", "25", False),  # a decimal point is not punctuation
+        ("2.5", "2 5", False),
+        ("1,000", "1 000", False),
+        ("3, 4", "3 4", True),  # a comma that is not inside a number is
+        ("7.", "7", True),
     ],
 )
 def test_is_correct_open(prediction, answer, correct):
