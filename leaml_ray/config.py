@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from leaml_ray.errors import UserError
+from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "tiny-cpu"
@@ -105,6 +106,12 @@ class TeacherSection(ModelSection):
     )
     max_new_tokens: int = Field(48, ge=1)
     caption_labeled: bool = Field(True, description="also caption labeled images")
+    caption_prompt: str = Field(
+        CAPTION_PROMPT,
+        min_length=1,
+        description="the instruction the teacher captions with (the QA generator learns to caption from the same"
+        " words); say what your domain's images show, e.g. 'Describe this endoscopy image.'",
+    )
 
     @field_validator("endpoint")
     @classmethod
@@ -148,6 +155,12 @@ class GeneratorSection(TrainableModelSection):
 
 
 class PseudoQASection(Section):
+    qa_prompt: str = Field(
+        QA_GEN_PROMPT,
+        min_length=1,
+        description="the instruction the QA generator writes a question and its answer with (it is trained on the"
+        " labeled pairs with the same words)",
+    )
     samples_per_image: int = Field(4, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
@@ -398,6 +411,7 @@ def reference() -> str:
                 .replace("Le(le=", "<=")
                 .replace("Lt(lt=", "<")
                 .replace("MultipleOf(multiple_of=", "multiple of ")
+                .replace("MinLen(min_length=1", "non-empty")
                 .rstrip(")")
                 for m in field.metadata
             )

@@ -18,7 +18,7 @@ import ray
 import ray.data
 
 from leaml_ray import storage
-from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT, qa_target, question_text
+from leaml_ray.formats import qa_target, question_text
 
 EXAMPLE_COLUMNS = ["image", "instruction", "response"]
 
@@ -39,22 +39,22 @@ def answer_examples(qa: pa.Table) -> pa.Table:
     return pa.table({"image_id": qa["image_id"], "instruction": instructions, "response": qa["answer"]})
 
 
-def generator_examples(qa: pa.Table) -> pa.Table:
-    """QA rows -> (instruction, response) for the QA generator: ask-and-answer -> "Question: ...\\nAnswer: ..."."""
+def generator_examples(qa: pa.Table, prompt: str) -> pa.Table:
+    """QA rows -> (instruction, response) for the QA generator: `prompt` -> "Question: ...\\nAnswer: ..."."""
     answers = answer_examples(qa)
     responses = [
         qa_target(q, a)
         for q, a in zip(answers["instruction"].to_pylist(), answers["response"].to_pylist(), strict=True)
     ]
-    return pa.table({"image_id": qa["image_id"], "instruction": [QA_GEN_PROMPT] * qa.num_rows, "response": responses})
+    return pa.table({"image_id": qa["image_id"], "instruction": [prompt] * qa.num_rows, "response": responses})
 
 
-def caption_examples(captions: pa.Table) -> pa.Table:
-    """Caption rows -> (instruction, response) for caption distillation."""
+def caption_examples(captions: pa.Table, prompt: str) -> pa.Table:
+    """Caption rows -> (instruction, response) for caption distillation: `prompt` (the teacher's) -> the caption."""
     return pa.table(
         {
             "image_id": captions["image_id"],
-            "instruction": [CAPTION_PROMPT] * captions.num_rows,
+            "instruction": [prompt] * captions.num_rows,
             "response": captions["caption"],
         }
     )

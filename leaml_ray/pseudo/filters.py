@@ -19,7 +19,6 @@ import pyarrow.compute as pc
 
 from leaml_ray.data import examples
 from leaml_ray.data.parts import read_parts
-from leaml_ray.formats import QA_GEN_PROMPT
 from leaml_ray.inference.client import check_served
 from leaml_ray.inference.generate import generate
 from leaml_ray.models.spec import Engine
@@ -50,10 +49,12 @@ class AnswerRules:
     max_answer_words: int
     max_question_words: int
     vocabulary: frozenset[str] | None  # normalised labeled answers, when the task is closed-vocabulary
+    prompt: str  # the generator's instruction: a question that repeats it is an echo
 
 
-def answer_rules(qa: pa.Table, closed_vocabulary: str) -> AnswerRules:
-    """Limits from the labeled QA (question text includes its options, as the generator learned it)."""
+def answer_rules(qa: pa.Table, closed_vocabulary: str, prompt: str) -> AnswerRules:
+    """Limits from the generator's labeled examples (`generator_examples`: question text includes its options, as
+    the generator learned it), and the `prompt` it writes pairs with."""
     pairs = [r.split("\nAnswer:", 1) for r in qa["response"].to_pylist()]
     questions = [p[0].removeprefix("Question:") for p in pairs]
     answers = [normalize(p[-1]) for p in pairs]
@@ -65,6 +66,7 @@ def answer_rules(qa: pa.Table, closed_vocabulary: str) -> AnswerRules:
         max_answer_words=max((len(a.split()) for a in answers), default=32),
         max_question_words=3 * max((len(q.split()) for q in questions), default=32),
         vocabulary=frozenset(distinct) if closed else None,
+        prompt=prompt,
     )
 
 
@@ -94,7 +96,7 @@ def parse_qa(text: str) -> tuple[str, str] | str:
 def check_pair(question: str, answer: str, rules: AnswerRules, seen_questions: set[str]) -> str | None:
     """The reason a parsed pair is rejected, or None to keep it (adds the question to `seen_questions`)."""
     nq = normalize(question)
-    if nq == normalize(QA_GEN_PROMPT) or "ask a question about this image" in nq:
+    if nq == normalize(rules.prompt) or "ask a question about this image" in nq:
         return "prompt_echo"
     if len(question.split()) > rules.max_question_words:
         return "question_too_long"

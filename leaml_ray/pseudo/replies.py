@@ -17,7 +17,7 @@ import ray.data
 
 from leaml_ray.data import examples
 from leaml_ray.data.parts import skip_done, stream_to_parts
-from leaml_ray.formats import QA_GEN_PROMPT, qa_target
+from leaml_ray.formats import qa_target
 from leaml_ray.inference.generate import generate
 from leaml_ray.models.spec import Engine
 
@@ -26,6 +26,7 @@ from leaml_ray.models.spec import Engine
 class Decoding:
     """How the generator writes pseudo pairs (pseudo_qa's sampling settings)."""
 
+    prompt: str  # the instruction the generator writes pairs with
     questions: str  # "labeled": given from the labeled bank | "generated": the generator writes them
     answer_decoding: str  # "greedy" | "sampled"
     samples_per_image: int
@@ -38,7 +39,9 @@ class Decoding:
 REQUEST_COLUMNS = ["image_id", "key", "image", "instruction", "sampling_seed", "response_prefix"]
 
 
-def requests_for(batch: pa.Table, samples: int, seed: int, questions: dict[str, int] | None = None) -> pa.Table:
+def requests_for(
+    batch: pa.Table, samples: int, seed: int, prompt: str, questions: dict[str, int] | None = None
+) -> pa.Table:
     """`samples` generation requests per image; with a question bank, each opens the answer with one of its
     questions ("Question: ...\nAnswer:") for the generator to continue."""
     ids, images = batch["image_id"].to_pylist(), batch["image"]
@@ -47,7 +50,7 @@ def requests_for(batch: pa.Table, samples: int, seed: int, questions: dict[str, 
         "image_id": [i for i in ids for _ in range(samples)],
         "key": [f"{i}#{k}" for i in ids for k in range(samples)],
         "image": images.take(pa.array([r for r in range(n) for _ in range(samples)])),
-        "instruction": [QA_GEN_PROMPT] * (n * samples),
+        "instruction": [prompt] * (n * samples),
         "sampling_seed": [(examples.stable_int(i, seed) + k) % 2**31 for i in ids for k in range(samples)],
     }
     if questions is not None:
@@ -69,7 +72,7 @@ def draw_questions(bank: dict[str, int], k: int, seed: int) -> list[str]:
     return keys[: min(k, len(keys))]
 
 
-def answer_requests(batch: pa.Table) -> pa.Table:
+def answer_requests(batch: pa.Table, prompt: str) -> pa.Table:
     """Sampled "Question: ...\nAnswer:" prefixes -> requests to continue them (unfinished ones stay as they are,
     the parser rejects them)."""
     return pa.table(
@@ -77,7 +80,7 @@ def answer_requests(batch: pa.Table) -> pa.Table:
             "image_id": batch["image_id"],
             "key": batch["key"],
             "image": batch["image"],
-            "instruction": [QA_GEN_PROMPT] * batch.num_rows,
+            "instruction": [prompt] * batch.num_rows,
             "response_prefix": batch["text"],
         }
     )
@@ -136,7 +139,7 @@ def generate_replies(
         questions = pa.Table.from_pylist(list(asked.select_columns(["image_id", "key", "text"]).iter_rows()))
         if questions.num_rows:  # zero when an interrupted attempt already finished every request
             answer_rows = examples.with_images(images_path, questions).map_batches(
-                answer_requests, batch_format="pyarrow", num_cpus=0.25
+                answer_requests, batch_format="pyarrow", num_cpus=0.25, fn_kwargs={"prompt": decoding.prompt}
             )
             keep = ("image_id", "key", "response_prefix")
             to_parts(generate(answer_rows, generator, greedy_answer, keep=keep))

@@ -19,7 +19,6 @@ from leaml_ray import dashboard, storage
 from leaml_ray.config import Config
 from leaml_ray.data import examples
 from leaml_ray.data.parts import done_keys, read_parts, skip_done, stream_to_parts
-from leaml_ray.formats import CAPTION_PROMPT
 from leaml_ray.inference.client import check_served
 from leaml_ray.inference.generate import generate
 from leaml_ray.inference.requests import prompt_template
@@ -48,7 +47,7 @@ class CaptionPlan:
 def plan(cfg: Config) -> CaptionPlan:
     """The caption stage's plan; a run that switches to a served teacher keeps its captions (placement only)."""
     splits = ("unlabeled", "labeled") if cfg.teacher.caption_labeled else ("unlabeled",)
-    return CaptionPlan(engine(cfg, "teacher"), CAPTION_PROMPT, cfg.teacher.max_new_tokens, splits)
+    return CaptionPlan(engine(cfg, "teacher"), cfg.teacher.caption_prompt, cfg.teacher.max_new_tokens, splits)
 
 
 def prompt_version(spec: ModelSpec, instruction: str) -> str:

@@ -34,6 +34,8 @@ class GeneratorPlan:
     """What the generator stage needs: the training job, the two budgets and the objective's settings."""
 
     job: TrainJob
+    caption_prompt: str  # the teacher's: the caption rows' instruction
+    qa_prompt: str  # pseudo_qa's: the labeled pairs' instruction
     epochs: float  # passes over the labeled QA pairs
     caption_epochs: float  # passes over the captioned unlabeled images (at least)
     heldout_captions: int
@@ -50,6 +52,8 @@ def plan(cfg: Config) -> GeneratorPlan:
     gen = cfg.generator
     return GeneratorPlan(
         job=train_job(cfg, "generator", gen.finetune),
+        caption_prompt=cfg.teacher.caption_prompt,
+        qa_prompt=cfg.pseudo_qa.qa_prompt,
         epochs=gen.epochs,
         caption_epochs=gen.caption_epochs,
         heldout_captions=gen.heldout_captions,
@@ -69,7 +73,8 @@ def run(plan: GeneratorPlan, ctx: StageContext) -> dict[str, Any]:
     from leaml_ray.train.neurons import NeuronDistillation, mask_summary, pair_views, score_arrays
 
     images_path = ctx.input("prepared/images.parquet")
-    qa = examples.generator_examples(examples.read_table(ctx.input("prepared/qa.parquet"), split="labeled"))
+    qa = examples.read_table(ctx.input("prepared/qa.parquet"), split="labeled")
+    qa = examples.generator_examples(qa, plan.qa_prompt)
     if qa.num_rows == 0:
         raise StageError("generator: no labeled QA pairs to train on")
     qa = qa.append_column("pair", pa.array(range(qa.num_rows), pa.int64()))
@@ -80,7 +85,8 @@ def run(plan: GeneratorPlan, ctx: StageContext) -> dict[str, Any]:
     captions = captions.filter(pc.invert(pc.is_in(captions["image_id"], value_set=pa.array(sorted(heldout)))))
     if captions.num_rows == 0:
         raise StageError("generator: no captioned unlabeled images (run the caption stage on unlabeled images)")
-    rows = examples.with_images(images_path, examples.caption_examples(captions)).drop_columns(["image_id"])
+    rows = examples.caption_examples(captions, plan.caption_prompt)
+    rows = examples.with_images(images_path, rows).drop_columns(["image_id"])
 
     objective = NeuronDistillation(
         score=plan.score,

@@ -20,7 +20,6 @@ from leaml_ray import dashboard, diagnostics, storage
 from leaml_ray.config import Config
 from leaml_ray.data import examples
 from leaml_ray.data.parts import done_keys, read_parts, skip_done
-from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT
 from leaml_ray.models.spec import Engine
 from leaml_ray.pipeline import Stage, StageContext, StageError
 from leaml_ray.pseudo.export import write_exports
@@ -39,6 +38,7 @@ class PseudoQAPlan:
 
     generator: Engine
     decoding: Decoding
+    caption_prompt: str  # the teacher's: the diagnostic captions are asked with it
     closed_vocabulary: str
     min_question_pmi: float | None
     min_answer_confidence: float
@@ -54,6 +54,7 @@ def plan(cfg: Config) -> PseudoQAPlan:
     p = cfg.pseudo_qa
     judged = p.consistency_filter in ("teacher", "target")
     decoding = Decoding(
+        prompt=p.qa_prompt,
         questions=p.questions,
         answer_decoding=p.answer_decoding,
         samples_per_image=p.samples_per_image,
@@ -65,6 +66,7 @@ def plan(cfg: Config) -> PseudoQAPlan:
     return PseudoQAPlan(
         generator=engine(cfg, "generator"),
         decoding=decoding,
+        caption_prompt=cfg.teacher.caption_prompt,
         closed_vocabulary=p.closed_vocabulary,
         min_question_pmi=p.min_question_pmi,
         min_answer_confidence=p.min_answer_confidence,
@@ -80,7 +82,8 @@ def run(plan: PseudoQAPlan, ctx: StageContext) -> dict[str, Any]:
     """Run the pseudo_qa stage (see the module docstring)."""
     images_path = ctx.input("prepared/images.parquet")
     labeled_qa = examples.read_table(ctx.input("prepared/qa.parquet"), split="labeled")
-    rules = answer_rules(examples.generator_examples(labeled_qa), plan.closed_vocabulary)
+    prompt = plan.decoding.prompt
+    rules = answer_rules(examples.generator_examples(labeled_qa, prompt), plan.closed_vocabulary, prompt)
     bank = question_bank(labeled_qa) if plan.decoding.questions == "labeled" else None
     if bank is not None and not bank:
         raise StageError("pseudo_qa: questions=labeled needs labeled QA pairs to draw the questions from")
@@ -91,10 +94,10 @@ def run(plan: PseudoQAPlan, ctx: StageContext) -> dict[str, Any]:
     requests = examples.images_of(images_path, ["unlabeled"]).map_batches(
         requests_for,
         batch_format="pyarrow",
-        fn_kwargs={"samples": samples, "seed": plan.seed, "questions": bank},
+        fn_kwargs={"samples": samples, "seed": plan.seed, "prompt": plan.decoding.prompt, "questions": bank},
         num_cpus=0.25,
     )
-    diagnostic = diagnostic_requests(ctx, images_path, plan.heldout_captions, plan.seed)
+    diagnostic = diagnostic_requests(ctx, images_path, plan)
     generator = plan.generator.at(ctx.input("generator"))
     todo = skip_done(requests, "key", done)
     generate_replies(generator, plan.decoding, images_path, todo, diagnostic, done, parts)
@@ -130,13 +133,14 @@ def run(plan: PseudoQAPlan, ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def diagnostic_requests(ctx: StageContext, images_path: str, heldout_captions: int, seed: int) -> pa.Table | None:
+def diagnostic_requests(ctx: StageContext, images_path: str, plan: PseudoQAPlan) -> pa.Table | None:
     """Requests the generator answers for the diagnostics only: captions of the images its training held out and
     (a sample of) the unlabeled images' hidden questions; None when there are neither."""
     captions = unlabeled_captions(images_path, ctx.input("captions.parquet"))
-    heldout = sorted(heldout_caption_ids(captions["image_id"].to_pylist(), heldout_captions, seed))
+    seed = plan.seed
+    heldout = sorted(heldout_caption_ids(captions["image_id"].to_pylist(), plan.heldout_captions, seed))
     rows = [
-        {"image_id": i, "key": f"{DIAGNOSTIC}caption:{i}", "instruction": CAPTION_PROMPT, "response_prefix": ""}
+        {"image_id": i, "key": f"{DIAGNOSTIC}caption:{i}", "instruction": plan.caption_prompt, "response_prefix": ""}
         for i in heldout
     ]
     hidden_path = ctx.input("prepared/hidden/unlabeled_qa.parquet")
@@ -147,7 +151,7 @@ def diagnostic_requests(ctx: StageContext, images_path: str, heldout_captions: i
                 {
                     "image_id": r["image_id"],
                     "key": f"{DIAGNOSTIC}qa:{r['qa_id']}",
-                    "instruction": QA_GEN_PROMPT,
+                    "instruction": plan.decoding.prompt,
                     "response_prefix": diagnostics.hidden_prefix(r["question"], r["choices"]),
                 }
             )

@@ -127,6 +127,12 @@ RERUNS = [
     ("default", "finetune:leaml", "target.finetune"),
     ("lora", "finetune:leaml", "target.lora_r"),
     ("default", "generator", "generator.distill_scope"),
+    # a prompt is read by every stage that asks or trains with it: the generator learns both with the same words
+    ("default", "caption", "teacher.caption_prompt"),
+    ("default", "generator", "teacher.caption_prompt"),
+    ("default", "pseudo_qa", "teacher.caption_prompt"),
+    ("default", "generator", "pseudo_qa.qa_prompt"),
+    ("default", "pseudo_qa", "pseudo_qa.qa_prompt"),
 ]
 # what only places the work, or is not read in that configuration
 SKIPS = [

@@ -64,3 +64,18 @@ def test_labeled_rows_past_2_gib_of_images_never_reach_the_driver(tmp_path):
     assert sum(r["bytes"] for r in summary) > 2 * 2**30
     assert peak_after - peak_before < 2**30, f"the driver grew by {(peak_after - peak_before) / 2**20:.0f} MiB"
     assert all(list(r["n"]) == list(range(r["n"][0], r["n"][0] + len(r["n"]))) for r in summary)  # rows in order
+
+
+def test_training_examples_carry_the_configured_prompts():
+    qa = pa.table({"image_id": ["a"], "question": ["how many polyps?"], "answer": ["2"], "choices": [None]})
+    rows = examples.generator_examples(qa, "Ask about this colonoscopy frame.").to_pylist()
+    assert rows == [
+        {
+            "image_id": "a",
+            "instruction": "Ask about this colonoscopy frame.",
+            "response": "Question: how many polyps?\nAnswer: 2",
+        }
+    ]
+    captions = pa.table({"image_id": ["b"], "caption": ["a pale mucosa."]})
+    rows = examples.caption_examples(captions, "Describe this colonoscopy frame.").to_pylist()
+    assert rows == [{"image_id": "b", "instruction": "Describe this colonoscopy frame.", "response": "a pale mucosa."}]

@@ -16,7 +16,8 @@ from leaml_ray.pseudo.filters import (
     parse_qa,
 )
 
-RULES = AnswerRules(max_answer_words=2, max_question_words=12, vocabulary=frozenset({"red", "blue", "circle", "2"}))
+PROMPT = "Ask a question about this image and answer it."
+RULES = AnswerRules(2, 12, frozenset({"red", "blue", "circle", "2"}), PROMPT)
 
 
 def _part(tmp_path, rows: list[dict]) -> str:
@@ -56,19 +57,24 @@ def test_check_pair_reasons_and_duplicates():
     assert check_pair("what shape?", "a very long answer here", RULES, seen) == "answer_too_long"
     assert check_pair("what shape?", "square", RULES, seen) == "outside_vocabulary"
     assert check_pair(" ".join(["word"] * 13) + "?", "red", RULES, seen) == "question_too_long"
-    open_rules = AnswerRules(max_answer_words=2, max_question_words=12, vocabulary=None)
+    # a domain's own prompt (pseudo_qa.qa_prompt), echoed back as the question
+    endoscopy = AnswerRules(2, 12, None, "Ask one question about this endoscopy image and answer it.")
+    assert check_pair("ask one question about this endoscopy image and answer it", "red", endoscopy, set()) == (
+        "prompt_echo"
+    )
+    open_rules = AnswerRules(2, 12, None, PROMPT)
     assert check_pair("what shape?", "square", open_rules, set()) is None
 
 
 def test_answer_rules_from_labeled_examples():
     closed = pa.table({"response": [qa_target(f"q{i}?", ["red", "blue"][i % 2]) for i in range(40)]})
-    rules = answer_rules(closed, "auto")
+    rules = answer_rules(closed, "auto", PROMPT)
     assert rules.vocabulary == {"red", "blue"}
     assert rules.max_answer_words == 1
     open_ended = pa.table({"response": [qa_target(f"q{i}?", f"answer number {i}") for i in range(40)]})
-    assert answer_rules(open_ended, "auto").vocabulary is None
-    assert answer_rules(open_ended, "on").vocabulary is not None
-    assert answer_rules(closed, "off").vocabulary is None
+    assert answer_rules(open_ended, "auto", PROMPT).vocabulary is None
+    assert answer_rules(open_ended, "on", PROMPT).vocabulary is not None
+    assert answer_rules(closed, "off", PROMPT).vocabulary is None
 
 
 def test_caption_filter_keeps_answers_the_caption_names_and_those_it_cannot_check():
@@ -129,7 +135,7 @@ def test_question_pmi_and_answer_confidence_filter_pairs_and_say_why(tmp_path):
     )
     rows.append({"image_id": "img0", "key": "diagnostic:caption:img0", "text": "a red circle.", "response_prefix": ""})
     parts = _part(tmp_path, rows)
-    rules = AnswerRules(max_answer_words=3, max_question_words=20, vocabulary=None)
+    rules = AnswerRules(3, 20, None, PROMPT)
     skip = {"diagnostic:caption:img0"}
     kept, rejects = filter_replies(parts, rules, skip)
     assert kept.num_rows == 7 and rejects.num_rows == 0  # measured, nothing filtered by default

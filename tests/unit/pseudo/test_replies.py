@@ -21,7 +21,8 @@ def test_labeled_questions_are_distinct_per_image_and_drawn_as_often_as_labeled(
     assert all(len(set(p)) == 2 for p in pairs)
 
     images = pa.table({"image_id": ["i1", "i2"], "image": [b"x", b"y"]})
-    requests = requests_for(images, samples=2, seed=0, questions=bank)
+    requests = requests_for(images, samples=2, seed=0, prompt="Ask about this scan.", questions=bank)
+    assert set(requests["instruction"].to_pylist()) == {"Ask about this scan."}
     assert requests["key"].to_pylist() == ["i1#0", "i1#1", "i2#0", "i2#1"]
     prefixes = requests["response_prefix"].to_pylist()
     assert all(p.startswith("Question: ") and p.endswith("\nAnswer:") for p in prefixes)
