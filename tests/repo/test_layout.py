@@ -9,7 +9,6 @@ COVERED_ELSEWHERE = {
     "cli/evaluate.py": "tests/e2e/test_pipeline.py runs it on the finished run (--help: tests/unit/cli/test_adapt.py)",
     "cli/serve_teacher.py": "tests/unit/cli/test_serve.py (fail-fast) and tests/e2e/test_serve.py (what it deploys)",
     "dashboard.py": "tests/e2e/test_pipeline.py scrapes the metrics from Ray's Prometheus endpoint",
-    "data/images.py": "tests/unit/stages/test_prepare.py feeds every kind of bad image through prepare",
     "data/parts.py": "the resume scenarios: tests/e2e/test_pipeline.py (a crashed caption) and test_driver_kill.py",
     "data/sources.py": "tests/unit/stages/test_prepare.py reads every adapter (synthetic, Kvasir-VQA, SportU, files)",
     "fake_cluster.py": "tests/unit/test_rehearsal.py (through --rehearse) and the fake-cluster scenarios in tests/e2e",
