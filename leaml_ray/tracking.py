@@ -35,6 +35,12 @@ def location(cfg: Config) -> str:
     """Where the backend writes: tracking.uri, MLFLOW_TRACKING_URI (mlflow), or a folder under a local run dir."""
     t = cfg.tracking
     uri = t.uri or (os.environ.get("MLFLOW_TRACKING_URI") if t.backend == "mlflow" else None)
+    if uri and t.backend == "mlflow" and _file_store(uri) and os.environ.get("MLFLOW_ALLOW_FILE_STORE") != "true":
+        # MLflow 3 refuses a folder store with a page-long exception, minutes into a run (file_store.py)
+        raise TrackingError(
+            f"tracking: MLflow 3 no longer writes a folder store ({uri}): use"
+            " sqlite:///PATH/mlflow.db or an http(s):// tracking server, or set MLFLOW_ALLOW_FILE_STORE=true"
+        )
     if uri:
         return uri
     if "://" in cfg.run.dir:
@@ -46,6 +52,11 @@ def location(cfg: Config) -> str:
     if t.backend == "mlflow":
         return f"sqlite:///{run_dir / 'mlflow.db'}"
     return str(run_dir / "tensorboard") if t.backend == "tensorboard" else str(run_dir)
+
+
+def _file_store(uri: str) -> bool:
+    """A URI MLflow reads as a folder store: file://, or a plain path."""
+    return uri.startswith("file:") or "://" not in uri and not uri.startswith(("databricks", "uc"))
 
 
 class Tracker:

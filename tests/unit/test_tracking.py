@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from leaml_ray import storage
+from leaml_ray import storage, tracking
 from leaml_ray.pipeline import Stage, StageError, run_pipeline
 from tests.conftest import make_config
 
@@ -176,3 +176,15 @@ def test_tracking_that_cannot_work_is_one_line_before_any_stage(tmp_path, monkey
     monkeypatch.setattr(storage, "check_reachable", lambda path: None)
     with pytest.raises(StageError, match="tracking.backend=tensorboard with run.dir on s3://: set tracking.uri"):
         run_pipeline(cfg, toy_stages())
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "./mlruns"])
+def test_an_mlflow_folder_store_is_one_line_before_any_stage(tmp_path, monkeypatch, uri):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    cfg = make_config(tmp_path, "tracking.backend=mlflow")
+    with pytest.raises(StageError, match=r"no longer writes a folder store .*: use sqlite:///PATH/mlflow.db") as e:
+        run_pipeline(cfg, toy_stages())
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()  # nothing ran
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-out is honoured
+    assert tracking.location(cfg) == uri
