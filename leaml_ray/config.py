@@ -9,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from leaml_ray.errors import UserError
+from leaml_ray.errors import UserError, did_you_mean
 from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -337,8 +337,9 @@ def _read_yaml(source: str) -> dict:
     if not path.exists():
         preset = PRESET_DIR / f"{source}.yaml"
         if not preset.exists():
-            names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
-            raise ConfigError(f"config {source!r} is neither a file nor a preset (presets: {names})")
+            names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+            hint = did_you_mean(source, names)
+            raise ConfigError(f"config {source!r} is neither a file nor a preset{hint} (presets: {', '.join(names)})")
         path = preset
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -377,7 +378,8 @@ def _explain(err: ValidationError) -> str:
             for part in e["loc"][:-1]:
                 model = model.model_fields[str(part)].annotation
             allowed = ", ".join(model.model_fields)
-            lines.append(f"{key}: unknown key (allowed: {allowed})")
+            hint = did_you_mean(str(e["loc"][-1]), tuple(model.model_fields))
+            lines.append(f"{key}: unknown key{hint} (allowed: {allowed})")
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return "config error: " + "; ".join(lines)

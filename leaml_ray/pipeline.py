@@ -29,7 +29,7 @@ from typing import Any
 
 from leaml_ray import dashboard, plan, storage, tracking
 from leaml_ray.config import Config
-from leaml_ray.errors import UserError
+from leaml_ray.errors import UserError, did_you_mean
 from leaml_ray.plan import stable_hash
 
 log = logging.getLogger("leaml_ray")
@@ -160,8 +160,9 @@ def select(stages: list[Stage], names: list[str] | None) -> list[str] | None:
     picked = {n: [s.name for s in stages if n in (s.name, s.name.split(":")[0])] for n in names}
     unknown = [n for n, found in picked.items() if not found]
     if unknown:
-        available = ", ".join(s.name for s in stages)
-        raise StageError(f"unknown stage(s) {', '.join(unknown)}; available: {available}")
+        names = [s.name for s in stages] + sorted({s.name.split(":")[0] for s in stages if ":" in s.name})
+        hints = ", ".join(f"{n}{did_you_mean(n, names)}" for n in unknown)
+        raise StageError(f"unknown stage(s) {hints}; available: {', '.join(s.name for s in stages)}")
     return [name for found in picked.values() for name in found]
 
 

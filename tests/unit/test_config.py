@@ -63,8 +63,10 @@ def test_yaml_file_layers_over_defaults(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["data.labl_ratio=0.1"], "data.labl_ratio: unknown key (allowed: source, path"),
-        (["dat.label_ratio=0.1"], "dat: unknown key (allowed: run, data, teacher"),
+        (["data.labl_ratio=0.1"], "data.labl_ratio: unknown key (did you mean 'label_ratio'?) (allowed: source, path"),
+        (["dat.label_ratio=0.1"], "dat: unknown key (did you mean 'data'?) (allowed: run, data, teacher"),
+        (["teacher.modle=x"], "teacher.modle: unknown key (did you mean 'mode' or 'model'?)"),
+        (["data.xyz=1"], "data.xyz: unknown key (allowed: source"),  # nothing close: no guess
         (["data.label_ratio=2"], "data.label_ratio: Input should be less than or equal to 1"),
         (["data.label_ratio=0"], "data.label_ratio: Input should be greater than 0"),
         (["train.zero_stage=1"], "train.zero_stage: Input should be 2 or 3"),
@@ -90,6 +92,8 @@ def test_bad_config_is_one_line_naming_the_key(overrides, expected):
 def test_unknown_preset_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="neither a file nor a preset .*tiny-cpu"):
         load_config("no-such-preset")
+    with pytest.raises(ConfigError, match=r"'tiny_cpu' is neither a file nor a preset \(did you mean 'tiny-cpu'\?\)"):
+        load_config("tiny_cpu")
     f = tmp_path / "list.yaml"
     f.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must be a mapping"):

@@ -126,8 +126,10 @@ def test_force_reruns_the_named_stage_and_every_stage_that_reads_it(tmp_path):
     calls.names = []
     run_pipeline(cfg, stages)  # forcing is one invocation's: the next run skips again
     assert calls.names == []
-    with pytest.raises(StageError, match="unknown stage\\(s\\) nope"):
+    with pytest.raises(StageError, match="unknown stage\\(s\\) nope; available"):
         run_pipeline(cfg, stages, force=["nope"])
+    with pytest.raises(StageError, match="unknown stage\\(s\\) apar \\(did you mean 'apart'\\?\\)"):
+        run_pipeline(cfg, stages, force=["apar"])
 
 
 def test_the_manifest_records_each_plan_and_placement_never_reruns_a_stage(tmp_path):
