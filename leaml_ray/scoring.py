@@ -1,8 +1,8 @@
 """Answer scoring (docs/design.md#scoring): normalised exact match, option letters, "; "-joined answers as sets.
 
 The normalisation follows the VQAv2 evaluation's steps (github.com/GT-Vision-Lab/VQA, vqaEval.py): number words to
-digits, articles dropped, contractions written one way, punctuation dropped, except a comma between digits
-("1,000" = "1000") and a decimal point ("2.5").
+digits, articles dropped, contractions written one way, punctuation to spaces, except that a thousands separator
+is dropped ("1,000" = "1000") and a decimal point kept ("2.5").
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from leaml_ray.formats import LETTERS
 ARTICLES = frozenset({"a", "an", "the"})
 NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 NUMBERS["none"] = "0"  # as VQAv2's evaluation maps it
-# apostrophes are dropped ("don't" = "dont"); a comma between digits and a period before one are kept until the end
+# apostrophes are dropped ("don't" = "dont"); commas and periods are decided after (DIGIT_COMMA, STRAY_...)
 PUNCT = str.maketrans({c: "" if c == "'" else " " for c in string.punctuation if c not in ",."})
 DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d{3}\b)")
 STRAY_PERIOD_OR_COMMA = re.compile(r"\.(?!\d)|,(?!\d)|(?<!\d),")

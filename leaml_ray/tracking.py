@@ -35,7 +35,8 @@ def location(cfg: Config) -> str:
     """Where the backend writes: tracking.uri, MLFLOW_TRACKING_URI (mlflow), or a folder under a local run dir."""
     t = cfg.tracking
     uri = t.uri or (os.environ.get("MLFLOW_TRACKING_URI") if t.backend == "mlflow" else None)
-    if uri and t.backend == "mlflow" and _file_store(uri) and os.environ.get("MLFLOW_ALLOW_FILE_STORE") != "true":
+    allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1")  # as MLflow reads it
+    if uri and t.backend == "mlflow" and _file_store(uri) and not allowed:
         # MLflow 3 refuses a folder store with a page-long exception, minutes into a run (file_store.py)
         raise TrackingError(
             f"tracking: MLflow 3 no longer writes a folder store ({uri}): use"
