@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import string
 import unicodedata
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from leaml_ray.formats import LETTERS
 
@@ -59,10 +59,11 @@ def is_correct(prediction: str | None, answer: str, choices: list[str] | None = 
 
 
 def accuracy(rows: list[dict]) -> dict:
-    """Rows {category, correct} -> {"accuracy": macro average over categories, "per_category", "micro", "n"}."""
-    by_cat: dict[str, list[bool]] = defaultdict(list)
+    """Rows {category, correct} -> {"accuracy": macro average over categories, "per_category", "micro", "n"};
+    `correct` is a bool, or an expected value in [0, 1] (a random guess)."""
+    by_cat: dict[str, list[float]] = defaultdict(list)
     for r in rows:
-        by_cat[r["category"] or "all"].append(bool(r["correct"]))
+        by_cat[r["category"] or "all"].append(float(r["correct"]))
     per_category = {c: sum(v) / len(v) for c, v in sorted(by_cat.items())}
     n = sum(len(v) for v in by_cat.values())
     return {
@@ -71,3 +72,24 @@ def accuracy(rows: list[dict]) -> dict:
         "per_category": per_category,
         "n": n,
     }
+
+
+def prior_baselines(labeled: list[dict], test: list[dict]) -> dict[str, dict]:
+    """The two image-blind references every table shows beside the methods, scored as they are (`accuracy`):
+    `chance`, a uniform guess among the answers the labeled pairs give in the test question's category (an expected
+    accuracy), and `blind`, the labeled pairs' most frequent answer to the same question text, else to its category.
+    Rows: {category, question, answer}."""
+    by_category: dict[str, Counter] = defaultdict(Counter)
+    by_question: dict[str, Counter] = defaultdict(Counter)
+    for r in labeled:
+        key = answer_set(r["answer"])
+        by_category[r["category"]][key] += 1
+        by_question[normalize(r["question"])][key] += 1
+    chance, blind = [], []
+    for r in test:
+        key, seen = answer_set(r["answer"]), by_category.get(r["category"])
+        chance.append({"category": r["category"], "correct": (key in seen) / len(seen) if seen else 0.0})
+        votes = by_question.get(normalize(r["question"])) or seen
+        guess = votes.most_common(1)[0][0] if votes else None
+        blind.append({"category": r["category"], "correct": bool(key) and guess == key})
+    return {"chance": accuracy(chance), "blind": accuracy(blind)}

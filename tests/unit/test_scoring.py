@@ -60,3 +60,26 @@ def test_accuracy_is_macro_over_categories():
     assert result["micro"] == pytest.approx(9 / 11)
     assert result["n"] == 11
     assert normalize(None) == ""
+
+
+def test_prior_baselines_guess_from_the_labeled_answers_alone():
+    from leaml_ray.scoring import prior_baselines
+
+    labeled = [
+        {"category": "color", "question": "what color?", "answer": "red"},
+        {"category": "color", "question": "What color", "answer": "Red."},  # the same question and answer, normalised
+        {"category": "color", "question": "what color?", "answer": "blue"},
+        {"category": "count", "question": "how many?", "answer": "2"},
+        {"category": "colors", "question": "which colors?", "answer": "red; blue"},
+    ]
+    test = [
+        {"category": "color", "question": "what color?", "answer": "red"},  # chance 1/2, blind right
+        {"category": "color", "question": "which color is it?", "answer": "blue"},  # unseen text: the category's red
+        {"category": "count", "question": "how many?", "answer": "3"},  # never a labeled answer: 0 for both
+        {"category": "colors", "question": "which colors?", "answer": "blue; red"},  # sets: chance 1/1, blind right
+    ]
+    got = prior_baselines(labeled, test)
+    assert got["chance"]["per_category"] == {"color": 0.5, "colors": 1.0, "count": 0.0}
+    assert got["blind"]["per_category"] == {"color": 0.5, "colors": 1.0, "count": 0.0}
+    assert got["chance"]["accuracy"] == pytest.approx(0.5) and got["blind"]["n"] == 4
+    assert prior_baselines([], test)["chance"]["accuracy"] == 0.0  # no labels: nothing to guess from
