@@ -85,8 +85,11 @@ def load(
     img = img or decode(data)
     notes = []
     # a phone photo is stored sideways with an EXIF tag saying how to turn it; models get it the way a viewer shows it
-    orientation = img.getexif().get(ORIENTATION, 1)
-    if orientation != 1:
+    try:
+        orientation = img.getexif().get(ORIENTATION, 1)
+    except Exception:  # a malformed EXIF block: the pixels are fine, shown as stored (as viewers do)
+        orientation = 1
+    if orientation in range(2, 9):  # 1 is upright; other values are not orientations
         img = ImageOps.exif_transpose(img)
         data = encode_png(img)
         notes.append(f"turned upright (EXIF orientation {orientation})")

@@ -84,20 +84,7 @@ def make_scene(domain: str, seed: int, index: int) -> Scene:
 def render(scene: Scene, size: int, index: int = 0) -> Image.Image:
     """Draw a scene as an RGB image of size x size pixels."""
     rng = np.random.default_rng([zlib.crc32(repr(scene).encode()), index])
-    tint = rng.integers(215, 250, size=3)
-    base = np.broadcast_to(tint, (size, size, 3)).astype(np.int16).copy()
-    yy, xx = np.mgrid[0:size, 0:size]
-    period = max(4, size // 7)
-    if scene.pattern == "striped":
-        mask = ((xx + yy) // (period // 2)) % 2 == 0
-    elif scene.pattern == "checkered":
-        mask = ((xx // period) + (yy // period)) % 2 == 0
-    elif scene.pattern == "dotted":
-        mask = ((xx % period - period // 2) ** 2 + (yy % period - period // 2) ** 2) <= (period // 4) ** 2
-    else:
-        mask = np.zeros((size, size), bool)
-    base[mask] -= 70
-    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    img = background(scene.pattern, size, max(4, size // 7), rng)
     draw = ImageDraw.Draw(img)
     for item in scene.items:
         cx = size * (0.27 if item.slot == "left" else 0.73) + rng.uniform(-0.04, 0.04) * size
@@ -112,6 +99,22 @@ def render(scene: Scene, size: int, index: int = 0) -> Image.Image:
         else:
             draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill, outline=outline)
     return img
+
+
+def background(pattern: str, size: int, period: int, rng: np.random.Generator) -> Image.Image:
+    """A pale background of a random tint (drawn from `rng`) with a darker pattern of `period` pixels."""
+    base = np.broadcast_to(rng.integers(215, 250, size=3), (size, size, 3)).astype(np.int16).copy()
+    yy, xx = np.mgrid[0:size, 0:size]
+    if pattern == "striped":
+        mask = ((xx + yy) // (period // 2)) % 2 == 0
+    elif pattern == "checkered":
+        mask = ((xx // period) + (yy // period)) % 2 == 0
+    elif pattern == "dotted":
+        mask = ((xx % period - period // 2) ** 2 + (yy % period - period // 2) ** 2) <= (period // 4) ** 2
+    else:
+        mask = np.zeros((size, size), bool)
+    base[mask] -= 70
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
 
 
 def caption(scene: Scene) -> str:

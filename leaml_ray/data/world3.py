@@ -17,21 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from leaml_ray.data.synthetic import COLORS, PATTERNS, SHAPES, background
+
 SLOTS = ("left", "middle", "right")
 WHERE = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
-SHAPES = ("circle", "square", "triangle")
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 200, 30),
-    "purple": (140, 50, 180),
-    "orange": (245, 130, 20),
-    "black": (25, 25, 25),
-}
 SIZES = {"small": 0.18, "large": 0.3}  # diameter, as a fraction of the image side (a slot is a third of it)
 SURFACES = ("plain", "ringed")
-BACKGROUNDS = ("plain", "striped", "checkered", "dotted")
+BACKGROUNDS = PATTERNS  # world 2's textures
 GENERAL = ("shape", "color", "size", "count", "presence", "background", "colors")
 DOMAIN_LABELS = ("finding", "findings")
 
@@ -115,19 +107,7 @@ def make_scene(domain: str, seed: int, index: int) -> Scene:
 def render(scene: Scene, size: int = 84, index: int = 0) -> Image.Image:
     """Draw a scene as an RGB image of size x size pixels (84: 9 image tokens, one column of three per slot)."""
     rng = np.random.default_rng([zlib.crc32(repr(scene).encode()), index])
-    base = np.broadcast_to(rng.integers(215, 250, size=3), (size, size, 3)).astype(np.int16).copy()
-    yy, xx = np.mgrid[0:size, 0:size]
-    period = max(4, size // 10)
-    if scene.background == "striped":
-        mask = ((xx + yy) // (period // 2)) % 2 == 0
-    elif scene.background == "checkered":
-        mask = ((xx // period) + (yy // period)) % 2 == 0
-    elif scene.background == "dotted":
-        mask = ((xx % period - period // 2) ** 2 + (yy % period - period // 2) ** 2) <= (period // 4) ** 2
-    else:
-        mask = np.zeros((size, size), bool)
-    base[mask] -= 70
-    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    img = background(scene.background, size, max(4, size // 10), rng)
     draw = ImageDraw.Draw(img)
     for item in scene.items:
         cx = size * (SLOTS.index(item.slot) + 0.5) / 3 + rng.uniform(-0.02, 0.02) * size

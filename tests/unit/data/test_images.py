@@ -33,3 +33,5 @@ def test_an_upright_photo_keeps_its_bytes_and_the_limit_applies_after_turning():
     assert load(stored, None, max_pixels=10_000, frames_per_clip=1) == (stored, 40, 20, None)
     _, w, h, note = load(_sideways_jpeg(8), None, max_pixels=200, frames_per_clip=1)
     assert (w, h) == (10, 20) and note == "turned upright (EXIF orientation 8); resized 20x40 -> 10x20"
+    stored = _sideways_jpeg(42)  # not an orientation: the image as stored
+    assert load(stored, None, max_pixels=10_000, frames_per_clip=1) == (stored, 40, 20, None)
