@@ -91,12 +91,11 @@ def load(
         orientation = 1
     if orientation in range(2, 9):  # 1 is upright; other values are not orientations
         img = ImageOps.exif_transpose(img)
-        data = encode_png(img)
         notes.append(f"turned upright (EXIF orientation {orientation})")
     w, h = img.size
     if w * h > max_pixels:
         scale = math.sqrt(max_pixels / (w * h))
         img = img.convert("RGB").resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.Resampling.BICUBIC)
-        data = encode_png(img)
         notes.append(f"resized {w}x{h} -> {img.width}x{img.height}")
-    return data, img.width, img.height, "; ".join(notes) or None
+    # encoded once, and only when the pixels changed: an unchanged image keeps its own bytes
+    return (encode_png(img) if notes else data), img.width, img.height, "; ".join(notes) or None
