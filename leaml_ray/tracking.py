@@ -57,7 +57,7 @@ def location(cfg: Config) -> str:
 
 def _file_store(uri: str) -> bool:
     """A URI MLflow reads as a folder store: file://, or a plain path."""
-    return uri.startswith("file:") or "://" not in uri and not uri.startswith(("databricks", "uc"))
+    return uri.startswith("file:") or ("://" not in uri and not uri.startswith(("databricks", "uc")))
 
 
 class Tracker:
