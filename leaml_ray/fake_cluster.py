@@ -109,7 +109,8 @@ class FakeCluster:
 
     `head_resources` may name CPU (the head's, for the driver only set 0), GPU, object_store_memory and custom
     resources; each worker node type: `resources` (object_store_memory included: the fake nodes share this machine's
-    /dev/shm), `max_workers`, optional `min_workers` and `labels`."""
+    /dev/shm), `max_workers`, optional `min_workers` and `labels`. `system_config`: Ray's `--system-config` for the
+    whole cluster (the worker nodes read it from the head)."""
 
     def __init__(
         self,
@@ -118,11 +119,14 @@ class FakeCluster:
         max_workers: int,
         idle_timeout_minutes: float = 0.1,
         env: dict[str, str] | None = None,
+        system_config: dict[str, Any] | None = None,
     ):
         self.temp_dir = tempfile.mkdtemp(prefix="lrf-", dir="/tmp")  # short: Ray's socket paths have a length limit
         self.port, self.dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        self.metrics_port = free_port()  # the head's Prometheus endpoint: a job driver's metrics
+        self.system_config = system_config or {}
         self.config = autoscaling_config(node_types, head_resources, self.address, max_workers, idle_timeout_minutes)
         self.env = {
             **os.environ,
@@ -154,13 +158,15 @@ class FakeCluster:
             # every port of its own: a default one may be held by another Ray instance on this machine
             f"--dashboard-agent-listen-port={free_port()}",
             f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
+            f"--metrics-export-port={self.metrics_port}",
             f"--runtime-env-agent-port={free_port()}",
             f"--ray-client-server-port={free_port()}",
             f"--num-cpus={head.pop('CPU', 0)}",
             f"--num-gpus={head.pop('GPU', 0)}",
             "--disable-usage-stats",
         ]
+        if self.system_config:
+            args.append(f"--system-config={json.dumps(self.system_config)}")
         if "object_store_memory" in head:
             args.append(f"--object-store-memory={int(head.pop('object_store_memory'))}")
         if head:

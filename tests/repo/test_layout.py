@@ -6,10 +6,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # module -> where it is tested instead (and why not alone)
 COVERED_ELSEWHERE = {
-    "cli/evaluate.py": "tests/e2e/test_pipeline.py runs it on the finished run (--help: tests/unit/cli/test_adapt.py)",
+    "cli/evaluate.py": "tests/e2e/test_fake_cluster.py runs it on the finished run "
+    "(--help: tests/unit/cli/test_adapt.py)",
     "cli/serve_teacher.py": "tests/unit/cli/test_serve.py (fail-fast) and tests/e2e/test_serve.py (what it deploys)",
-    "dashboard.py": "tests/e2e/test_pipeline.py scrapes the metrics from Ray's Prometheus endpoint",
-    "data/parts.py": "the resume scenarios: tests/e2e/test_pipeline.py (a crashed caption) and test_driver_kill.py",
+    "dashboard.py": "tests/e2e/test_fake_cluster.py scrapes the metrics from Ray's Prometheus endpoint",
+    "data/parts.py": "the resume scenarios: tests/e2e/test_driver_kill.py and test_fake_cluster.py (a lost node)",
     "data/sources.py": "tests/unit/stages/test_prepare.py reads every adapter (synthetic, Kvasir-VQA, SportU, files)",
     "fake_cluster.py": "tests/unit/test_rehearsal.py (through --rehearse) and the fake-cluster scenarios in tests/e2e",
     "errors.py": "one base class; every one-line error test raises a subclass of it",
@@ -17,17 +18,17 @@ COVERED_ELSEWHERE = {
     "tests/e2e/test_fake_cluster.py loses the node of one of its actors",
     "inference/deploy.py": "tests/e2e/test_serve.py deploys with it; tests/unit/test_placement.py checks its LLMConfig",
     "inference/requests.py": "every engine path's tests (test_generate.py, tests/e2e/test_serve.py) and the logprob "
-    "scores in tests/e2e/test_pipeline.py",
+    "scores in tests/e2e/test_fake_cluster.py",
     "models/quality.py": "a measuring helper of bench/zoo_quality.py and bench/caption_throughput.py",
     "models/spec.py": "plain dataclasses: tests/unit/stages/test_common.py builds them, test_plan.py hashes them",
     "models/zoo.py": "tests/unit/test_zoo.py (the lookup and the pretraining tool together)",
-    "plots.py": "tests/unit/test_tracking.py (plots logged as images) and tests/e2e/test_pipeline.py",
-    "pseudo/export.py": "tests/e2e/test_pipeline.py loads the exports as LLaMA-Factory's and TRL's loaders do",
-    "report.py": "tests/e2e/test_pipeline.py checks report.json against the predictions",
-    "stages/caption.py": "tests/e2e/test_pipeline.py (resumed captions) and tests/e2e/test_driver_kill.py",
-    "stages/evaluate.py": "tests/e2e/test_pipeline.py",
-    "stages/generator.py": "tests/e2e/test_pipeline.py; its objective: tests/unit/train/test_neurons.py",
-    "stages/pseudo_qa.py": "tests/e2e/test_pipeline.py; its parts: tests/unit/pseudo/",
+    "plots.py": "tests/unit/test_tracking.py (plots logged as images) and tests/e2e/test_fake_cluster.py",
+    "pseudo/export.py": "tests/e2e/test_fake_cluster.py loads the exports as LLaMA-Factory's and TRL's loaders do",
+    "report.py": "tests/e2e/test_fake_cluster.py checks report.json against the predictions",
+    "stages/caption.py": "tests/e2e/test_driver_kill.py (resumed captions) and tests/e2e/test_fake_cluster.py",
+    "stages/evaluate.py": "tests/e2e/test_fake_cluster.py",
+    "stages/generator.py": "tests/e2e/test_fake_cluster.py; its objective: tests/unit/train/test_neurons.py",
+    "stages/pseudo_qa.py": "tests/e2e/test_fake_cluster.py; its parts: tests/unit/pseudo/",
     "train/core.py": "tests/unit/train/test_loop.py (under Ray Train) and tests/repo/test_gpu_smoke.py (one process)",
     "train/job.py": "plain values: tests/unit/train/test_loop.py and tests/unit/test_placement.py",
 }
