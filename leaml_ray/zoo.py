@@ -22,12 +22,13 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pyarrow as pa
 
 from leaml_ray import storage
-from leaml_ray.data import synthetic
+from leaml_ray.data import synthetic, world3
 from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT, qa_target
 from leaml_ray.models import zoo as lookup
 from leaml_ray.models.zoo import Recipe
@@ -37,21 +38,29 @@ PRETRAIN_SEED = 1000  # the zoo never sees images of the seeds runs use for thei
 TEXT_PROMPT = "Write a sentence about shapes."
 
 
+def _world(recipe: Recipe) -> tuple[ModuleType, str]:
+    """The data module of a recipe's domain and the domain's name in it (`w3-general`: world3.py's `general`)."""
+    if recipe.domain.startswith("w3-"):
+        return world3, recipe.domain.removeprefix("w3-")
+    return synthetic, recipe.domain
+
+
 def pretrain_rows(batch: dict, recipe: Recipe, seed: int) -> pa.Table:
     """Training rows for a batch of sample indices: caption, text-only, answer, or ask-and-answer examples."""
+    world, domain = _world(recipe)
     rows = []
     for index in batch["id"].tolist():
-        scene, image = synthetic.sample(recipe.domain, seed, index, recipe.image_size)
+        scene, image = world.sample(domain, seed, index, recipe.image_size)
         rng = np.random.default_rng([seed, index, 11])
         draw = rng.random()
         seen = recipe.caption_share + recipe.text_share
         if draw < recipe.caption_share:
-            instruction, response = CAPTION_PROMPT, synthetic.caption(scene)
+            instruction, response = CAPTION_PROMPT, world.caption(scene)
         elif draw < seen:
             image = synthetic.blank(recipe.image_size)
-            instruction, response = TEXT_PROMPT, synthetic.vocabulary_sentence(seed, index)
+            instruction, response = TEXT_PROMPT, world.vocabulary_sentence(seed, index)
         else:
-            qas = synthetic.questions(scene, seed, index)
+            qas = world.questions(scene, seed, index)
             _, question, answer = qas[int(rng.integers(len(qas)))]
             if draw < seen + (1 - seen) * 0.6:
                 instruction, response = question, answer
@@ -72,7 +81,8 @@ def pretrain(name: str, recipe: Recipe, out: Path, num_workers: int = 2) -> dict
     from leaml_ray.train.loop import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
-        init = build_random(Path(tmp) / "init", recipe.size, seed=PRETRAIN_SEED)
+        world = 3 if _world(recipe)[0] is world3 else 2
+        init = build_random(Path(tmp) / "init", recipe.size, seed=PRETRAIN_SEED, world=world)
         # rendered once and kept in the object store: epochs then cost no image work
         data = (
             ray.data.range(recipe.images)
@@ -110,9 +120,9 @@ def pretrain(name: str, recipe: Recipe, out: Path, num_workers: int = 2) -> dict
         return run_training(job, run, data, f"zoo-{name}", str(Path(tmp) / "ckpt"))
 
 
-def build(root: Path) -> None:
-    """Pretrain every zoo model missing from `root` (needs Ray)."""
-    for name, recipe in lookup.RECIPES.items():
+def build(root: Path, recipes: dict[str, Recipe] = lookup.RECIPES) -> None:
+    """Pretrain every zoo model of `recipes` missing from `root` (needs Ray)."""
+    for name, recipe in recipes.items():
         if (root / name / "config.json").exists():
             continue
         log.info("zoo: pretraining the tiny %s (%d samples of the %s domain)", name, recipe.samples, recipe.domain)
@@ -156,12 +166,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("command", choices=["build"])
     parser.add_argument("--ship", action="store_true", help="then replace the shipped zoo in the package with it")
+    parser.add_argument("--world", type=int, choices=[2, 3], default=2, help="3: world 3's zoo (not shipped yet)")
     args = parser.parse_args()
+    if args.ship and args.world != 2:
+        parser.error("--ship: only the embedded default's zoo (world 2) is shipped")
     setup_logging()
-    root = lookup.zoo_dir()
+    recipes = lookup.WORLD3_RECIPES if args.world == 3 else lookup.RECIPES
+    root = lookup.zoo_dir(recipes)
     shutil.rmtree(root, ignore_errors=True)  # from scratch, not from an earlier build
     connect(ClusterSection())
-    build(root)
+    build(root, recipes)
     if args.ship:
         ship(root)
     print(lookup.SHIPPED if args.ship else root)

@@ -207,3 +207,30 @@ def answer_sets(domain: str, images: int = 3000, seed: int = 999) -> dict[str, s
         for category, _, ans in questions(make_scene(domain, seed, index), seed, index):
             seen.setdefault(category, set()).add(ans)
     return seen
+
+
+def sample(domain: str, seed: int, index: int, size: int = 84) -> tuple[Scene, Image.Image]:
+    """Scene and rendered image of one sample of a domain."""
+    scene = make_scene(domain, seed, index)
+    return scene, render(scene, size, index)
+
+
+FINDINGS = ("polyp", "ulcer", "erosion")
+
+
+def vocabulary_sentence(seed: int, index: int) -> str:
+    """A sentence in the words of the whole world, domain labels included, about no image in particular: the
+    text-only exposure a production base gets to a domain's words. It never ties a finding to what it looks like."""
+    rng = np.random.default_rng([seed, DOMAIN_IDS["scope"], index, 13])
+    pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
+    item = Item(pick(SLOTS), pick(SHAPES), pick(tuple(COLORS)), pick(tuple(SIZES)), pick(SURFACES))
+    surface = "ringed " if item.surface == "ringed" else ""
+    found = sorted({pick(FINDINGS) for _ in range(int(rng.integers(1, 3)))})
+    forms = (
+        f"a {item.size} {surface}{item.color} {item.shape} {WHERE[item.slot]} on a {pick(BACKGROUNDS)} background.",
+        f"the finding is {pick(FINDINGS + ('normal',))}.",
+        f"the findings are {'; '.join(found)}.",
+        f"the {item.shape} is {item.color}.",
+        f"the background is {pick(BACKGROUNDS)}.",
+    )
+    return pick(forms)

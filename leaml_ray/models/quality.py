@@ -1,13 +1,16 @@
-"""How good a tiny zoo model is on the synthetic world: caption naming and QA accuracy (greedy, transformers)."""
+"""How good a tiny zoo model is on a synthetic world: caption naming and QA accuracy (greedy, transformers)."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 
-from leaml_ray.data import synthetic
+from leaml_ray.data import synthetic, world3
 from leaml_ray.formats import CAPTION_PROMPT
 from leaml_ray.models import chat
 from leaml_ray.models.registry import ModelSpec, load_model, load_processor
+from leaml_ray.scoring import is_correct
 
 
 def generate(
@@ -52,3 +55,56 @@ def qa_score(model_dir: str, domain: str, n: int, seed: int = 0) -> float:
             answers.append(answer)
     got = generate(model_dir, items, max_new_tokens=6)
     return sum(g.strip(" .").lower() == a for g, a in zip(got, answers, strict=True)) / len(answers)
+
+
+OBJECT = re.compile(r"a (small|large) (ringed )?(\w+) (\w+) (on the left|in the middle|on the right)")
+BACKGROUND = re.compile(r"on a (\w+) background")
+
+
+def world3_caption_right(caption: str, scene: world3.Scene) -> dict[str, list[bool]]:
+    """Which attributes a caption of a world-3 scene gets right: per object (shape, color, size, surface, matched by
+    slot; an object the caption misses is wrong on all four), per image (the count of objects described, the
+    background)."""
+    described = OBJECT.findall(caption)
+    said = {
+        where: (size, "ringed" if ringed else "plain", color, shape) for size, ringed, color, shape, where in described
+    }
+    right: dict[str, list[bool]] = {k: [] for k in ("shape", "color", "size", "surface")}
+    for item in scene.items:
+        size, surface, color, shape = said.get(world3.WHERE[item.slot], (None,) * 4)
+        right["shape"].append(shape == item.shape)
+        right["color"].append(color == item.color)
+        right["size"].append(size == item.size)
+        right["surface"].append(surface == item.surface)
+    right["count"] = [len(described) == len(scene.items)]
+    background = BACKGROUND.search(caption)
+    right["background"] = [background is not None and background.group(1) == scene.background]
+    return right
+
+
+def world3_caption_accuracy(model_dir: str, domain: str, n: int, seed: int) -> dict[str, float]:
+    """Per attribute (`world3_caption_right`), how often a model's greedy captions of `n` world-3 images get it
+    right."""
+    samples = [world3.sample(domain, seed, i) for i in range(n)]
+    captions = generate(model_dir, [(image, CAPTION_PROMPT) for _, image in samples], max_new_tokens=48)
+    right: dict[str, list[bool]] = {}
+    for caption, (scene, _) in zip(captions, samples, strict=True):
+        for attribute, marks in world3_caption_right(caption, scene).items():
+            right.setdefault(attribute, []).extend(marks)
+    return {k: sum(v) / len(v) for k, v in right.items()}
+
+
+def world3_qa_accuracy(model_dir: str, domain: str, n: int, seed: int) -> dict[str, float]:
+    """A model's greedy answers to every question of `n` world-3 images, scored as the evaluate stage scores them;
+    accuracy per category."""
+    items, asked = [], []
+    for i in range(n):
+        scene, image = world3.sample(domain, seed, i)
+        for category, question, answer in world3.questions(scene, seed, i):
+            items.append((image, question))
+            asked.append((category, answer))
+    got = generate(model_dir, items, max_new_tokens=12)
+    right: dict[str, list[bool]] = {}
+    for prediction, (category, answer) in zip(got, asked, strict=True):
+        right.setdefault(category, []).append(is_correct(prediction, answer))
+    return {k: sum(v) / len(v) for k, v in right.items()}

@@ -19,7 +19,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-from leaml_ray.data import synthetic
+from leaml_ray.data import synthetic, world3
 from leaml_ray.formats import CAPTION_PROMPT, QA_GEN_PROMPT
 
 SPECIAL_TOKENS = [
@@ -48,25 +48,34 @@ SIZES = {
     "smoke-1b": (1536, 20, 12, 2, 8960, 1280, 8),
     # ~29 M parameters: big enough that the engines' per-step overheads stop dominating (bench/caption_throughput.py)
     "bench-29m": (512, 8, 16, 4, 1536, 256, 4),
+    # world 3's zoo (docs/world3.md): a teacher of ~3.5 M and a QA generator of ~2 M parameters, 4x the target
+    # (the `base` size, ~0.6 M), as a 7B generator is to a 2B target
+    "w3-teacher": (256, 4, 8, 2, 640, 128, 2),
+    "w3-generator": (192, 4, 6, 2, 512, 96, 2),
 }
 VOCAB = {"smoke-1b": 151936}  # embedding rows beyond the tiny tokenizer's ids: the production logits' size
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 224 * 224
 
 
-def corpus() -> list[str]:
-    """Every word the synthetic world and the prompts use, in the sentences they appear in."""
+def corpus(world: int = 2) -> list[str]:
+    """Every word a synthetic world (2: `synthetic.py`, 3: `world3.py`) and the prompts use, in the sentences they
+    appear in."""
     texts = [CAPTION_PROMPT, QA_GEN_PROMPT, "user\n", "assistant\n", "system\n", "Answer with the option's letter."]
-    for domain in synthetic.DOMAINS:
+    source = synthetic if world == 2 else world3
+    for domain in source.DOMAINS:
         for i in range(200):
-            scene = synthetic.make_scene(domain, 0, i)
-            texts.append(synthetic.caption(scene))
-            texts += [f"Question: {q}\nAnswer: {a}" for _, q, a in synthetic.questions(scene, 0, i)]
+            scene = source.make_scene(domain, 0, i)
+            texts.append(source.caption(scene))
+            texts += [f"Question: {q}\nAnswer: {a}" for _, q, a in source.questions(scene, 0, i)]
+    if world == 3:
+        texts += [world3.vocabulary_sentence(0, i) for i in range(200)]
     texts += [f"{n}" for n in range(10)] + ["A. B. C. D. yes no"]
     return texts
 
 
-def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with the Qwen special tokens and chat template (any text stays encodable)."""
+def build_tokenizer(vocab_size: int = 512, world: int = 2) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with the Qwen special tokens and chat template (any text stays encodable), trained on a
+    world's text."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -76,7 +85,7 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus(), trainer)
+    tok.train_from_iterator(corpus(world), trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=1024
     )
@@ -138,13 +147,14 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, size: str) -> Qwen2_5_VLConf
     )
 
 
-def build_random(folder: str | Path, size: str = "base", seed: int = 0, init_std: float = 0.02) -> Path:
-    """A random-init tiny model + processor saved as an HF folder (seconds; for unit tests and as init).
+def build_random(folder: str | Path, size: str = "base", seed: int = 0, init_std: float = 0.02, world: int = 2) -> Path:
+    """A random-init tiny model + processor saved as an HF folder (seconds; for unit tests and as init), its
+    tokenizer trained on `world`'s text.
 
     A large `init_std` gives peaked, input-dependent outputs: tests use it to see images change what is generated.
     """
     folder = Path(folder)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(world=world)
     torch.manual_seed(seed)
     config = tiny_config(tokenizer, size)
     config.text_config.initializer_range = config.vision_config.initializer_range = init_std

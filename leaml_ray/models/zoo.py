@@ -40,21 +40,47 @@ RECIPES = {
     "teacher": Recipe(size="teacher", domain="wide", samples=36_000, images=8_000, caption_share=1.0),
     "base": Recipe(size="base", domain="general", samples=48_000, images=8_000, caption_share=0.4, text_share=0.1),
 }
+# World 3's zoo (docs/world3.md; a `w3-` domain is world3.py's): built beside world 2's until world 3 is the
+# embedded default. The teacher captions and answers general questions of the `wide` domain; the QA generator and
+# the target share the `general` recipe at two sizes (4x apart).
+WORLD3_RECIPES = {
+    "teacher": Recipe(
+        size="w3-teacher", domain="w3-wide", samples=60_000, images=12_000, caption_share=0.5, image_size=84
+    ),
+    "generator": Recipe(
+        size="w3-generator",
+        domain="w3-general",
+        samples=60_000,
+        images=12_000,
+        caption_share=0.3,
+        text_share=0.1,
+        image_size=84,
+    ),
+    "target": Recipe(
+        size="base",
+        domain="w3-general",
+        samples=60_000,
+        images=12_000,
+        caption_share=0.3,
+        text_share=0.1,
+        image_size=84,
+    ),
+}
 
 
 class ZooMissing(UserError, FileNotFoundError):
     """The tiny zoo of the code's recipe is not built."""
 
 
-def recipe_key() -> str:
-    """The hash of the zoo recipe in code: names the cache folder, is recorded beside the shipped zoo and goes into
-    the cache key of every stage that uses a `zoo:` model."""
-    return stable_hash({"version": ZOO_VERSION, "recipes": {k: asdict(v) for k, v in RECIPES.items()}})
+def recipe_key(recipes: dict[str, Recipe] = RECIPES) -> str:
+    """The hash of a zoo recipe in code (the embedded default's unless told): names the cache folder, is recorded
+    beside the shipped zoo and goes into the cache key of every stage that uses a `zoo:` model."""
+    return stable_hash({"version": ZOO_VERSION, "recipes": {k: asdict(v) for k, v in recipes.items()}})
 
 
-def zoo_dir() -> Path:
-    """The cache folder a zoo built on this machine from the recipe in code goes to."""
-    return CACHE / "zoo" / recipe_key()
+def zoo_dir(recipes: dict[str, Recipe] = RECIPES) -> Path:
+    """The cache folder a zoo built on this machine from a recipe in code goes to."""
+    return CACHE / "zoo" / recipe_key(recipes)
 
 
 def shipped_key() -> str | None:

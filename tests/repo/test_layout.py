@@ -19,7 +19,6 @@ COVERED_ELSEWHERE = {
     "inference/deploy.py": "tests/e2e/test_serve.py deploys with it; tests/unit/test_placement.py checks its LLMConfig",
     "inference/requests.py": "every engine path's tests (test_generate.py, tests/e2e/test_serve.py) and the logprob "
     "scores in tests/e2e/test_fake_cluster.py",
-    "models/quality.py": "a measuring helper of bench/zoo_quality.py and bench/caption_throughput.py",
     "models/spec.py": "plain dataclasses: tests/unit/stages/test_common.py builds them, test_plan.py hashes them",
     "models/zoo.py": "tests/unit/test_zoo.py (the lookup and the pretraining tool together)",
     "plots.py": "tests/unit/test_tracking.py (plots logged as images) and tests/e2e/test_fake_cluster.py",

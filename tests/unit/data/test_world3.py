@@ -81,3 +81,17 @@ def test_the_general_domain_knows_the_questions_not_the_look():
     assert {i.surface for s in scenes for i in s.items} == {"plain"}  # rings are the scope's look
     assert {s.background for s in scenes} == {"plain", "striped"}
     assert {"orange", "purple", "black"}.isdisjoint({i.color for s in scenes for i in s.items})
+
+
+def test_the_bases_read_every_domain_word_without_its_look():
+    """The text-only sentences name the findings and the scope's colours and textures, and never put a finding in
+    the same sentence as a shape, colour, size or surface (that would teach the look from text)."""
+    sentences = [world3.vocabulary_sentence(1000, i) for i in range(400)]
+    words = {w.strip(".;") for s in sentences for w in s.split()}
+    assert {"polyp", "ulcer", "erosion", "normal", "orange", "purple", "black", "ringed", "dotted"} <= words
+    looks = set(world3.SHAPES) | set(world3.COLORS) | set(world3.SIZES) | {"ringed"}
+    for s in sentences:
+        if any(f in s for f in world3.FINDINGS):
+            assert looks.isdisjoint(w.strip(".;") for w in s.split()), s
+    assert world3.sample("scope", 0, 5)[0] == world3.make_scene("scope", 0, 5)
+    assert world3.sample("scope", 0, 5)[1].size == (84, 84)

@@ -12,3 +12,11 @@ def test_tokenizer_is_small_and_keeps_special_tokens():
     assert tok.decode(tok(text)["input_ids"]) == text
     assert len(tok(text)["input_ids"]) <= 14  # whole words are single tokens
     assert tok.decode(tok("naïve ☃ text")["input_ids"]) == "naïve ☃ text"  # byte-level: nothing is unknown
+
+
+def test_world3_tokenizer_has_world3_words_whole():
+    tok = build_tokenizer(world=3)
+    assert len(tok) <= 512
+    for text in ("a small ringed purple triangle in the middle on a dotted background.", "erosion; polyp; ulcer"):
+        assert tok.decode(tok(text)["input_ids"]) == text
+        assert len(tok(text)["input_ids"]) <= len(text.split()) + 3  # about a token a word (plus "; " and ".")
