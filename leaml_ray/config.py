@@ -41,12 +41,29 @@ class DataSection(Section):
     label_ratio: float = Field(0.05, gt=0.0, le=1.0, description="fraction of train images that keep labels")
     test_ratio: float = Field(0.2, ge=0.0, lt=1.0, description="held-out images when the source has no test split")
     max_pixels: int = Field(1024 * 1024, ge=28 * 28, description="larger images are resized down (recorded)")
-    domain: Literal["general", "wide", "target"] = Field("target", description="synthetic: which domain")
+    world: Literal[2, 3] = Field(
+        2, description="synthetic: which world (2: shapes, 4 categories; 3: domain labels, 9 categories)"
+    )
+    domain: Literal["general", "wide", "target", "scope"] = Field(
+        "target", description="synthetic: which domain (world 2: general, wide, target; world 3: general, wide, scope)"
+    )
     num_images: int = Field(400, ge=1, description="synthetic: number of images")
+    test_images: int = Field(
+        0, ge=0, description="synthetic world 3: test images of their own (world 2 holds out test_ratio of num_images)"
+    )
     val_images: int = Field(
         0, ge=0, description="synthetic: extra images with labels (split val) for choosing settings, never trained on"
     )
     image_size: int = Field(56, ge=28, le=448, multiple_of=28, description="synthetic: image side in pixels")
+
+    @model_validator(mode="after")
+    def _domain_of_the_world(self) -> DataSection:
+        domains = ("general", "wide", "scope") if self.world == 3 else ("general", "wide", "target")
+        if self.domain not in domains:
+            raise ValueError(f"domain {self.domain} is not in world {self.world}; its domains: {', '.join(domains)}")
+        if self.test_images and self.world != 3:
+            raise ValueError("test_images is world 3's; world 2 holds out test_ratio of num_images")
+        return self
 
 
 Device = Literal["cpu", "gpu"]

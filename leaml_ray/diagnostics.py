@@ -15,12 +15,23 @@ from typing import Any
 
 import pyarrow as pa
 
-from leaml_ray.data import examples, synthetic
+from leaml_ray.data import examples, synthetic, world3
 from leaml_ray.formats import qa_target, question_text
 from leaml_ray.scoring import accuracy, is_correct, normalize
 
 MAX_HIDDEN = 2000  # hidden questions answered for the precondition (a seeded sample beyond that)
 FUNCTION_WORDS = frozenset({"a", "an", "the", "on", "and", "is", "of", "in", "with"})
+
+
+def synthetic_truth(image_id: str) -> tuple[str, dict[str, tuple[str, str]], dict[str, str]] | None:
+    """For an image of a synthetic world: its true caption, every question it answers -> (category, answer), and
+    every question its domain can ask -> category; None for any other image."""
+    for world in (synthetic, world3):
+        found = world.facts(image_id)
+        if found is not None:
+            scene, facts = found
+            return world.caption(scene), facts, world.askable(scene.domain)
+    return None
 
 
 def word_f1(predicted: str, reference: str) -> float:
@@ -44,7 +55,7 @@ def caption_fidelity(generated: dict[str, str], teacher: dict[str, str]) -> dict
         "n": len(ids),
         "generator_vs_teacher": sum(word_f1(generated[i], teacher[i]) for i in ids) / len(ids),
     }
-    truth = {i: synthetic.caption(f[0]) for i in ids if (f := synthetic.facts(i)) is not None}
+    truth = {i: known[0] for i in ids if (known := synthetic_truth(i)) is not None}
     if truth:
         known = sorted(truth)
         gen = sum(word_f1(generated[i], truth[i]) for i in known) / len(known)
@@ -90,13 +101,12 @@ def pair_precision(kept: pa.Table, hidden: pa.Table | None) -> dict[str, Any]:
     for image_id, question, answer in zip(
         *(kept[k].to_pylist() for k in ("image_id", "question", "answer")), strict=True
     ):
-        found = synthetic.facts(image_id)
-        if found is not None:
-            scene, facts = found
+        known = synthetic_truth(image_id)
+        if known is not None:
+            _, facts, askable = known
             fact = {normalize(q): v for q, v in facts.items()}.get(normalize(question))
             if fact is None:
-                askable = {normalize(q): c for q, c in synthetic.askable(scene.domain).items()}
-                category = askable.get(normalize(question))
+                category = {normalize(q): c for q, c in askable.items()}.get(normalize(question))
                 if category is None:
                     continue  # a question the synthetic templates never ask: cannot be judged
                 absent += 1

@@ -17,7 +17,7 @@ import ray.data
 
 from leaml_ray import storage
 from leaml_ray.config import DataSection
-from leaml_ray.data import synthetic
+from leaml_ray.data import synthetic, world3
 from leaml_ray.errors import UserError
 from leaml_ray.formats import LETTERS
 
@@ -347,16 +347,27 @@ def read_sportu(data: DataSection) -> ray.data.Dataset:
 # --- synthetic ----------------------------------------------------------------------------------------
 
 
-def _synthetic_rows(batch: dict, domain: str, seed: int, size: int, first_val: int) -> pa.Table:
+TEST_FIRST, VAL_FIRST = 1_000_000, 2_000_000  # world 3's test and validation images: indices of their own
+
+
+def _synthetic_rows(batch: dict, data: DataSection, seed: int) -> pa.Table:
+    """Rows of the synthetic images numbered in `batch["id"]`: train images first, then world 3's test images, then
+    validation images. World 2's validation images follow its train images (indices num_images on)."""
+    world = world3 if data.world == 3 else synthetic
+    first_test, first_val = data.num_images, data.num_images + data.test_images
     rows = []
-    for index in batch["id"].tolist():
-        scene, img = synthetic.sample(domain, seed, index, size)
-        iid, png = synthetic.image_id(domain, seed, index), synthetic.png_bytes(img)
-        hint = "val" if index >= first_val else None
-        for k, (category, question, answer) in enumerate(synthetic.questions(scene, seed, index)):
+    for k in batch["id"].tolist():
+        if data.world == 3:
+            index = k if k < first_test else TEST_FIRST + k - first_test if k < first_val else VAL_FIRST + k - first_val
+        else:
+            index = k
+        hint = None if k < first_test else "test" if k < first_val else "val"
+        scene, img = world.sample(data.domain, seed, index, data.image_size)
+        iid, png = world.image_id(data.domain, seed, index), synthetic.png_bytes(img)
+        for q, (category, question, answer) in enumerate(world.questions(scene, seed, index)):
             rows.append(
                 raw_row(
-                    f"synthetic:{iid}#{k}",
+                    f"synthetic:{iid}#{q}",
                     image_id=iid,
                     image=png,
                     question=question,
@@ -369,12 +380,10 @@ def _synthetic_rows(batch: dict, domain: str, seed: int, size: int, first_val: i
 
 
 def read_synthetic(data: DataSection, seed: int) -> ray.data.Dataset:
-    """`num_images` scenes, then `val_images` more (indices after them: disjoint) marked as the validation split."""
-    return ray.data.range(data.num_images + data.val_images).map_batches(
-        _synthetic_rows,
-        batch_size=128,
-        batch_format="numpy",
-        fn_kwargs={"domain": data.domain, "seed": seed, "size": data.image_size, "first_val": data.num_images},
+    """`num_images` scenes of `data.world`, then (world 3) `test_images` of their own, then `val_images` (their own
+    indices: disjoint) marked as the validation split."""
+    return ray.data.range(data.num_images + data.test_images + data.val_images).map_batches(
+        _synthetic_rows, batch_size=128, batch_format="numpy", fn_kwargs={"data": data, "seed": seed}
     )
 
 

@@ -234,3 +234,47 @@ def vocabulary_sentence(seed: int, index: int) -> str:
         f"the background is {pick(BACKGROUNDS)}.",
     )
     return pick(forms)
+
+
+def image_id(domain: str, seed: int, index: int) -> str:
+    """The id of a world-3 image (world 2's are `syn-...`)."""
+    return f"w3-{domain}-{seed}-{index:07d}"
+
+
+def parse_image_id(image_id: str) -> tuple[str, int, int] | None:
+    """(domain, seed, index) of a world-3 image id; None for any other id."""
+    parts = image_id.split("-")
+    if len(parts) != 4 or parts[0] != "w3" or parts[1] not in DOMAINS:
+        return None
+    try:
+        return parts[1], int(parts[2]), int(parts[3])
+    except ValueError:
+        return None
+
+
+def askable(domain: str) -> dict[str, str]:
+    """Every question the domain's templates can ask (about any slot), with its category."""
+    out = {}
+    for category in DOMAINS[domain].categories:
+        for template in TEMPLATES[category]:
+            for slot in SLOTS if category in SLOTTED else (None,):
+                out[template.format(slot=slot, where=WHERE.get(slot, ""))] = category
+    return out
+
+
+def facts(image_id: str) -> tuple[Scene, dict[str, tuple[str, str]]] | None:
+    """The scene of a world-3 image and every question it can answer -> (category, answer); None when the id is not
+    world 3's. A question of `askable` missing here asks about an empty slot (presence excepted)."""
+    parsed = parse_image_id(image_id)
+    if parsed is None:
+        return None
+    scene = make_scene(*parsed)
+    occupied = {i.slot for i in scene.items}
+    out: dict[str, tuple[str, str]] = {}
+    for category in DOMAINS[scene.domain].categories:
+        for template in TEMPLATES[category]:
+            for slot in SLOTS if category in SLOTTED else (None,):
+                if slot is None or slot in occupied or category == "presence":
+                    question = template.format(slot=slot, where=WHERE.get(slot, ""))
+                    out[question] = (category, answer(scene, category, slot))
+    return scene, out

@@ -45,12 +45,12 @@ RECIPES = {
 # the target share the `general` recipe at two sizes (4x apart).
 WORLD3_RECIPES = {
     "teacher": Recipe(
-        size="w3-teacher", domain="w3-wide", samples=60_000, images=12_000, caption_share=0.5, image_size=84
+        size="w3-teacher", domain="w3-wide", samples=48_000, images=12_000, caption_share=0.5, image_size=84
     ),
     "generator": Recipe(
         size="w3-generator",
         domain="w3-general",
-        samples=60_000,
+        samples=48_000,
         images=12_000,
         caption_share=0.3,
         text_share=0.1,
@@ -59,7 +59,7 @@ WORLD3_RECIPES = {
     "target": Recipe(
         size="base",
         domain="w3-general",
-        samples=60_000,
+        samples=48_000,
         images=12_000,
         caption_share=0.3,
         text_share=0.1,

@@ -178,7 +178,9 @@ def test_pipeline_on_a_fake_autoscaling_cluster_that_loses_two_nodes(
         {"cpu_1": node},
         {"CPU": 0, "object_store_memory": 400 * MIB},  # the driver only, as on the launcher YAMLs' head
         max_workers=6,
-        idle_timeout_minutes=0.25,
+        # long enough that a stage's nodes outlive the few seconds to the next stage (at 15 s the autoscaler removed
+        # them as the next stage asked for nodes, and launched new ones: each stage paid a cold start)
+        idle_timeout_minutes=0.5,
         env={"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},  # the job's `python`: this environment's
         # the driver's metrics reach the head's endpoint every second (default 10 s): its last ones before it exits
         system_config={"metrics_report_interval_ms": 1000},
@@ -229,7 +231,7 @@ def test_pipeline_on_a_fake_autoscaling_cluster_that_loses_two_nodes(
             assert len(ns) == len(set(ns)) == 2 and head not in ns, groups
 
         # the autoscaler launched worker nodes for the work (and for the lost ones), then removed every one once idle
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 150
         while True:
             workers = [
                 n for n in list_nodes(address=cluster.dashboard_url, detail=True, limit=1000) if not n.is_head_node

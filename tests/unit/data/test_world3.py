@@ -95,3 +95,18 @@ def test_the_bases_read_every_domain_word_without_its_look():
             assert looks.isdisjoint(w.strip(".;") for w in s.split()), s
     assert world3.sample("scope", 0, 5)[0] == world3.make_scene("scope", 0, 5)
     assert world3.sample("scope", 0, 5)[1].size == (84, 84)
+
+
+def test_every_question_asked_is_a_fact_of_its_image_and_ids_round_trip():
+    for i, scene in _scenes("scope", 200):
+        iid = world3.image_id("scope", 0, i)
+        assert world3.parse_image_id(iid) == ("scope", 0, i)
+        found, facts = world3.facts(iid)
+        assert found == scene
+        for category, question, answer in world3.questions(scene, 0, i):
+            assert facts[question] == (category, answer)
+            assert world3.askable("scope")[question] == category
+        empty = [s for s in world3.SLOTS if s not in {item.slot for item in scene.items}]
+        for slot in empty:  # asking the colour of nothing is askable, but no fact of this image
+            assert f"what color is the object {world3.WHERE[slot]}?" not in facts
+    assert world3.parse_image_id("syn-target-0-0000001") is None and world3.facts("img-7") is None

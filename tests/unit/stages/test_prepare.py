@@ -13,6 +13,7 @@ import ray
 import ray.data
 from PIL import Image
 
+from leaml_ray.data import world3
 from leaml_ray.data.sources import SourceError
 from leaml_ray.pipeline import StageError, run_pipeline
 from leaml_ray.stages.prepare import PREPARE
@@ -66,6 +67,21 @@ def test_synthetic_split_is_by_image_and_hides_unlabeled_answers(tmp_path):
     assert {i: s for i, s in val_split.items() if i not in val_ids} == split_of
     val_qa = [r for r in table(with_val, "qa.parquet") if r["split"] == "val"]
     assert len(val_qa) == 12 * 4 and all(r["question"] and r["answer"] for r in val_qa)
+
+
+def test_world_3_has_test_images_of_its_own_and_nine_questions_an_image(tmp_path):
+    args = ["data.world=3", "data.domain=scope", "data.num_images=30", "data.test_images=6", "data.image_size=84"]
+    prepared, _ = prepare(tmp_path, *args, "data.label_ratio=0.2", "data.val_images=3")
+    imgs, qa = table(prepared, "images.parquet"), table(prepared, "qa.parquet")
+    split_of = {r["image_id"]: r["split"] for r in imgs}
+    test = sorted(i for i, s in split_of.items() if s == "test")
+    val = sorted(i for i, s in split_of.items() if s == "val")
+    # the 6 test images are indices 1,000,000 on, the 3 validation images 2,000,000 on; test_ratio plays no part
+    assert test == [world3.image_id("scope", 0, 1_000_000 + k) for k in range(6)]
+    assert val == [world3.image_id("scope", 0, 2_000_000 + k) for k in range(3)]
+    assert Counter(split_of.values()) == {"labeled": 6, "unlabeled": 24, "test": 6, "val": 3}
+    assert len(qa) == 9 * (6 + 6 + 24 + 3) and Image.open(io.BytesIO(imgs[0]["image"])).size == (84, 84)
+    assert {r["category"] for r in qa if r["split"] == "labeled"} == set(world3.DOMAINS["scope"].categories)
 
 
 def test_kvasir_vqa_layout(tmp_path):
