@@ -33,12 +33,21 @@ class RunSection(Section):
     )
 
 
+SYNTHETIC_LABEL_RATIO = 0.05  # a synthetic world knows every answer: hiding most of them is the experiment
+
+
 class DataSection(Section):
-    source: Literal["synthetic", "kvasir_vqa", "sportu", "jsonl", "parquet"] = "synthetic"
+    source: Literal["synthetic", "kvasir_vqa", "sportu", "jsonl", "parquet", "imagefolder", "csv"] = "synthetic"
     path: str | None = Field(None, description="file, folder or URI of the source (not used by synthetic)")
     frames_dir: str | None = Field(None, description="sportu: folder of frame folders, one per clip id")
     frames_per_clip: int = Field(1, ge=1, le=16, description="sportu: frames tiled into one image")
-    label_ratio: float = Field(0.05, gt=0.0, le=1.0, description="fraction of train images that keep labels")
+    label_ratio: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="fraction of train images whose labels are used; the rest's answers are hidden, as in the"
+        " paper's label-efficiency protocol. Unset: every label of your own data; 0.05 of a synthetic world's",
+    )
     test_ratio: float = Field(0.2, ge=0.0, lt=1.0, description="held-out images when the source has no test split")
     max_pixels: int = Field(1024 * 1024, ge=28 * 28, description="larger images are resized down (recorded)")
     world: Literal[2, 3] = Field(
@@ -57,7 +66,9 @@ class DataSection(Section):
     image_size: int = Field(56, ge=28, le=448, multiple_of=28, description="synthetic: image side in pixels")
 
     @model_validator(mode="after")
-    def _domain_of_the_world(self) -> DataSection:
+    def _resolve_and_check(self) -> DataSection:
+        if self.label_ratio is None:  # written into the resolved config: what a run used is on record
+            self.label_ratio = SYNTHETIC_LABEL_RATIO if self.source == "synthetic" else 1.0
         domains = ("general", "wide", "scope") if self.world == 3 else ("general", "wide", "target")
         if self.domain not in domains:
             raise ValueError(f"domain {self.domain} is not in world {self.world}; its domains: {', '.join(domains)}")

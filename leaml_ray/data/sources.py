@@ -6,12 +6,15 @@ A record an adapter cannot understand becomes a row with `reject` set, so nothin
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import posixpath
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import ray
 import ray.data
 
@@ -265,6 +268,103 @@ def read_parquet(data: DataSection) -> ray.data.Dataset:
     return ds.map_batches(_parquet_rows, batch_format="pyarrow", batch_size=256)
 
 
+# --- imagefolder and csv: the layouts a user's own data already has ----------------------------------------
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+METADATA_FILES = ("metadata.csv", "metadata.jsonl")  # Hugging Face imagefolder's names
+
+
+def _cell(value: str | None) -> str | None:
+    value = None if value is None else value.strip()
+    return value or None
+
+
+def _csv_records(text: str, ref_base: str, image_column: str) -> list[tuple[str, dict]]:
+    """(ref, record) per CSV row, in parse_record's shape: empty cells dropped (a row without question and answer is
+    an unlabeled image), `choices` as a JSON list or "a|b|c"."""
+    reader = csv.DictReader(io.StringIO(text))
+    if reader.fieldnames is None or image_column not in reader.fieldnames:
+        raise SourceError(f"{ref_base}: no `{image_column}` column (columns: {', '.join(reader.fieldnames or [])})")
+    records = []
+    for n, row in enumerate(reader, start=2):  # line 1 is the header
+        record = {k: v for k, v in ((k, _cell(v)) for k, v in row.items() if k) if v is not None}
+        if "choices" in record:
+            text = record["choices"]
+            try:
+                record["choices"] = json.loads(text) if text.startswith("[") else [c.strip() for c in text.split("|")]
+            except json.JSONDecodeError:
+                pass  # left a string: parse_record rejects it as bad_choices
+        record["image"] = record.pop(image_column, None)
+        records.append((f"{ref_base}:{n:08d}", record))
+    return records
+
+
+def _jsonl_records(text: str, ref_base: str) -> list[tuple[str, Any]]:
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                out.append((f"{ref_base}:{n:08d}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise SourceError(f"{ref_base}:{n}: not JSON ({e})") from None
+    return out
+
+
+def read_imagefolder(data: DataSection) -> ray.data.Dataset:
+    """A folder of images (subfolders allowed) with an optional `metadata.csv` or `metadata.jsonl` at its top:
+    `file_name` (relative to the folder), `question`, `answer`, and optionally `category`, `split` (test: held out
+    for evaluation), `choices`. Each row is a QA pair of its image; an image no row names is unlabeled."""
+    root = _require_path(data)
+    fs, path = storage.filesystem(root)
+    listed = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    images = sorted(i.path[len(path) :].lstrip("/") for i in listed if i.path.lower().endswith(IMAGE_EXTENSIONS))
+    records: list[tuple[str, Any]] = []
+    found = [name for name in METADATA_FILES if storage.exists(storage.join(root, name))]
+    if len(found) > 1:
+        raise SourceError(f"data.path {data.path} has both {' and '.join(found)}: keep one")
+    for name in found:
+        meta = storage.join(root, name)
+        text = storage.read_bytes(meta).decode("utf-8", errors="replace")
+        if name.endswith(".csv"):
+            records = _csv_records(text, meta, "file_name")
+        else:
+            records = [
+                (ref, {**r, "image": r.pop("file_name", None)} if isinstance(r, dict) else r)
+                for ref, r in _jsonl_records(text, meta)
+            ]
+    rows = [row for ref, record in records for row in parse_record(record, root, ref)]
+    named = {r["image_path"] for r in rows}
+    rows += [
+        raw_row(image, image_path=image, image_id=rel, split_hint="unlabeled")
+        for rel in images
+        if (image := storage.join(root, rel)) not in named
+    ]
+    if not rows:
+        raise SourceError(f"data.path {data.path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return ray.data.from_arrow(to_table(rows))
+
+
+def read_csv(data: DataSection) -> ray.data.Dataset:
+    """A CSV file, or a folder of them: `image` (a path relative to the CSV, or a URI), `question`, `answer`, and
+    optionally `category`, `split`, `choices`, `id`, `image_id`; a row with an image and no question is an unlabeled
+    image (labeled and image-only rows may sit in separate files of the folder)."""
+    root = _require_path(data)
+    fs, path = storage.filesystem(root)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        listed = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        files = sorted(storage.join(root, i.path[len(path) :]) for i in listed if i.path.lower().endswith(".csv"))
+    else:
+        files = [root]
+    if not files:
+        raise SourceError(f"data.path {data.path} holds no .csv files")
+    rows = []
+    for f in files:
+        text = storage.read_bytes(f).decode("utf-8", errors="replace")
+        for ref, record in _csv_records(text, f, "image"):
+            rows.extend(parse_record(record, posixpath.dirname(f), ref))
+    return ray.data.from_arrow(to_table(rows))
+
+
 # --- kvasir_vqa: the Hugging Face parquet layout of SimulaMet-HOST/Kvasir-VQA -----------------------------
 
 KVASIR_COLUMNS = {"image", "source", "question", "answer", "img_id"}
@@ -391,7 +491,14 @@ def read_source(data: DataSection, seed: int) -> ray.data.Dataset:
     """The source named by `data.source` as raw-schema rows."""
     if data.source == "synthetic":
         return read_synthetic(data, seed)
-    readers = {"kvasir_vqa": read_kvasir_vqa, "sportu": read_sportu, "jsonl": read_jsonl, "parquet": read_parquet}
+    readers = {
+        "kvasir_vqa": read_kvasir_vqa,
+        "sportu": read_sportu,
+        "jsonl": read_jsonl,
+        "parquet": read_parquet,
+        "imagefolder": read_imagefolder,
+        "csv": read_csv,
+    }
     return readers[data.source](data)
 
 

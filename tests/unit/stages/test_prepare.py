@@ -13,6 +13,7 @@ import ray
 import ray.data
 from PIL import Image
 
+from leaml_ray.config import load_config
 from leaml_ray.data import world3
 from leaml_ray.data.sources import SourceError
 from leaml_ray.pipeline import StageError, run_pipeline
@@ -82,6 +83,53 @@ def test_world_3_has_test_images_of_its_own_and_nine_questions_an_image(tmp_path
     assert Counter(split_of.values()) == {"labeled": 6, "unlabeled": 24, "test": 6, "val": 3}
     assert len(qa) == 9 * (6 + 6 + 24 + 3) and Image.open(io.BytesIO(imgs[0]["image"])).size == (84, 84)
     assert {r["category"] for r in qa if r["split"] == "labeled"} == set(world3.DOMAINS["scope"].categories)
+
+
+def test_an_image_folder_with_its_metadata_uses_every_label(tmp_path):
+    """Hugging Face's imagefolder layout, labels not hidden (data.label_ratio unset on your own data)."""
+    folder = tmp_path / "scans"
+    lines = ["file_name,question,answer,category,split"]
+    for k in range(10):
+        (folder / f"case{k % 3}").mkdir(parents=True, exist_ok=True)
+        (folder / f"case{k % 3}" / f"s{k}.jpg").write_bytes(datasets.image_bytes(f"s{k}"))
+        if k < 6:  # two labeled pairs each
+            lines += [f"case{k % 3}/s{k}.jpg,is there a polyp?,{'yes' if k % 2 else 'no'},finding,"]
+            lines += [f"case{k % 3}/s{k}.jpg,which organ is it?,colon,organ,"]
+        elif k < 8:  # held out for evaluation
+            lines += [f"case{k % 3}/s{k}.jpg,is there a polyp?,no,finding,test"]
+        # s8 and s9: no row, unlabeled
+    lines += ["case0/gone.jpg,is there a polyp?,no,finding,"]  # no such file: a recorded reject
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    prepared, result = prepare(tmp_path, "data.source=imagefolder", f"data.path={folder}")
+    split_of = {r["image_id"]: r["split"] for r in table(prepared, "images.parquet")}
+    assert Counter(split_of.values()) == {"labeled": 6, "test": 2, "unlabeled": 2}
+    assert {i for i, s in split_of.items() if s == "unlabeled"} == {"case2/s8.jpg", "case0/s9.jpg"}
+    labeled = [r for r in table(prepared, "qa.parquet") if r["split"] == "labeled"]
+    assert len(labeled) == 12 and not table(prepared, "hidden/unlabeled_qa.parquet")  # every label used
+    assert [r["reason"] for r in rejects(prepared)] == ["missing_image"]
+    assert load_config(None, ["data.source=imagefolder"]).data.label_ratio == 1.0
+    assert load_config(None, []).data.label_ratio == 0.05  # the synthetic world hides labels: the experiment
+
+    (folder / "metadata.csv").write_text("image,question,answer\ncase0/s0.jpg,q?,a\n")
+    with pytest.raises(SourceError, match=r"metadata.csv: no `file_name` column \(columns: image, question, answer\)"):
+        prepare(tmp_path / "bad", "data.source=imagefolder", f"data.path={folder}")
+
+
+def test_csv_with_labeled_and_image_only_rows_in_separate_files(tmp_path):
+    folder = tmp_path / "csv"
+    (folder / "img").mkdir(parents=True)
+    for k in range(8):
+        (folder / "img" / f"{k}.png").write_bytes(datasets.image_bytes(str(k), fmt="PNG"))
+    labeled = ["image,question,answer,choices,category"]
+    labeled += [f"img/{k}.png,what is the grade?,{'mild' if k % 2 else 'severe'},mild|severe,grade" for k in range(4)]
+    (folder / "labeled.csv").write_text("\n".join(labeled) + "\n")
+    (folder / "unlabeled.csv").write_text("image\n" + "".join(f"img/{k}.png\n" for k in range(4, 8)))
+    prepared, _ = prepare(tmp_path, "data.source=csv", f"data.path={folder}", "data.test_ratio=0.25")
+    split_of = {r["image_id"]: r["split"] for r in table(prepared, "images.parquet")}
+    assert Counter(split_of.values()) == {"labeled": 3, "test": 1, "unlabeled": 4}
+    assert all(split_of[f"img/{k}.png"] == "unlabeled" for k in range(4, 8))
+    qa = [r for r in table(prepared, "qa.parquet") if r["question"]]
+    assert {r["answer"] for r in qa} <= {"A", "B"} and all(r["choices"] == ["mild", "severe"] for r in qa)
 
 
 def test_kvasir_vqa_layout(tmp_path):
