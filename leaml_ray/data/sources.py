@@ -36,6 +36,7 @@ RAW_SCHEMA = pa.schema(
         ("choices", pa.list_(pa.string())),
         ("category", pa.string()),
         ("split_hint", pa.string()),  # train | test | unlabeled | null
+        ("group", pa.string()),  # images of one group (a patient, a video) share a split; null: the image alone
         ("reject", pa.string()),  # reason, when the adapter already rejects the row
         ("detail", pa.string()),
     ]
@@ -178,7 +179,9 @@ def parse_record(obj: Any, base_dir: str, ref: str) -> list[dict]:
     split = obj.get("split")
     if split not in SPLIT_HINTS:
         return [raw_row(ref, **img, reject="bad_split", detail=f"split {split!r}")]
+    group = None if obj.get("group") is None else str(obj["group"])
     common = {**img, "category": str(obj.get("category") or "default"), "split_hint": SPLIT_HINTS[split]}
+    common["group"] = group
     qa_id = obj.get("id")
     if "conversations" in obj or "messages" in obj:
         if "conversations" in obj:

@@ -1,4 +1,4 @@
-"""The label split: by image, seeded, stratified by category, every category labeled at least once."""
+"""The label split: by image (or by group), seeded, stratified by category, every category labeled at least once."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ class ImageInfo:
     categories: set[str] = field(default_factory=set)
     hint: str | None = None  # "train" | "test" | "val" | "unlabeled" from the source
     has_qa: bool = False
+    group: str | None = None  # images of one group (a patient, a video) always share a split
 
 
 def unit_hash(seed: int, salt: str, key: str) -> float:
@@ -21,11 +22,26 @@ def unit_hash(seed: int, salt: str, key: str) -> float:
     return int(hashlib.sha256(f"{seed}:{salt}:{key}".encode()).hexdigest()[:15], 16) / 16**15
 
 
-def _strata(ids: set[str], images: dict[str, ImageInfo]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
+def _units(ids: set[str], images: dict[str, ImageInfo]) -> dict[str, set[str]]:
+    """The split's units among `ids`: a group's images together, an image without a group alone."""
+    out: dict[str, set[str]] = {}
     for i in ids:
-        out.setdefault("|".join(sorted(images[i].categories)), []).append(i)
+        out.setdefault(f"group:{images[i].group}" if images[i].group else i, set()).add(i)
     return out
+
+
+def _strata(units: dict[str, set[str]], images: dict[str, ImageInfo]) -> dict[str, list[str]]:
+    """Unit ids by the categories their images hold."""
+    out: dict[str, list[str]] = {}
+    for u, ids in units.items():
+        out.setdefault("|".join(sorted(set().union(*(images[i].categories for i in ids)))), []).append(u)
+    return out
+
+
+def _pick(ids: set[str], images: dict[str, ImageInfo], ratio: float, seed: int, salt: str) -> set[str]:
+    """A stratified `ratio` of the units among `ids`, as the images they hold."""
+    units = _units(ids, images)
+    return set().union(*(units[u] for u in stratified_pick(_strata(units, images), ratio, seed, salt)))
 
 
 def stratified_pick(strata: dict[str, list[str]], ratio: float, seed: int, salt: str) -> set[str]:
@@ -51,21 +67,20 @@ def assign_splits(images: dict[str, ImageInfo], label_ratio: float, test_ratio: 
     The test split is the source's own where it has one, else a seeded stratified hold-out of `test_ratio`.
     Validation images (for choosing settings, never trained on) are only ever the source's own ("val" rows).
     `label_ratio` of the remaining images with QA keep their labels; every category present in training keeps
-    at least one labeled image. Images without QA (image-only rows) are always unlabeled.
+    at least one labeled image. Images without QA (image-only rows) are always unlabeled. Images of one group go
+    to the held-out test split together and are labeled together (the unit picked is the group).
     """
     val = {i for i, info in images.items() if info.has_qa and info.hint == "val"}
     with_qa = {i for i, info in images.items() if info.has_qa and info.hint not in ("unlabeled", "val")}
     source_test = {i for i in with_qa if images[i].hint == "test"}
-    if source_test:
-        test = source_test
-    else:
-        test = stratified_pick(_strata(with_qa, images), test_ratio, seed, "test")
+    test = source_test or _pick(with_qa, images, test_ratio, seed, "test")
     train = with_qa - test
-    labeled = stratified_pick(_strata(train, images), label_ratio, seed, "label")
+    labeled = _pick(train, images, label_ratio, seed, "label")
+    units = _units(train, images)
     for category in sorted(set().union(set(), *(images[i].categories for i in train))):
         if not any(category in images[i].categories for i in labeled):
-            with_category = (i for i in train if category in images[i].categories)
-            labeled.add(min(with_category, key=lambda i: unit_hash(seed, "label", i)))
+            with_category = (u for u, ids in units.items() if any(category in images[i].categories for i in ids))
+            labeled |= units[min(with_category, key=lambda u: unit_hash(seed, "label", u))]
     return {
         i: "val" if i in val else "test" if i in test else "labeled" if i in labeled else "unlabeled" for i in images
     }

@@ -78,6 +78,7 @@ INDEX_COLUMNS = [
     "question",
     "category",
     "split_hint",
+    "group",
     "reject",
     "detail",
     "image_sha",
@@ -150,7 +151,7 @@ def read_index(staging: str) -> tuple[dict[str, np.ndarray], list[dict], dict[in
     Returns the arrays of good rows, the records of rows rejected by the check step, one record per image
     loaded otherwise than stored (resized, turned upright), and the category names (the arrays hold their codes).
     """
-    cols = {k: array("q") for k in ("ref", "img", "question", "qa_id", "category", "hint", "sha")}
+    cols = {k: array("q") for k in ("ref", "img", "question", "qa_id", "category", "hint", "sha", "group")}
     rejects, changed, categories = [], {}, {}
     for row in _staging_rows(staging, INDEX_COLUMNS):
         if row["reject"]:
@@ -169,6 +170,7 @@ def read_index(staging: str) -> tuple[dict[str, np.ndarray], list[dict], dict[in
         cols["category"].append(categories.setdefault(row["category"], len(categories)))
         cols["hint"].append(HINTS[row["split_hint"]])
         cols["sha"].append(key_hash(row["image_sha"]))
+        cols["group"].append(key_hash(row["group"]) if row["group"] else 0)
     return {k: np.frombuffer(v, dtype=np.int64) for k, v in cols.items()}, rejects, changed, list(categories)
 
 
@@ -217,16 +219,19 @@ def decide(rows: dict[str, np.ndarray], categories: list[str], plan: PreparePlan
     )
     alive = np.setdiff1d(everything, list(dropped))
 
-    # per image: categories, source hint, whether it has QA
+    # per image: categories, source hint, whether it has QA, its group
     info: dict[int, ImageInfo] = {}
-    for i, c, h, has_q in zip(
+    for i, c, h, has_q, g in zip(
         img[alive].tolist(),
         rows["category"][alive].tolist(),
         rows["hint"][alive].tolist(),
         is_qa[alive].tolist(),
+        rows["group"][alive].tolist(),
         strict=True,
     ):
         image = info.setdefault(i, ImageInfo())
+        if g and (image.group is None or str(g) < image.group):  # rows naming two groups: the same one every run
+            image.group = str(g)
         image.hint = max(image.hint, HINT_NAMES[h], key=HINT_NAMES.index)  # val > test > unlabeled > none
         if has_q:
             image.has_qa = True

@@ -132,6 +132,23 @@ def test_csv_with_labeled_and_image_only_rows_in_separate_files(tmp_path):
     assert {r["answer"] for r in qa} <= {"A", "B"} and all(r["choices"] == ["mild", "severe"] for r in qa)
 
 
+def test_images_of_one_group_share_their_split(tmp_path):
+    """Frames of one video, images of one patient: never some in train and some in test (nor half labeled)."""
+    folder = tmp_path / "groups"
+    folder.mkdir()
+    lines = ["image,question,answer,category,group"]
+    for k in range(24):
+        (folder / f"{k}.png").write_bytes(datasets.image_bytes(f"g{k}", fmt="PNG"))
+        lines.append(f"{k}.png,is it inflamed?,{'yes' if k % 3 else 'no'},finding,patient{k // 3}")
+    (folder / "qa.csv").write_text("\n".join(lines) + "\n")
+    overrides = ["data.source=csv", f"data.path={folder}", "data.test_ratio=0.25", "data.label_ratio=0.5"]
+    prepared, _ = prepare(tmp_path, *overrides)
+    split_of = {r["image_id"]: r["split"] for r in table(prepared, "images.parquet")}
+    by_patient = {p: {split_of[f"{k}.png"] for k in range(3 * p, 3 * p + 3)} for p in range(8)}
+    assert all(len(splits) == 1 for splits in by_patient.values()), by_patient
+    assert Counter(s for (s,) in by_patient.values()) == {"test": 2, "labeled": 3, "unlabeled": 3}
+
+
 def test_kvasir_vqa_layout(tmp_path):
     folder = datasets.write_kvasir(tmp_path / "kvasir", test_images=8)
     prepared, result = prepare(tmp_path, "data.source=kvasir_vqa", f"data.path={folder}", "data.label_ratio=0.1")
