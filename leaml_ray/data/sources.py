@@ -302,40 +302,48 @@ def _csv_records(text: str, ref_base: str, image_column: str) -> list[tuple[str,
     return records
 
 
-def _jsonl_records(text: str, ref_base: str) -> list[tuple[str, Any]]:
-    out = []
+def _text(path: str) -> str:
+    """A metadata or CSV file's text (UTF-8, with or without the BOM spreadsheets write); else one line."""
+    data = storage.read_bytes(path)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path} is not UTF-8 text (byte {e.start})") from None
+
+
+def _metadata_rows(meta: str, root: str) -> list[dict]:
+    """Raw rows of an imagefolder's metadata.csv / metadata.jsonl (`file_name` relative to `root`)."""
+    text = _text(meta)
+    if meta.endswith(".csv"):
+        return [row for ref, record in _csv_records(text, meta, "file_name") for row in parse_record(record, root, ref)]
+    rows = []
     for n, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                out.append((f"{ref_base}:{n:08d}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise SourceError(f"{ref_base}:{n}: not JSON ({e})") from None
-    return out
+        ref = f"{meta}:{n:08d}"
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            rows.append(raw_row(ref, reject="bad_json", detail=str(e)[:200]))
+            continue
+        if isinstance(obj, dict) and "file_name" in obj:
+            obj["image"] = obj.pop("file_name")
+        rows.extend(parse_record(obj, root, ref))
+    return rows
 
 
 def read_imagefolder(data: DataSection) -> ray.data.Dataset:
     """A folder of images (subfolders allowed) with an optional `metadata.csv` or `metadata.jsonl` at its top:
     `file_name` (relative to the folder), `question`, `answer`, and optionally `category`, `split` (test: held out
-    for evaluation), `choices`. Each row is a QA pair of its image; an image no row names is unlabeled."""
+    for evaluation), `choices`, `group`. Each row is a QA pair of its image; an image no row names is unlabeled."""
     root = _require_path(data)
     fs, path = storage.filesystem(root)
     listed = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     images = sorted(i.path[len(path) :].lstrip("/") for i in listed if i.path.lower().endswith(IMAGE_EXTENSIONS))
-    records: list[tuple[str, Any]] = []
     found = [name for name in METADATA_FILES if storage.exists(storage.join(root, name))]
     if len(found) > 1:
         raise SourceError(f"data.path {data.path} has both {' and '.join(found)}: keep one")
-    for name in found:
-        meta = storage.join(root, name)
-        text = storage.read_bytes(meta).decode("utf-8", errors="replace")
-        if name.endswith(".csv"):
-            records = _csv_records(text, meta, "file_name")
-        else:
-            records = [
-                (ref, {**r, "image": r.pop("file_name", None)} if isinstance(r, dict) else r)
-                for ref, r in _jsonl_records(text, meta)
-            ]
-    rows = [row for ref, record in records for row in parse_record(record, root, ref)]
+    rows = _metadata_rows(storage.join(root, found[0]), root) if found else []
     named = {r["image_path"] for r in rows}
     rows += [
         raw_row(image, image_path=image, image_id=rel, split_hint="unlabeled")
@@ -349,8 +357,8 @@ def read_imagefolder(data: DataSection) -> ray.data.Dataset:
 
 def read_csv(data: DataSection) -> ray.data.Dataset:
     """A CSV file, or a folder of them: `image` (a path relative to the CSV, or a URI), `question`, `answer`, and
-    optionally `category`, `split`, `choices`, `id`, `image_id`; a row with an image and no question is an unlabeled
-    image (labeled and image-only rows may sit in separate files of the folder)."""
+    optionally `category`, `split`, `choices`, `group`, `id`, `image_id`; a row with an image and no question is an
+    unlabeled image (labeled and image-only rows may sit in separate files of the folder)."""
     root = _require_path(data)
     fs, path = storage.filesystem(root)
     if fs.get_file_info(path).type == pafs.FileType.Directory:
@@ -362,8 +370,7 @@ def read_csv(data: DataSection) -> ray.data.Dataset:
         raise SourceError(f"data.path {data.path} holds no .csv files")
     rows = []
     for f in files:
-        text = storage.read_bytes(f).decode("utf-8", errors="replace")
-        for ref, record in _csv_records(text, f, "image"):
+        for ref, record in _csv_records(_text(f), f, "image"):
             rows.extend(parse_record(record, posixpath.dirname(f), ref))
     return ray.data.from_arrow(to_table(rows))
 

@@ -113,6 +113,18 @@ def test_an_image_folder_with_its_metadata_uses_every_label(tmp_path):
     (folder / "metadata.csv").write_text("image,question,answer\ncase0/s0.jpg,q?,a\n")
     with pytest.raises(SourceError, match=r"metadata.csv: no `file_name` column \(columns: image, question, answer\)"):
         prepare(tmp_path / "bad", "data.source=imagefolder", f"data.path={folder}")
+    (folder / "metadata.csv").write_bytes(b"\xef\xbb\xbf" + "file_name,question,answer\ncase0/s0.jpg,é?,a\n".encode())
+    (folder / "metadata.jsonl").write_text("{}\n")
+    with pytest.raises(SourceError, match="has both metadata.csv and metadata.jsonl: keep one"):
+        prepare(tmp_path / "both", "data.source=imagefolder", f"data.path={folder}")
+    (folder / "metadata.jsonl").unlink()  # a spreadsheet's BOM is not part of the first column's name
+    prepared, _ = prepare(tmp_path / "bom", "data.source=imagefolder", f"data.path={folder}", "data.test_ratio=0")
+    assert [r["question"] for r in table(prepared, "qa.parquet") if r["question"]] == ["é?"]
+    (folder / "metadata.csv").unlink()
+    (folder / "metadata.jsonl").write_text('{"file_name": "case0/s0.jpg", "question": "q?", "answer": "a"}\n{oops\n')
+    prepared, _ = prepare(tmp_path / "jsonl", "data.source=imagefolder", f"data.path={folder}", "data.test_ratio=0")
+    assert [r["reason"] for r in rejects(prepared)] == ["bad_json"]
+    assert Counter(r["split"] for r in table(prepared, "images.parquet")) == {"labeled": 1, "unlabeled": 9}
 
 
 def test_csv_with_labeled_and_image_only_rows_in_separate_files(tmp_path):
