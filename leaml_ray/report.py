@@ -64,10 +64,34 @@ def render_markdown(report: dict[str, Any]) -> str:
     if pq["rejected_by_reason"]:
         lines += ["| reject reason | count |", "|---|---|"]
         lines += [f"| {r} | {n} |" for r, n in sorted(pq["rejected_by_reason"].items(), key=lambda kv: -kv[1])]
+    lines += precondition_lines(report.get("precondition", {}))
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {s['seconds']:.1f} |" for name, s in report["stages"].items()]
-    lines += ["", "Plots: `plots/accuracy.png`, `plots/loss.png`, `plots/neuron_scores.png`.", ""]
+    lines += ["", "## Plots", ""]
+    lines += [f"![{name}](plots/{name}.png)" for name in ("accuracy", "loss", "neuron_scores")]
+    lines.append("")
     return storage.redact("\n".join(lines))  # data.path may be a URL with credentials in it
+
+
+def precondition_lines(found: dict[str, Any]) -> list[str]:
+    """The precondition as a verdict: LEAML can only help where the QA generator answers the unlabeled images'
+    hidden questions better than a target trained on the labels alone."""
+    if "generator" not in found or "labeled_only" not in found:
+        return []
+    generator, labeled = found["generator"], found["labeled_only"]
+    verdict = (
+        "met: the generator is ahead, so its pseudo pairs can teach the target something"
+        if generator > labeled
+        else "not met: the generator is not ahead of the labeled-only target, so its pseudo pairs cannot be expected"
+        " to help (distil the generator longer, or give it more labeled pairs)"
+    )
+    return [
+        "",
+        "## Precondition",
+        "",
+        f"On the unlabeled images' hidden questions: QA generator {_pct(generator)}%, labeled-only target (`full`)"
+        f" {_pct(labeled)}%. Precondition {verdict}.",
+    ]
 
 
 def write_plots(run_dir: str, out_dir: str, methods: dict[str, dict]) -> list[str]:

@@ -23,7 +23,6 @@ COVERED_ELSEWHERE = {
     "models/zoo.py": "tests/unit/test_zoo.py (the lookup and the pretraining tool together)",
     "plots.py": "tests/unit/test_tracking.py (plots logged as images) and tests/e2e/test_fake_cluster.py",
     "pseudo/export.py": "tests/e2e/test_fake_cluster.py loads the exports as LLaMA-Factory's and TRL's loaders do",
-    "report.py": "tests/e2e/test_fake_cluster.py checks report.json against the predictions",
     "stages/caption.py": "tests/e2e/test_driver_kill.py (resumed captions) and tests/e2e/test_fake_cluster.py",
     "stages/evaluate.py": "tests/e2e/test_fake_cluster.py",
     "stages/generator.py": "tests/e2e/test_fake_cluster.py; its objective: tests/unit/train/test_neurons.py",
