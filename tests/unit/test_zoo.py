@@ -1,13 +1,15 @@
 """The shipped zoo, the zoo's pretraining path (real train loop, miniature recipes), its cache, and `zoo:`
 resolution."""
 
+import io
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from leaml_ray import zoo
-from leaml_ray.data import synthetic
+from leaml_ray.data import synthetic, world3
 from leaml_ray.errors import UserError
 from leaml_ray.models import zoo as lookup
 from leaml_ray.models.registry import load_model, model_source
@@ -40,6 +42,22 @@ def test_the_base_reads_the_whole_worlds_words_in_text_with_no_image_to_match():
     assert all(r["image"] == blank for r in text)
     captions = [r for r in rows if r["instruction"] == "Describe this image."]
     assert 0.33 < len(captions) / 600 < 0.47 and all(r["image"] != blank for r in captions)
+
+
+def test_world_3_recipes_draw_world_3_rows():
+    """A `w3-` domain is world3.py's: its scenes at 84 px, its captions, its questions and vocabulary sentences."""
+    describe, ask = "Describe this image.", "Ask a question about this image and answer it."
+    rows = zoo.pretrain_rows({"id": np.arange(200)}, lookup.WORLD3_RECIPES["teacher"], seed=5).to_pylist()
+    captions = {i: r["response"] for i, r in enumerate(rows) if r["instruction"] == describe}
+    assert 0.4 < len(captions) / 200 < 0.6
+    assert captions == {i: world3.caption(world3.make_scene("wide", 5, i)) for i in captions}
+    assert Image.open(io.BytesIO(rows[0]["image"])).size == (84, 84)
+    asked = {r["instruction"] for r in rows} - {describe, ask}
+    assert asked and asked <= set(world3.askable("wide"))  # general questions only: never a finding
+    rows = zoo.pretrain_rows({"id": np.arange(400)}, lookup.WORLD3_RECIPES["generator"], seed=5).to_pylist()
+    text = {i: r["response"] for i, r in enumerate(rows) if r["instruction"] == zoo.TEXT_PROMPT}
+    assert text and text == {i: world3.vocabulary_sentence(5, i) for i in text}
+    assert lookup.recipe_key(lookup.WORLD3_RECIPES) != lookup.recipe_key()  # a zoo of its own
 
 
 def test_unknown_zoo_name_is_a_clear_error():
