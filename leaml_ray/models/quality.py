@@ -17,8 +17,8 @@ def generate(
     model_dir: str, items: list[tuple], max_new_tokens: int, batch_size: int = 32, min_new_tokens: int = 0
 ) -> list[str]:
     """Greedy answers for (image, instruction) pairs, batched with left padding."""
-    spec = ModelSpec("eval", model_dir, dtype="float32")
-    model, processor = load_model(spec, model_dir).eval(), load_processor(spec, model_dir)
+    spec = ModelSpec("eval", model_dir, False, "float32", 256 * 28 * 28, None)
+    model, processor = load_model(spec).eval(), load_processor(spec)
     processor.tokenizer.padding_side = "left"
     out = []
     for k in range(0, len(items), batch_size):

@@ -1,6 +1,7 @@
 """The world-3 caption scoring the zoo's measurements rest on (generation itself: transformers' greedy search)."""
 
 from leaml_ray.data import world3
+from leaml_ray.models import quality
 from leaml_ray.models.quality import world3_caption_right
 
 
@@ -28,3 +29,10 @@ def test_a_true_caption_is_right_on_every_attribute_and_each_mistake_costs_its_o
     missing = "a small blue square on the right on a dotted background."
     right = world3_caption_right(missing, scene)
     assert right["shape"] == [False, True] and right["surface"] == [False, True] and right["background"] == [True]
+
+
+def test_generate_answers_each_image_and_instruction_once(tiny_model_dir):
+    items = [(world3.sample("scope", 0, i)[1], "Describe this image.") for i in range(3)]
+    got = quality.generate(tiny_model_dir, items, max_new_tokens=3, batch_size=2)
+    assert len(got) == 3 and all(isinstance(g, str) for g in got)
+    assert set(quality.world3_qa_accuracy(tiny_model_dir, "scope", 1, 0)) == set(world3.DOMAINS["scope"].categories)
