@@ -66,6 +66,7 @@ def measure(seeds: int) -> dict:
         "train_images": TRAIN,
         "test_questions": int(statistics.fmean(test_questions)),
         "categories": len(world3.DOMAINS["scope"].categories),
+        "category_names": list(world3.DOMAINS["scope"].categories),
         "labeled": {f"{r:g}": {"images": round(r * TRAIN), "pairs": mean(per_ratio[r]["pairs"])} for r in RATIOS},
         "chance": {f"{r:g}": mean(per_ratio[r]["chance"]) for r in RATIOS},
         "blind": {f"{r:g}": mean(per_ratio[r]["blind"]) for r in RATIOS},
@@ -99,6 +100,7 @@ def measure_models(zoo: Path, images: int) -> dict:
         out[f"{role}_zero_shot"] = r4(quality.world3_qa_accuracy(str(zoo / role), "scope", images, VALIDATION_SEED))
     out["params"] = {role: params(zoo / role) for role in ("teacher", "generator", "target")}
     out["model_images"] = images
+    out["zoo_recipe_key"] = zoo.name  # a zoo folder is named by its recipe's hash (models/zoo.py zoo_dir)
     return out
 
 

@@ -83,3 +83,11 @@ def test_world_3_has_the_papers_proportions_and_its_priors_are_the_recorded_ones
     assert recorded["labeled"] == got["labeled"] and recorded["test_questions"] == got["test_questions"]
     for key in ("chance", "blind"):
         assert all(abs(recorded[key][r] - got[key][r]) < 0.03 for r in got[key]), (key, recorded[key], got[key])
+    # the zoo's figures are those of the world-3 recipe in code (a recipe change means measuring again)
+    from leaml_ray.models import zoo as lookup
+
+    assert recorded["zoo_recipe_key"] == lookup.recipe_key(lookup.WORLD3_RECIPES), "rerun bench/world.py --zoo"
+    params = recorded["params"]
+    assert params["teacher"] > params["generator"] > 3 * params["target"]  # the generator ~4x the target
+    for role in ("teacher", "generator", "target"):
+        assert set(recorded[f"{role}_zero_shot"]) == set(got["category_names"]), role
