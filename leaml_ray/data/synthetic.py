@@ -12,6 +12,7 @@ Questions are position-indexed ("... on the left?"): the tiny models learn those
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,15 +182,20 @@ def sample(domain: str, seed: int, index: int, size: int) -> tuple[Scene, Image.
     return scene, render(scene, size, index)
 
 
-def parse_image_id(image_id: str) -> tuple[str, int, int] | None:
-    """(domain, seed, index) of a synthetic image id; None for any other id."""
+def parse_id(image_id: str, prefix: str, domains: Iterable[str]) -> tuple[str, int, int] | None:
+    """(domain, seed, index) of an id `<prefix>-<domain>-<seed>-<index>` of one of `domains`; None otherwise."""
     parts = image_id.split("-")
-    if len(parts) != 4 or parts[0] != "syn" or parts[1] not in DOMAINS:
+    if len(parts) != 4 or parts[0] != prefix or parts[1] not in domains:
         return None
     try:
         return parts[1], int(parts[2]), int(parts[3])
     except ValueError:
         return None
+
+
+def parse_image_id(image_id: str) -> tuple[str, int, int] | None:
+    """(domain, seed, index) of a synthetic image id; None for any other id."""
+    return parse_id(image_id, "syn", DOMAINS)
 
 
 def askable(domain: str) -> dict[str, str]:

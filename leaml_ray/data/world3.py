@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from leaml_ray.data.synthetic import COLORS, PATTERNS, SHAPES, background
+from leaml_ray.data.synthetic import COLORS, PATTERNS, SHAPES, background, parse_id
 
 SLOTS = ("left", "middle", "right")
 WHERE = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
@@ -243,13 +243,7 @@ def image_id(domain: str, seed: int, index: int) -> str:
 
 def parse_image_id(image_id: str) -> tuple[str, int, int] | None:
     """(domain, seed, index) of a world-3 image id; None for any other id."""
-    parts = image_id.split("-")
-    if len(parts) != 4 or parts[0] != "w3" or parts[1] not in DOMAINS:
-        return None
-    try:
-        return parts[1], int(parts[2]), int(parts[3])
-    except ValueError:
-        return None
+    return parse_id(image_id, "w3", DOMAINS)
 
 
 def askable(domain: str) -> dict[str, str]:

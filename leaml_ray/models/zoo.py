@@ -9,7 +9,7 @@ recipe in code changes, the shipped zoo no longer matches and `zoo:` models live
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from leaml_ray import CACHE
@@ -43,28 +43,21 @@ RECIPES = {
 # World 3's zoo (docs/world3.md; a `w3-` domain is world3.py's): built beside world 2's until world 3 is the
 # embedded default. The teacher captions and answers general questions of the `wide` domain; the QA generator and
 # the target share the `general` recipe at two sizes (4x apart).
+_W3_BASES = Recipe(
+    size="w3-generator",
+    domain="w3-general",
+    samples=48_000,
+    images=12_000,
+    caption_share=0.3,
+    text_share=0.1,
+    image_size=84,
+)
 WORLD3_RECIPES = {
     "teacher": Recipe(
         size="w3-teacher", domain="w3-wide", samples=48_000, images=12_000, caption_share=0.5, image_size=84
     ),
-    "generator": Recipe(
-        size="w3-generator",
-        domain="w3-general",
-        samples=48_000,
-        images=12_000,
-        caption_share=0.3,
-        text_share=0.1,
-        image_size=84,
-    ),
-    "target": Recipe(
-        size="base",
-        domain="w3-general",
-        samples=48_000,
-        images=12_000,
-        caption_share=0.3,
-        text_share=0.1,
-        image_size=84,
-    ),
+    "generator": _W3_BASES,
+    "target": replace(_W3_BASES, size="base"),
 }
 
 
