@@ -120,9 +120,9 @@ def pretrain(name: str, recipe: Recipe, out: Path, num_workers: int = 2) -> dict
         return run_training(job, run, data, f"zoo-{name}", str(Path(tmp) / "ckpt"))
 
 
-def build(root: Path, recipes: dict[str, Recipe] = lookup.RECIPES) -> None:
-    """Pretrain every zoo model of `recipes` missing from `root` (needs Ray)."""
-    for name, recipe in recipes.items():
+def build(root: Path, recipes: dict[str, Recipe] | None = None) -> None:
+    """Pretrain every zoo model of `recipes` (the embedded default's unless told) missing from `root` (needs Ray)."""
+    for name, recipe in (lookup.RECIPES if recipes is None else recipes).items():
         if (root / name / "config.json").exists():
             continue
         log.info("zoo: pretraining the tiny %s (%d samples of the %s domain)", name, recipe.samples, recipe.domain)

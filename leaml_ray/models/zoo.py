@@ -65,14 +65,16 @@ class ZooMissing(UserError, FileNotFoundError):
     """The tiny zoo of the code's recipe is not built."""
 
 
-def recipe_key(recipes: dict[str, Recipe] = RECIPES) -> str:
+def recipe_key(recipes: dict[str, Recipe] | None = None) -> str:
     """The hash of a zoo recipe in code (the embedded default's unless told): names the cache folder, is recorded
     beside the shipped zoo and goes into the cache key of every stage that uses a `zoo:` model."""
+    recipes = RECIPES if recipes is None else recipes  # looked up at each call, not bound at import
     return stable_hash({"version": ZOO_VERSION, "recipes": {k: asdict(v) for k, v in recipes.items()}})
 
 
-def zoo_dir(recipes: dict[str, Recipe] = RECIPES) -> Path:
-    """The cache folder a zoo built on this machine from a recipe in code goes to."""
+def zoo_dir(recipes: dict[str, Recipe] | None = None) -> Path:
+    """The cache folder a zoo built on this machine from a recipe in code (the embedded default's unless told)
+    goes to."""
     return CACHE / "zoo" / recipe_key(recipes)
 
 
