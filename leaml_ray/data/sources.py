@@ -215,26 +215,35 @@ def parse_record(obj: Any, base_dir: str, ref: str) -> list[dict]:
     ]
 
 
+def _jsonl_rows(data: bytes, path: str, base: str, image_key: str = "image") -> list[dict]:
+    """Raw rows of one JSONL file's bytes: each line parsed, a line that is not UTF-8 or not JSON a recorded reject;
+    `image_key` names the image field (metadata.jsonl's `file_name`)."""
+    rows = []
+    for n, line in enumerate(data.split(b"\n"), start=1):
+        ref = f"{path}:{n:08d}"
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            rows.append(raw_row(ref, reject="invalid_utf8", detail=str(e)[:200]))
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            rows.append(raw_row(ref, reject="bad_json", detail=str(e)[:200]))
+            continue
+        if image_key != "image" and isinstance(obj, dict) and image_key in obj:
+            obj["image"] = obj.pop(image_key)
+        rows.extend(parse_record(obj, base, ref))
+    return rows
+
+
 def _jsonl_file_rows(batch: dict) -> pa.Table:
     """Split whole .jsonl files into lines and parse each (in a worker, never on the driver)."""
     rows = []
     for data, path in zip(batch["bytes"], batch["path"], strict=True):
-        base = posixpath.dirname(path)
-        for n, line in enumerate(bytes(data).split(b"\n"), start=1):
-            ref = f"{path}:{n:08d}"
-            if not line.strip():
-                continue
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                rows.append(raw_row(ref, reject="invalid_utf8", detail=str(e)[:200]))
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                rows.append(raw_row(ref, reject="bad_json", detail=str(e)[:200]))
-                continue
-            rows.extend(parse_record(obj, base, ref))
+        rows.extend(_jsonl_rows(bytes(data), path, posixpath.dirname(path)))
     return to_table(rows)
 
 
@@ -313,23 +322,10 @@ def _text(path: str) -> str:
 
 def _metadata_rows(meta: str, root: str) -> list[dict]:
     """Raw rows of an imagefolder's metadata.csv / metadata.jsonl (`file_name` relative to `root`)."""
-    text = _text(meta)
     if meta.endswith(".csv"):
-        return [row for ref, record in _csv_records(text, meta, "file_name") for row in parse_record(record, root, ref)]
-    rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        ref = f"{meta}:{n:08d}"
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            rows.append(raw_row(ref, reject="bad_json", detail=str(e)[:200]))
-            continue
-        if isinstance(obj, dict) and "file_name" in obj:
-            obj["image"] = obj.pop("file_name")
-        rows.extend(parse_record(obj, root, ref))
-    return rows
+        records = _csv_records(_text(meta), meta, "file_name")
+        return [row for ref, record in records for row in parse_record(record, root, ref)]
+    return _jsonl_rows(storage.read_bytes(meta), meta, root, image_key="file_name")
 
 
 def read_imagefolder(data: DataSection) -> ray.data.Dataset:
